@@ -1,0 +1,54 @@
+"""``cxr evaluate``: metrics of a run on a split of its data or on another dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def parse_label_map(pairs: list[str]) -> dict[str, str]:
+    from cxrkit.errors import CxrError
+
+    mapping = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            raise CxrError(f"--map {pair!r} is not DATASET_LABEL=MODEL_LABEL")
+        mapping[src] = dst
+    return mapping
+
+
+def evaluate(
+    run: Path = typer.Argument(..., help="Run directory"),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset (default: the run's own)"),
+    split: str = typer.Option("test", "--split", help="train, val or test"),
+    name: Optional[str] = typer.Option(None, "--name", help="Folder name under RUN/eval/"),
+    map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+) -> None:
+    """Evaluate a run; writes RUN/eval/<name>/metrics.json and predictions.csv."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cxrkit.eval.evaluate import evaluate_run
+    from cxrkit.eval.metrics import format_metrics_table
+    from cxrkit.serve.predictor import Predictor
+
+    console = Console(stderr=True)
+    predictor = Predictor(run, checkpoint=checkpoint)
+    metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
+    table = Table(title=f"{metrics['dataset']} {split}: {metrics['n']} images, {metrics['patients']} patients")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in format_metrics_table(metrics):
+        table.add_row(key, value)
+    console.print(table)
+    cm = metrics["confusion_matrix"]
+    if isinstance(cm, list):
+        console.print("confusion matrix (rows true, columns predicted): " + ", ".join(metrics["labels"]))
+        for label, row in zip(metrics["labels"], cm):
+            console.print(f"  {label:>12} " + " ".join(f"{v:>6}" for v in row))
+    print(out / "metrics.json")

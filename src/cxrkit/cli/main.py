@@ -1,0 +1,42 @@
+"""The ``cxr`` command: one module per command, each a thin call into the library.
+
+Heavy imports (torch) happen inside the commands, so ``cxr --help`` is instant. User mistakes raise
+:class:`~cxrkit.errors.CxrError`, printed as one line with a non-zero exit; ``CXR_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from cxrkit.cli import evaluate, models, predict, train
+from cxrkit.errors import CxrError
+
+app = typer.Typer(
+    name="cxr", help="Transfer learning on chest X-rays: train, evaluate and apply CNNs from recipes.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+app.command("train")(train.train)
+app.command("evaluate")(evaluate.evaluate)
+app.command("predict")(predict.predict)
+app.command("models")(models.models)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        app()
+    except CxrError as err:
+        if os.environ.get("CXR_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

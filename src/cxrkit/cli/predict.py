@@ -1,0 +1,71 @@
+"""``cxr predict``: labels and probabilities for images, folders and glob patterns."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+
+def predict(
+    run: Path = typer.Argument(..., help="Run directory"),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns"),
+    format_: str = typer.Option("table", "--format", "-f", help="table, json or csv"),
+    output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Predict images; unreadable files are listed with the reason and make the exit status non-zero."""
+    from cxrkit.errors import CxrError
+    from cxrkit.runs import atomic_write_text, csv_text
+    from cxrkit.serve.predictor import Predictor, expand_inputs
+
+    if format_ not in ("table", "json", "csv"):
+        raise CxrError(f"--format {format_!r} is not table, json or csv")
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise CxrError("no image found in " + " ".join(inputs))
+    predictor = Predictor(run, checkpoint=checkpoint)
+    results = list(predictor.predict_files(paths, batch_size))
+    failed = [r for r in results if r.error]
+    if format_ == "table" and output is None:
+        _print_table(results, predictor.labels)
+    else:
+        text = _render(results, predictor.labels, format_)
+        if output is not None:
+            atomic_write_text(output, text)
+        else:
+            sys.stdout.write(text)
+    for r in failed:
+        print(f"error: {r.error}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} of {len(results)} files could not be predicted", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _render(results: list, labels: list[str], format_: str) -> str:
+    from cxrkit.runs import csv_text
+
+    if format_ == "json":
+        return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
+    rows = [{"source": r.source, "label": r.label or "", **{f"p_{n}": r.probabilities.get(n, "") for n in labels},
+             "error": r.error or ""} for r in results]
+    return csv_text(rows, ["source", "label", *[f"p_{n}" for n in labels], "error"])
+
+
+def _print_table(results: list, labels: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("image")
+    table.add_column("label")
+    for name in labels:
+        table.add_column(name, justify="right")
+    for r in results:
+        if r.error:
+            continue
+        table.add_row(r.source, r.label, *[f"{r.probabilities[n]:.4f}" for n in labels])
+    Console().print(table)

@@ -1,0 +1,329 @@
+"""Recipes: typed dataclasses loaded from YAML, with dotted ``--set key=value`` overrides.
+
+A recipe says everything a run needs: the data, the model, the stages of training and the runtime. It is saved
+resolved in the run directory (``recipe.yaml``) so a run can be evaluated, resumed and reproduced from it alone.
+Unknown keys and wrong types fail with a message naming the key (and a close match).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from cxrkit.errors import CxrError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
+MONITORS = ("val_loss", "val_accuracy", "val_auc")
+_TRAINABLE = re.compile(r"^(head|all|top:\d+(:(layers|blocks))?|from:[\w.\-]+)$")
+
+
+@dataclass
+class SplitConfig:
+    """How to split a dataset without its own splits: stratified, grouped by patient, saved in the run."""
+
+    ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    seed: int = 0
+    group_by_patient: bool = True
+    use_own: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how their labels are read (see ``cxrkit.data.sources``)."""
+
+    format: str = "auto"
+    root: str | None = None
+    name: str | None = None
+    size: int = 28
+    task: str = "auto"
+    include: list[str] | None = None
+    rename: dict[str, str] | None = None
+    download: bool = False
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, its weights and the new head."""
+
+    backbone: str = "mobilenet_v2"
+    weights: str = "imagenet"
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+    image_size: int | None = None
+    resize: str = "squash"
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (``cxrkit.data.transforms.Augment``); no horizontal flip by default."""
+
+    policy: str = "none"
+    hflip: bool = False
+    rotate: float = 10.0
+    translate: float = 0.05
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop a stage when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs (None: never)."""
+
+    monitor: str = "val_loss"
+    patience: int | None = None
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+
+@dataclass
+class StageConfig:
+    """One stage of training.
+
+    ``trainable`` says which part learns: ``head`` (feature extraction), ``all`` (full fine-tuning),
+    ``top:N`` (the top N layers, counted as Keras counts them; ``top:N:blocks`` counts blocks instead) or
+    ``from:<module name>`` (everything from a named cut-off layer on, e.g. ``from:features.denseblock4``).
+    """
+
+    name: str = "train"
+    trainable: str = "head"
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"
+    step_size: int = 5
+    gamma: float = 0.1
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class LossConfig:
+    """Class imbalance: ``class_weights`` is None, ``balanced`` or one weight per label; or ``sampling: oversample``."""
+
+    class_weights: str | list[float] | None = None
+    sampling: str = "none"
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RuntimeConfig:
+    """How the run executes; none of this changes what the recipe means."""
+
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    workers: int | None = None
+    precision: str = "auto"
+    channels_last: bool | None = None
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_monitor: str = "val_loss"
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs."""
+
+    name: str = "run"
+    description: str = ""
+    seed: int = 0
+    out: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where it is safe (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except CxrError as err:
+                errors.append(err)
+        raise CxrError(f"recipe key {key}: {value!r} is not a {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise CxrError(f"recipe key {key}: expected nothing, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CxrError(f"recipe key {key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise CxrError(f"recipe key {key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CxrError(f"recipe key {key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise CxrError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise CxrError(f"unknown recipe key {full}{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _validate(recipe: Recipe) -> None:
+    if not recipe.stages:
+        raise CxrError("recipe has no stages")
+    checks: list[tuple[str, Any, tuple[str, ...]]] = [
+        ("runtime.precision", recipe.runtime.precision, ("auto", "bf16", "fp16", "fp32")),
+        ("runtime.checkpoint_monitor", recipe.runtime.checkpoint_monitor, MONITORS),
+        ("loss.sampling", recipe.loss.sampling, ("none", "oversample")),
+        ("model.resize", recipe.model.resize, ("squash", "crop")),
+        ("augment.policy", recipe.augment.policy, ("none", "light", "strong")),
+    ]
+    for i, stage in enumerate(recipe.stages):
+        checks += [
+            (f"stages.{i}.optimizer", stage.optimizer, OPTIMIZERS),
+            (f"stages.{i}.schedule", stage.schedule, SCHEDULES),
+            (f"stages.{i}.early_stopping.monitor", stage.early_stopping.monitor, MONITORS),
+        ]
+        if not _TRAINABLE.match(stage.trainable):
+            raise CxrError(
+                f"recipe key stages.{i}.trainable: {stage.trainable!r} is not head, all, top:N, top:N:blocks "
+                "or from:<layer name>"
+            )
+        if stage.epochs < 0 or stage.lr <= 0:
+            raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise CxrError(f"recipe key {key}: {value!r} is not one of {', '.join(allowed)}")
+    weights = recipe.loss.class_weights
+    if isinstance(weights, str) and weights != "balanced":
+        raise CxrError(f"recipe key loss.class_weights: {weights!r} is not 'balanced' or a list of numbers")
+    if recipe.runtime.batch_size < 1:
+        raise CxrError("recipe key runtime.batch_size must be at least 1")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts / lists, creating mappings (and extending stage lists) as needed."""
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise CxrError(f"override {dotted}: {part!r} must be a list index")
+            index = int(part)
+            if index > len(node):
+                raise CxrError(f"override {dotted}: index {index} is past the end of a list of {len(node)}")
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+            continue
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if node is None:
+                raise CxrError(f"override {dotted}: {part} is empty")
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML (``1e-5`` -> float, ``[1, 2]`` -> list, ``null`` -> None)."""
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise CxrError(f"override {pair!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-5 as a string
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _fix_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", node):
+        return float(node)
+    return node
+
+
+def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
+    """Build a checked :class:`Recipe` from a mapping plus ``key=value`` overrides."""
+    data = _fix_floats(data or {})
+    base_stages = [dataclasses.asdict(StageConfig())]
+    for key, value in parse_overrides(overrides or []):
+        if key.startswith("stages.") and "stages" not in data:
+            data["stages"] = base_stages
+        _set_dotted(data, key, value)
+    recipe = _from_dict(Recipe, data)
+    _validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CxrError(f"recipe {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CxrError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise CxrError(f"recipe {path} must be a mapping of keys to values")
+        data.setdefault("name", path.stem)
+    return recipe_from_dict(data, overrides)

@@ -1,0 +1,80 @@
+"""The torch view of a :class:`~cxrkit.data.base.LabelledImages`, and label mapping for external validation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from cxrkit.data.base import LabelledImages
+from cxrkit.data.labels import find_label
+from cxrkit.errors import CxrError
+
+
+class ImageDataset(Dataset):
+    """Samples ``{"image", "target", "index"}`` of a labelled image collection.
+
+    ``target`` is an int64 scalar (class index) for binary and multiclass data and a float32 vector with nan for
+    unknown labels for multilabel data; ``index`` is the item's position in ``data.items``, which keeps its source
+    path and patient id.
+    """
+
+    def __init__(self, data: LabelledImages, transform: Callable[[Any], torch.Tensor]) -> None:
+        """Wrap ``data``; ``transform`` maps the reader's PIL image to the model's input tensor."""
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.data.items[index]
+        image = self.transform(self.data.reader(item))
+        if self.data.spec.task == "multilabel":
+            target = torch.tensor(item.target, dtype=torch.float32)
+        else:
+            target = torch.tensor(int(item.target), dtype=torch.int64)
+        return {"image": image, "target": target, "index": index}
+
+
+def label_mapping(
+    source_labels: Sequence[str], target_labels: Sequence[str], mapping: Mapping[str, str] | None = None
+) -> list[int]:
+    """Map a dataset's labels onto a model's labels by name, for external validation.
+
+    Args:
+        source_labels: the dataset's label names.
+        target_labels: the model's label names.
+        mapping: explicit ``{source name: target name}`` pairs, e.g. ``{"COVID": "PNEUMONIA"}``; other labels are
+            matched by name. All matching is case-insensitive.
+
+    Returns:
+        For each source label, the index of its target label.
+
+    Raises:
+        CxrError: a source label (or a mapping's key or value) has no counterpart; the message lists both sets.
+    """
+    explicit: dict[str, str] = {}
+    for src, dst in (mapping or {}).items():
+        if find_label(src, source_labels) is None or find_label(dst, target_labels) is None:
+            raise CxrError(
+                f"label mapping {src!r} -> {dst!r} does not match: dataset labels {list(source_labels)}, "
+                f"model labels {list(target_labels)}"
+            )
+        explicit[src.strip().lower()] = dst
+    out, unmapped = [], []
+    for label in source_labels:
+        idx = find_label(explicit.get(label.strip().lower(), label), target_labels)
+        if idx is None:
+            unmapped.append(label)
+        else:
+            out.append(idx)
+    if unmapped:
+        example = target_labels[0] if target_labels else "<model label>"
+        raise CxrError(
+            f"cannot map dataset labels {unmapped} onto the model's labels: dataset labels {list(source_labels)}, "
+            f"model labels {list(target_labels)}; pass a mapping such as {{{unmapped[0]!r}: {example!r}}}"
+        )
+    return out

@@ -1,0 +1,110 @@
+"""DICOM decoding with pydicom: stored values to the 8-bit grayscale picture a radiologist would see.
+
+The pipeline follows DICOM PS3.3 C.11 (grayscale transformations): modality LUT (Rescale Slope / Intercept), then
+the VOI LUT or window (Window Center / Width), then MONOCHROME1 is inverted so that bright always means dense, and
+the result is scaled to 0..255 by its min and max.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cxrkit.data.images import DEFAULT_MAX_PIXELS, scale_to_uint8
+from cxrkit.errors import CxrError
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def read_dicom(
+    source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode a single-frame DICOM image to an 8-bit grayscale PIL image.
+
+    Args:
+        source: a file path or the file's bytes.
+        name: what to call the data in error messages (defaults to the path).
+        max_pixels: refuse images with more pixels than this.
+
+    Returns:
+        A mode ``L`` image; MONOCHROME1 and MONOCHROME2 encodings of the same picture give the same pixels.
+
+    Raises:
+        CxrError: unreadable or truncated file, no pixel data, multi-frame, too large or an undecodable
+            (e.g. compressed without a decoder plugin) pixel encoding.
+    """
+    name = name if name is not None else str(source) if not isinstance(source, bytes) else "<dicom bytes>"
+    ds = _read_dataset(source, name)
+    _check_single_frame_image(ds, name, max_pixels)
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for bad or compressed pixel data; report them all as one
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {e}") from e
+    return Image.fromarray(dicom_to_uint8(arr, ds, name))
+
+
+def dicom_to_uint8(arr: np.ndarray, ds: Any, name: str = "<dicom>") -> np.ndarray:
+    """Apply modality LUT, VOI LUT / window and MONOCHROME1 inversion, then scale to uint8 by min/max.
+
+    Args:
+        arr: the stored pixel values (``ds.pixel_array``), 2-D, or 3-D with samples last for colour.
+        ds: the pydicom dataset the values came from.
+        name: used in error messages.
+
+    Returns:
+        A 2-D uint8 array.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour (RGB, or YBR already converted to RGB by pydicom): ITU-R 601 luma
+        return scale_to_uint8(arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+    if arr.ndim != 2:
+        raise CxrError(f"{name}: expected a 2-D DICOM image, got pixel array of shape {arr.shape}")
+    try:
+        values = apply_modality_lut(arr, ds)
+        values = apply_voi_lut(values, ds, index=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({e})") from e
+    values = np.asarray(values, dtype=np.float64)
+    if photometric == "MONOCHROME1":  # low values are white: negate before the min/max scaling
+        values = -values
+    return scale_to_uint8(values)
+
+
+def _read_dataset(source: str | os.PathLike | bytes, name: str) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except OSError as e:
+        raise CxrError(f"{name}: cannot open DICOM file ({e.strerror or e})") from e
+    with fp:
+        try:
+            return pydicom.dcmread(fp, force=True)
+        except InvalidDicomError as e:
+            raise CxrError(f"{name}: not a valid DICOM file ({e})") from e
+        except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as e:
+            raise CxrError(f"{name}: corrupt or truncated DICOM file ({e})") from e
+
+
+def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        if getattr(ds, "preamble", None) is None:  # read with force=True and no DICM header: probably not DICOM
+            raise CxrError(f"{name}: not a DICOM file (no DICM header and no pixel data)")
+        raise CxrError(f"{name}: DICOM file has no pixel data")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, ValueError, TypeError) as e:
+        raise CxrError(f"{name}: DICOM image attributes missing or invalid ({e})") from e
+    if frames > 1:
+        raise CxrError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; export a single frame")
+    if rows * cols > max_pixels:
+        raise CxrError(f"{name}: image is {cols}x{rows}, over the limit of {max_pixels / 1e6:g} megapixels")

@@ -1,0 +1,171 @@
+"""Robust image decoding: any common file or DICOM in, an 8-bit grayscale PIL image out, or one clear error.
+
+The format is sniffed from the bytes (Pillow's own detection, and the ``DICM`` magic at byte 128 for DICOM), never
+trusted from the file name. Every failure raises :class:`~cxrkit.errors.CxrError` naming the file and the problem.
+Nothing here changes Pillow's global settings (``LOAD_TRUNCATED_IMAGES``, ``MAX_IMAGE_PIXELS``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxrkit.data.base import Item
+from cxrkit.errors import CxrError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".jp2", *DICOM_SUFFIXES})
+SNIFF_BYTES = 132  # enough for every signature below, DICOM's "DICM" at offset 128 included
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+)
+
+# Errors Pillow raises while decoding broken data; all become one CxrError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError)
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image file as an 8-bit grayscale (mode ``L``) PIL image.
+
+    Args:
+        path: image file (PNG, JPEG, TIFF, WebP, BMP, GIF, DICOM, ...).
+        max_pixels: refuse images with more pixels than this (decompression bombs).
+
+    Returns:
+        The decoded image, mode ``L``, orientation from EXIF applied.
+
+    Raises:
+        CxrError: the file is missing, empty, not an image, corrupt, too large or a multi-frame DICOM.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CxrError(f"{p}: file does not exist")
+    if p.is_dir():
+        raise CxrError(f"{p}: is a directory, not an image file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise CxrError(f"{p}: cannot read file ({e.strerror or e})") from e
+    return decode_image_bytes(data, str(p), max_pixels=max_pixels)
+
+
+def read_item(item: Item) -> Image.Image:
+    """Reader for loaders whose ``Item.source`` is an image file path."""
+    return read_image(item.source)
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    """Whether ``data`` starts like a DICOM Part 10 file (128-byte preamble, then ``DICM``)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Name the image format from a file's first bytes (at least 132 for DICOM), or None if unrecognised."""
+    if is_dicom_bytes(head):
+        return "DICOM"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes (e.g. an upload) to an 8-bit grayscale PIL image.
+
+    Args:
+        data: the file's bytes.
+        name: what to call the data in error messages (a path or an upload's file name).
+        max_pixels: refuse images with more pixels than this.
+
+    Returns:
+        The decoded image, mode ``L``.
+
+    Raises:
+        CxrError: ``"<name>: <problem>"`` for empty, unrecognised, corrupt, truncated or oversized data.
+    """
+    if not data:
+        raise CxrError(f"{name}: empty file (0 bytes)")
+    if is_dicom_bytes(data):
+        return _decode_dicom(data, name, max_pixels)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:
+        if name.lower().endswith(DICOM_SUFFIXES):  # DICOM written without the preamble
+            return _decode_dicom(data, name, max_pixels)
+        raise CxrError(f"{name}: not an image (unrecognised format)") from e
+    except Image.DecompressionBombError as e:
+        raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
+    except _DECODE_ERRORS as e:
+        raise CxrError(f"{name}: corrupt image header ({e})") from e
+    return _finish(im, name, max_pixels)
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    from cxrkit.data.dicom import read_dicom  # pydicom is only needed for DICOM input
+
+    return read_dicom(data, name, max_pixels=max_pixels)
+
+
+def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """Size check, full decode, orientation and conversion to mode ``L``."""
+    width, height = im.size
+    if width * height > max_pixels:
+        raise CxrError(
+            f"{name}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the limit of "
+            f"{max_pixels / 1e6:g} megapixels"
+        )
+    if width == 0 or height == 0:
+        raise CxrError(f"{name}: image has zero size ({width}x{height})")
+    try:
+        im.seek(0)  # multi-frame GIF/TIFF: the first frame
+        im.load()  # force the full decode so truncated data fails here, not later
+        im = ImageOps.exif_transpose(im) or im
+    except Image.DecompressionBombError as e:
+        raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
+    except _DECODE_ERRORS as e:
+        raise CxrError(f"{name}: corrupt or truncated image ({e})") from e
+    return to_grayscale(im)
+
+
+def to_grayscale(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit ``L``.
+
+    High bit depth (``I;16*``, ``I``, ``F``) is scaled by the image's own min and max; alpha is dropped; palette,
+    CMYK and other colour modes go through RGB and then ITU-R 601 luma (Pillow's ``L`` conversion).
+    """
+    if im.mode == "L":
+        return im
+    if im.mode in ("1", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa"):
+        return im.convert("L")
+    if im.mode.startswith("I") or im.mode.startswith("F"):
+        return Image.fromarray(scale_to_uint8(np.asarray(im)))
+    return im.convert("RGB").convert("L")
+
+
+def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Linearly map an array's min..max to 0..255 (a constant image becomes all zeros); nan counts as the min."""
+    arr = np.asarray(arr, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    arr = np.where(finite, arr, lo)
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)

@@ -1,0 +1,104 @@
+"""Evaluate a run on a split of its own data or on another dataset whose labels map by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrkit import pipeline
+from cxrkit.config import DataConfig
+from cxrkit.data.base import LabelledImages
+from cxrkit.errors import CxrError
+from cxrkit.runs import atomic_write_json, atomic_write_text, csv_text
+from cxrkit.serve.predictor import Predictor
+
+
+def _same_root(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[LabelledImages, str, bool]:
+    """The images to evaluate and a name for them.
+
+    Without ``data`` (or with the training data) the run's saved split is used. Another dataset is external
+    validation: its own ``split`` when it has one, else all of it.
+
+    Returns:
+        ``(images, dataset name, external)``.
+    """
+    from cxrkit.data.splits import load_splits
+
+    cfg = pipeline.expand_paths(predictor.recipe.data)
+    if data is None or _same_root(data, cfg.root):
+        ds = pipeline.load_data(cfg)
+        splits = load_splits(predictor.run.file("splits.csv"), ds)
+        if split not in splits or not len(splits[split]):
+            raise CxrError(f"run {predictor.run.path} has no {split} split (it has {', '.join(splits)})")
+        return ds.subset(splits[split]), ds.spec.name, False
+    task = cfg.task if cfg.task == "normal-bacterial-viral" else "auto"
+    ds = pipeline.load_data(DataConfig(root=data, task=task, name=cfg.name if cfg.format == "medmnist" else None))
+    own = [i for i, it in enumerate(ds.items) if it.split == split]
+    if any(it.split for it in ds.items):
+        if not own:
+            raise CxrError(f"dataset {data} has no {split} split")
+        return ds.subset(own), ds.spec.name, True
+    return ds, ds.spec.name, True
+
+
+def mapped_targets(ds: LabelledImages, model_labels: list[str], label_map: dict[str, str] | None) -> np.ndarray:
+    """The dataset's targets expressed in the model's labels (by name)."""
+    from cxrkit.data.dataset import label_mapping
+
+    index = label_mapping(list(ds.spec.labels), model_labels, label_map)
+    targets = ds.targets()
+    if ds.spec.task == "multilabel":
+        out = np.full((len(ds), len(model_labels)), np.nan, dtype=np.float32)
+        for source_col, model_col in enumerate(index):
+            out[:, model_col] = targets[:, source_col]
+        return out
+    return np.asarray(index, dtype=np.int64)[targets]
+
+
+def _prediction_rows(ds: LabelledImages, labels: list[str], targets: np.ndarray, probs: np.ndarray,
+                     decided: list[str], task: str) -> list[dict[str, Any]]:
+    rows = []
+    for item, t, p, label in zip(ds.items, targets, probs, decided):
+        true = "|".join(n for n, v in zip(labels, t) if v == 1) if task == "multilabel" else labels[int(t)]
+        row = {"source": item.source, "patient": item.patient, "true": true, "predicted": label}
+        row.update({f"p_{n}": round(float(q), 6) for n, q in zip(labels, p)})
+        rows.append(row)
+    return rows
+
+
+def evaluate_run(
+    predictor: Predictor, data: str | None = None, split: str = "test", name: str | None = None,
+    label_map: dict[str, str] | None = None, batch_size: int = 64, console: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """Predict a split, compute metrics with the run's threshold and write ``eval/<name>/``.
+
+    Returns:
+        The metrics and the folder holding ``metrics.json`` and ``predictions.csv``.
+    """
+    from cxrkit.eval.metrics import compute_metrics
+
+    ds, ds_name, external = select_data(predictor, data, split)
+    if not len(ds):
+        raise CxrError(f"nothing to evaluate: the {split} split of {ds_name} is empty")
+    targets = mapped_targets(ds, predictor.labels, label_map)
+    probs = predictor.predict_dataset(ds, batch_size, console)
+    metrics = compute_metrics(predictor.task, predictor.labels, targets, probs, threshold=predictor.threshold)
+    metrics.update({
+        "run": predictor.run.name, "checkpoint": predictor.checkpoint, "dataset": ds_name, "split": split,
+        "external": external, "data": str(data or predictor.recipe.data.root or predictor.recipe.data.name),
+        "patients": len({it.patient for it in ds.items}), "label_map": label_map or {},
+        "recipe": {"backbone": predictor.recipe.model.backbone, "weights": predictor.recipe.model.weights,
+                   "stages": [dataclasses.asdict(s)["trainable"] for s in predictor.recipe.stages]},
+    })
+    out = predictor.run.eval_dir(name or f"{ds_name}-{split}")
+    atomic_write_json(out / "metrics.json", metrics)
+    rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
+    atomic_write_text(out / "predictions.csv", csv_text(rows))
+    return metrics, out

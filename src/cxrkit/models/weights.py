@@ -1,0 +1,261 @@
+"""Build a backbone as a feature extractor and load its weights: ``none``, ``imagenet`` or a state-dict file.
+
+``imagenet`` looks for a local file first, so offline sites work: ``<weights_prefix>.<tag>.safetensors`` (or
+``.pth`` / ``.pt``) in the folders given, else in ``$CXR_WEIGHTS_DIR`` (``os.pathsep``-separated), then in
+``~/.cache/cxrkit/weights``. Without one, the library downloads its own weights into its own cache (torch hub for
+torchvision, the Hugging Face cache for timm); offline, that fails with a :class:`~cxrkit.errors.CxrError` that says
+which file to put where. Files are read without unpickling code (safetensors, or ``torch.load(weights_only=True)``)
+and must fit the library model exactly (``strict=True``), either the full ImageNet model or the feature extractor.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cxrkit.errors import CxrError
+from cxrkit.models.backbones import BACKBONES, BackboneSpec, list_backbones, preprocessing_of
+
+__all__ = [
+    "WEIGHTS_ENV",
+    "build_backbone",
+    "find_local_weights",
+    "list_backbones",
+    "load_state_dict_file",
+    "preprocessing_of",
+    "weights_search_dirs",
+]
+
+WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+PathLike = str | os.PathLike
+_log = logging.getLogger(__name__)
+# torchvision < 0.13 DenseNet files name "norm.1" what the model calls "norm1" (torchvision.models.densenet)
+_LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
+
+
+def default_weights_dir() -> Path:
+    """``~/.cache/cxrkit/weights``, always searched last."""
+    return Path.home() / ".cache" / "cxrkit" / "weights"
+
+
+def weights_search_dirs(weights_dirs: PathLike | Sequence[PathLike] | None = None) -> list[Path]:
+    """The folders searched for local ImageNet weights, in order.
+
+    Args:
+        weights_dirs: folders to search; ``None`` reads ``$CXR_WEIGHTS_DIR``. ``~/.cache/cxrkit/weights`` is
+            always appended.
+    """
+    if weights_dirs is None:
+        given = [d for d in os.environ.get(WEIGHTS_ENV, "").split(os.pathsep) if d]
+    elif isinstance(weights_dirs, (str, os.PathLike)):
+        given = [weights_dirs]
+    else:
+        given = list(weights_dirs)
+    folders = [Path(d).expanduser() for d in given] + [default_weights_dir()]
+    return list(dict.fromkeys(folders))
+
+
+def find_local_weights(name: str, weights_dirs: PathLike | Sequence[PathLike] | None = None) -> Path | None:
+    """The local ImageNet weight file for a backbone, or ``None``.
+
+    The first folder of :func:`weights_search_dirs` holding ``<prefix>.<suffix>`` or ``<prefix>.<tag>.<suffix>``
+    wins; two candidates in one folder are an error, as picking one silently could load the wrong weights.
+
+    Args:
+        name: backbone name.
+        weights_dirs: see :func:`weights_search_dirs`.
+    """
+    prefix = BACKBONES.get(name).weights_prefix
+    for folder in weights_search_dirs(weights_dirs):
+        if not folder.is_dir():
+            continue
+        patterns = [f"{prefix}{dot_tag}{suffix}" for dot_tag in ("", ".*") for suffix in WEIGHT_SUFFIXES]
+        found = sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatchcase(p.name, w) for w in patterns))
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise CxrError(f"several ImageNet weight files for {name} in {folder}: {names}; keep one or pass a path")
+        if found:
+            return found[0]
+    return None
+
+
+def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or ``.pth`` / ``.pt`` without running pickled code.
+
+    A checkpoint that wraps its weights in ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+
+    Args:
+        path: the file.
+
+    Raises:
+        CxrError: the file is missing, unreadable, holds arbitrary Python objects, or is not a state dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CxrError(f"weights file {path} does not exist")
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise CxrError(f"weights file {path} is not one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = _first_line(error)
+        raise CxrError(f"refusing to load {path}: it holds Python objects, not only tensors ({detail})") from error
+    except Exception as error:  # safetensors, zip and pickle errors have no common base; the cause is kept
+        raise CxrError(f"cannot read weights file {path}: {type(error).__name__}: {_first_line(error)}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CxrError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(loaded)
+
+
+def build_backbone(
+    name: str,
+    weights: PathLike = "imagenet",
+    weights_dirs: PathLike | Sequence[PathLike] | None = None,
+) -> tuple[nn.Module, int]:
+    """Build a backbone that maps ``[B, 3, H, W]`` images to ``[B, num_features]`` pooled features.
+
+    Args:
+        name: backbone name (see :func:`list_backbones`).
+        weights: ``imagenet`` (local file, else the library's download), ``none`` (random init) or the path of a
+            state dict for the full ImageNet model or for the feature extractor.
+        weights_dirs: folders searched for local ImageNet files; see :func:`weights_search_dirs`.
+
+    Returns:
+        The feature extractor (in training mode) and its number of output features.
+
+    Raises:
+        CxrError: unknown name, unreadable or mismatched file, or ImageNet weights neither local nor downloadable.
+    """
+    spec = BACKBONES.get(name)
+    if weights == "none":
+        return _feature_extractor(spec, _library_model(spec))
+    if weights == "imagenet":
+        local = find_local_weights(name, weights_dirs)
+        if local is None:
+            return _download(spec, weights_dirs)
+        _log.info("%s: ImageNet weights from %s", name, local)
+        return _from_file(spec, local)
+    return _from_file(spec, Path(weights).expanduser())
+
+
+def _library_model(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
+    """The library's full ImageNet model (with its 1000-class classifier), random or with downloaded weights."""
+    kwargs = dict(spec.build_kwargs)
+    if spec.source == "torchvision":
+        from torchvision.models import get_model
+
+        return get_model(spec.arch, weights=spec.tag if pretrained else None, **kwargs)
+    import timm
+
+    return timm.create_model(f"{spec.arch}.{spec.tag}", pretrained=pretrained, **kwargs)
+
+
+def _feature_extractor(spec: BackboneSpec, model: nn.Module) -> tuple[nn.Module, int]:
+    """Drop the final classifier in place so ``model`` returns pooled features; return it and the feature count."""
+    if spec.classifier is None:  # timm
+        model.reset_classifier(0)
+        return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
+    old = model.get_submodule(spec.classifier)
+    linear = next(m for m in old.modules() if isinstance(m, nn.Linear))
+    model.set_submodule(spec.classifier, nn.Identity())
+    return model, linear.in_features
+
+
+def _canonical_keys(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo ``nn.DataParallel``'s ``module.`` prefix and legacy DenseNet names; drop ``spec.ignore_keys``."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    state = {_LEGACY_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not any(fnmatchcase(k, p) for p in spec.ignore_keys)}
+
+
+def _mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from loading strictly into ``module``, summarised; empty when it fits."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", shapes)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > 3 else ""
+            parts.append(f"{label}: {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)
+
+
+def _from_file(spec: BackboneSpec, path: Path) -> tuple[nn.Module, int]:
+    """Load a state dict file into the full library model, or else into the feature extractor, strictly."""
+    state = _canonical_keys(spec, load_state_dict_file(path))
+    model = _library_model(spec)
+    full_problems = _mismatch(model, state)
+    if not full_problems:
+        model.load_state_dict(state, strict=True)
+        return _feature_extractor(spec, model)
+    extractor, num_features = _feature_extractor(spec, model)
+    extractor_problems = _mismatch(extractor, state)
+    if not extractor_problems:
+        extractor.load_state_dict(state, strict=True)
+        return extractor, num_features
+    problems = min(full_problems, extractor_problems, key=len)
+    raise CxrError(f"weights file {path} does not fit {spec.name} ({spec.source} {spec.arch}): {problems}")
+
+
+def _download(spec: BackboneSpec, weights_dirs: PathLike | Sequence[PathLike] | None) -> tuple[nn.Module, int]:
+    """The library's own pretrained model (download or its cache); a CxrError saying what to do when offline."""
+    try:
+        model = _library_model(spec, pretrained=True)
+    except Exception as error:
+        if not _is_network_error(error):
+            raise
+        raise CxrError(_no_weights_message(spec, weights_dirs, error)) from error
+    _log.info("%s: ImageNet weights from %s (%s cache)", spec.name, spec.weights_url, spec.source)
+    return _feature_extractor(spec, model)
+
+
+def _is_network_error(error: BaseException) -> bool:
+    """Whether a download failed for lack of a network (or a cache entry), not because of a bug."""
+    if isinstance(error, (OSError, http.client.HTTPException)):  # URLError, socket, requests and HF hub errors
+        return True
+    network_libraries = {"httpx", "httpx2", "requests", "urllib3"}
+    return any(cls.__module__.split(".")[0] in network_libraries for cls in type(error).__mro__)
+
+
+def _no_weights_message(
+    spec: BackboneSpec, weights_dirs: PathLike | Sequence[PathLike] | None, error: BaseException
+) -> str:
+    file = f"{spec.weights_prefix}.<tag>.safetensors"
+    if weights_dirs is None:
+        where = f"${WEIGHTS_ENV} (now: {os.environ.get(WEIGHTS_ENV) or 'unset'}) or {default_weights_dir()}"
+    else:
+        where = " or ".join(str(d) for d in weights_search_dirs(weights_dirs))
+    return (
+        f"no ImageNet weights for {spec.name}: put {file} (or .pth) in {where}, or connect to the internet so "
+        f"{spec.source} can download them ({spec.weights_url}) [{type(error).__name__}: {_first_line(error)}]"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -1,0 +1,101 @@
+"""From a recipe to data, preprocessing, loaders and a model: the pieces train, evaluate and predict share."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe
+from cxrkit.data.base import LabelledImages
+from cxrkit.errors import CxrError
+from cxrkit.data.transforms import Augment, Preprocessing, build_transform
+from cxrkit.train.runtime import Runtime
+
+
+def load_data(cfg: DataConfig) -> LabelledImages:
+    """Load the dataset a recipe names (any loader: folder, MedMNIST, CSV, combined)."""
+    from cxrkit.data.sources import load_dataset
+
+    return load_dataset(expand_paths(cfg))
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(os.path.expandvars(path))
+
+
+def expand_paths(cfg: DataConfig) -> DataConfig:
+    """``~`` and ``${VARS}`` in data roots, so recipes can say ``${CXR_DATA_DIR}/chest_xray``."""
+    root = _expand(cfg.root)
+    if root is not None and "$" in root:
+        raise CxrError(f"data root {cfg.root}: set the environment variable it names (e.g. CXR_DATA_DIR)")
+    sources = [{**s, "root": _expand(s.get("root"))} for s in cfg.sources]
+    return dataclasses.replace(cfg, root=root, sources=sources)
+
+
+def split_data(ds: LabelledImages, cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Own splits where the dataset has them, else stratified patient-grouped splits with the recipe's ratios."""
+    from cxrkit.data.splits import assign_splits
+
+    split = cfg.split
+    return assign_splits(
+        ds, ratios=tuple(split.ratios), seed=split.seed, group_by_patient=split.group_by_patient,
+        use_own=split.use_own,
+    )
+
+
+def resolve_preprocessing(cfg: ModelConfig) -> Preprocessing:
+    """Preprocessing from the backbone's pretrained config; ``model.image_size`` overrides the size only."""
+    from cxrkit.models.backbones import preprocessing_of
+
+    pre = preprocessing_of(cfg.backbone)
+    return Preprocessing(
+        size=int(cfg.image_size or pre["size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        interpolation=pre["interpolation"], resize=cfg.resize, crop_pct=float(pre.get("crop_pct", 1.0)),
+    )
+
+
+def augmentation(cfg: AugmentConfig) -> Augment | None:
+    if cfg.policy == "none":
+        return None
+    return Augment(
+        policy=cfg.policy, hflip=cfg.hflip, rotate=cfg.rotate, translate=cfg.translate, scale=tuple(cfg.scale),
+        brightness=cfg.brightness, contrast=cfg.contrast,
+    )
+
+
+def build_model(cfg: ModelConfig, num_outputs: int, weights: str | None = None) -> torch.nn.Module:
+    """The classifier of a recipe; ``weights`` overrides ``cfg.weights`` (``none`` when a checkpoint follows)."""
+    from cxrkit.models.classifier import build_classifier
+
+    return build_classifier(
+        cfg.backbone, num_outputs, weights=weights or cfg.weights, hidden=tuple(cfg.hidden), dropout=cfg.dropout,
+    )
+
+
+def make_loader(
+    ds: LabelledImages, transform: Any, batch_size: int, runtime: Runtime, sampler: Any = None,
+) -> DataLoader:
+    """A DataLoader over ``ds``; without a sampler each process reads its own share, in order."""
+    from cxrkit.data.dataset import ImageDataset
+
+    dataset = ImageDataset(ds, transform)
+    if sampler is None:
+        sampler = list(range(runtime.rank, len(dataset), runtime.world_size))
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=runtime.workers,
+        persistent_workers=runtime.workers > 0, pin_memory=runtime.device.type == "cuda",
+    )
+
+
+def eval_transform(pre: Preprocessing) -> Any:
+    return build_transform(pre, None)
+
+
+def recipe_summary(recipe: Recipe) -> str:
+    stages = " -> ".join(f"{s.name} ({s.trainable}, {s.epochs} ep, {s.optimizer} lr {s.lr:g})" for s in recipe.stages)
+    return f"{recipe.model.backbone} [{recipe.model.weights}] {stages}"

@@ -1,0 +1,154 @@
+"""The run directory: the only thing commands share.
+
+``recipe.yaml`` (resolved recipe), ``data.json`` (dataset summary and resolved preprocessing), ``labels.json``
+(task, label names, positive class, threshold), ``splits.csv``, ``env.json``, ``metrics.csv`` (one row per epoch),
+``checkpoints/{best,last}.pt`` and ``eval/<name>/``. Every file is written atomically (temporary file + rename), so
+a run killed at any moment keeps its last complete state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cxrkit.errors import CxrError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows of dicts as CSV text; columns are the union of keys in first-seen order unless given."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class Run:
+    """A run directory on disk."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, out: str | Path, name: str) -> Run:
+        """Make a new, uniquely named run directory ``<out>/<name>-<timestamp>``."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(out) / f"{name}-{stamp}"
+        path, n = base, 1
+        while True:
+            try:
+                path.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+        (path / "checkpoints").mkdir()
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """Open an existing run; a clear error when ``path`` is not one."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise CxrError(f"run {path} does not exist")
+        if not (run.path / "recipe.yaml").is_file():
+            raise CxrError(f"{path} is not a cxrkit run directory (no recipe.yaml)")
+        return run
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        if not path.is_file():
+            raise CxrError(f"run {self.path} has no {name}")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CxrError(f"{path} is not valid JSON: {err}") from None
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        """Save ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.checkpoint_path(name), buf.getvalue())
+
+    def load_checkpoint(self, name: str) -> dict[str, Any]:
+        """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+        import torch
+
+        path = self.checkpoint_path(name)
+        if not path.is_file():
+            raise CxrError(f"run {self.path} has no checkpoint {name} ({path})")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure to read is reported with the file name
+            raise CxrError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
+
+    def has_checkpoint(self, name: str) -> bool:
+        return self.checkpoint_path(name).is_file()
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        path = self.path / "metrics.csv"
+        if not path.is_file():
+            return []
+        with path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.csv`` atomically (a few hundred rows at most, so rewriting is cheap and safe)."""
+        self.write_text("metrics.csv", csv_text(rows))
+
+    def eval_dir(self, name: str) -> Path:
+        path = self.path / "eval" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,247 @@
+"""Train a recipe: stages in order, each with its trainable part, optimizer, schedule and early stopping.
+
+State lives in the run directory. ``checkpoints/last.pt`` is written atomically after every epoch with the
+model, optimizer, scheduler, early-stopping state and position, so ``cxr train --resume RUN`` continues exactly
+where a killed run stopped (losing at most the epoch in progress). Epoch order and dropout depend only on
+``(seed, epoch)``, so a resumed run matches an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch.nn.parallel import DistributedDataParallel
+
+from cxrkit import pipeline
+from cxrkit.config import Recipe, StageConfig
+from cxrkit.models.freeze import apply_trainable, set_train_mode
+from cxrkit.runs import Run
+from cxrkit.train.loop import make_progress, predict, train_one_epoch
+from cxrkit.train.losses import build_loss, class_weights_for
+from cxrkit.train.prepare import RunData, prepare_data
+from cxrkit.train.runtime import Runtime
+from cxrkit.train.sampling import EpochSampler, oversampling_weights
+
+MAXIMIZE = {"val_loss": False, "val_accuracy": True, "val_auc": True}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(stage: StageConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kind, lr, wd = stage.optimizer, stage.lr, stage.weight_decay
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=stage.momentum, weight_decay=wd, nesterov=stage.momentum > 0)
+    return torch.optim.RMSprop(params, lr=lr, momentum=stage.momentum, weight_decay=wd)
+
+
+def make_scheduler(stage: StageConfig, optimizer: torch.optim.Optimizer) -> Any:
+    if stage.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(stage.epochs, 1))
+    if stage.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=stage.step_size, gamma=stage.gamma)
+    if stage.schedule == "plateau":
+        mode = "max" if MAXIMIZE[stage.early_stopping.monitor] else "min"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=stage.gamma, patience=2)
+    return None
+
+
+@dataclass
+class Tracker:
+    """Best score of a monitored metric and epochs since it improved."""
+
+    monitor: str
+    best: float | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[float] = field(default_factory=list)
+
+    def update(self, value: float, min_delta: float = 0.0) -> bool:
+        """Record ``value``; True when it is a new best."""
+        if math.isnan(value):
+            return False
+        sign = 1.0 if MAXIMIZE[self.monitor] else -1.0
+        if self.best is None or sign * (value - self.best) > min_delta:
+            self.best, self.bad_epochs = value, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def state(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "best": self.best, "bad_epochs": self.bad_epochs, "stopped": self.stopped}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Tracker:
+        return cls(state["monitor"], state["best"], state["bad_epochs"], state["stopped"])
+
+
+def _validation_scores(data: RunData, probs: np.ndarray, targets: np.ndarray, loss: float) -> dict[str, float]:
+    from cxrkit.eval.metrics import compute_metrics
+
+    metrics = compute_metrics(data.spec.task, list(data.spec.labels), targets, probs)
+    nan = float("nan")
+    return {
+        "val_loss": loss,
+        "val_accuracy": metrics["accuracy"] if metrics["accuracy"] is not None else nan,
+        "val_auc": metrics["auc"] if metrics["auc"] is not None else nan,
+    }
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+class Trainer:
+    """Runs the stages of one recipe in one run directory."""
+
+    def __init__(self, recipe: Recipe, run: Run | None, runtime: Runtime, console: Console):
+        self.recipe, self.run, self.runtime, self.console = recipe, run, runtime, console
+        self.data = prepare_data(recipe, run, runtime)
+        spec = self.data.spec
+        self.model = pipeline.build_model(recipe.model, len(spec.labels))
+        self.model = runtime.prepare_model(self.model)
+        weights = class_weights_for(spec.task, list(spec.labels), self.data.train.targets(), recipe.loss.class_weights)
+        self.loss_fn = build_loss(spec.task, weights, recipe.loss.label_smoothing).to(runtime.device)
+        self.class_weights = weights
+        sample_weights = None
+        if recipe.loss.sampling == "oversample":
+            sample_weights = oversampling_weights(self.data.train.targets())
+        self.sampler = EpochSampler(len(self.data.train), recipe.seed, runtime.rank, runtime.world_size, sample_weights)
+        per_process = max(1, recipe.runtime.batch_size // runtime.world_size)
+        self.train_loader = pipeline.make_loader(self.data.train, self.data.train_transform, per_process, runtime,
+                                                 self.sampler)
+        self.val_loader = None
+        if len(self.data.val):
+            self.val_loader = pipeline.make_loader(self.data.val, self.data.eval_transform,
+                                                   recipe.runtime.eval_batch_size, runtime)
+        self.rows: list[dict[str, Any]] = run.read_metrics() if run else []
+        self.best = Tracker(recipe.runtime.checkpoint_monitor)
+
+    def log(self, text: str) -> None:
+        if self.runtime.is_main:
+            self.console.print(text)
+
+    def save(self, name: str, state: dict[str, Any]) -> None:
+        if self.runtime.is_main and self.run is not None:
+            self.run.save_checkpoint(name, state)
+
+    def fit(self, resume: dict[str, Any] | None = None) -> None:
+        """Run every stage; ``resume`` is the content of ``last.pt`` of an interrupted run."""
+        start_stage = 0
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])
+            self.best = Tracker.from_state(resume["best"])
+            start_stage = resume["stage"]
+            self.rows = [r for r in self.rows if int(r["epoch"]) <= resume["epoch"]]
+            self.log(f"resuming at stage {start_stage + 1}, epoch {resume['stage_epoch'] + 1}")
+        for index in range(start_stage, len(self.recipe.stages)):
+            self.fit_stage(index, resume if resume is not None and index == start_stage else None)
+        if self.runtime.is_main and self.run is not None:
+            self.run.write_metrics(self.rows)
+
+    def _epoch_state(self, index: int, stage_epoch: int, optimizer: Any, scheduler: Any, tracker: Tracker) -> dict:
+        return {
+            "model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "stage": index, "stage_epoch": stage_epoch, "epoch": len(self.rows),
+            "tracker": tracker.state(), "best": self.best.state(),
+        }
+
+    def fit_stage(self, index: int, resume: dict[str, Any] | None) -> None:
+        stage, runtime = self.recipe.stages[index], self.runtime
+        plan = apply_trainable(self.model, stage.trainable)
+        self.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)} {stage.name}[/]: {plan.describe()}")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(stage, params)
+        scheduler = make_scheduler(stage, optimizer)
+        tracker = Tracker(stage.early_stopping.monitor)
+        first_epoch = 0
+        if resume is not None and resume.get("optimizer") is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None and resume["scheduler"] is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            tracker, first_epoch = Tracker.from_state(resume["tracker"]), resume["stage_epoch"]
+        net = self.model
+        if runtime.distributed:
+            net = DistributedDataParallel(self.model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+        patience = stage.early_stopping.patience
+        with make_progress(self.console, runtime.is_main) as progress:
+            for stage_epoch in range(first_epoch, stage.epochs):
+                if tracker.stopped:
+                    break
+                row = self._run_epoch(index, stage, stage_epoch, net, optimizer, progress)
+                improved = tracker.update(row[stage.early_stopping.monitor], stage.early_stopping.min_delta)
+                if improved and stage.early_stopping.restore_best:
+                    self.save("stage_best", {"model": self.model.state_dict(), "stage": index})
+                if self.best.update(row[self.best.monitor]) or self.val_loader is None:
+                    self.save("best", {"model": self.model.state_dict(), "stage": index, "epoch": row["epoch"],
+                                       "monitor": self.best.monitor, "score": row[self.best.monitor]})
+                if scheduler is not None:
+                    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                    scheduler.step(row[stage.early_stopping.monitor]) if plateau else scheduler.step()
+                tracker.stopped = patience is not None and tracker.bad_epochs >= patience
+                self.save("last", self._epoch_state(index, stage_epoch + 1, optimizer, scheduler, tracker))
+                if self.runtime.is_main and self.run is not None:
+                    self.run.write_metrics(self.rows)
+        if tracker.stopped:
+            self.log(f"early stopping: {tracker.monitor} has not improved for {patience} epochs")
+        self._finish_stage(index, stage.early_stopping.restore_best and tracker.best is not None)
+
+    def _run_epoch(self, index: int, stage: StageConfig, stage_epoch: int, net: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:
+        epoch = len(self.rows) + 1
+        torch.manual_seed(self.recipe.seed * 100_003 + epoch)
+        self.sampler.set_epoch(epoch)
+        set_train_mode(self.model)
+        desc = f"{stage.name} {stage_epoch + 1}/{stage.epochs}"
+        stats = train_one_epoch(net, self.train_loader, self.loss_fn, optimizer, self.runtime,
+                                self.data.spec.task, progress, desc)
+        scores = {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
+        val_start = time.perf_counter()
+        if self.val_loader is not None:
+            _, probs, targets, loss = predict(self.model, self.val_loader, self.runtime, self.data.spec.task,
+                                              progress, f"validate {stage_epoch + 1}", self.loss_fn)
+            scores = _validation_scores(self.data, probs, targets, loss)
+        row = {
+            "epoch": epoch, "stage": index + 1, "stage_name": stage.name, "stage_epoch": stage_epoch + 1,
+            "train_loss": stats.loss, "train_accuracy": stats.accuracy, **scores,
+            "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(stats.seconds, 2),
+            "val_seconds": round(time.perf_counter() - val_start, 2),
+            "images_per_second": round(stats.images_per_second, 1),
+        }
+        self.rows.append(row)
+        self.log(
+            f"epoch {epoch:>3} [{desc}] train loss {_fmt(stats.loss)} acc {_fmt(stats.accuracy)} | "
+            f"val loss {_fmt(scores['val_loss'])} acc {_fmt(scores['val_accuracy'])} auc {_fmt(scores['val_auc'])}"
+            f" | {stats.seconds:.0f}s, {stats.images_per_second:.0f} img/s"
+        )
+        return row
+
+    def _finish_stage(self, index: int, restore: bool) -> None:
+        if restore and self.run is not None:
+            if self.runtime.distributed:
+                torch.distributed.barrier()
+            if self.run.has_checkpoint("stage_best"):
+                self.model.load_state_dict(self.run.load_checkpoint("stage_best")["model"])
+                self.log("restored the stage's best weights")
+        state = {"model": self.model.state_dict(), "optimizer": None, "scheduler": None, "stage": index + 1,
+                 "stage_epoch": 0, "epoch": len(self.rows), "tracker": None, "best": self.best.state()}
+        self.save("last", state)
+        if self.runtime.is_main and self.run is not None and self.run.has_checkpoint("stage_best"):
+            self.run.checkpoint_path("stage_best").unlink()
+        if self.runtime.distributed:
+            torch.distributed.barrier()

@@ -1,0 +1,86 @@
+"""Data for a run: load, split (or reload the run's saved split), and record it all in the run directory."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrkit import __version__, pipeline
+from cxrkit.config import Recipe
+from cxrkit.data.base import DatasetSpec, LabelledImages
+from cxrkit.data.transforms import Preprocessing, build_transform
+from cxrkit.errors import CxrError
+from cxrkit.runs import Run
+from cxrkit.train.runtime import Runtime
+
+
+@dataclass
+class RunData:
+    spec: DatasetSpec
+    dataset: LabelledImages
+    splits: dict[str, np.ndarray]
+    preprocessing: Preprocessing
+    train_transform: Any
+    eval_transform: Any
+
+    @property
+    def train(self) -> LabelledImages:
+        return self.dataset.subset(self.splits["train"])
+
+    @property
+    def val(self) -> LabelledImages:
+        return self.dataset.subset(self.splits.get("val", np.array([], dtype=int)))
+
+
+def split_counts(ds: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Images, patients and images per label in each split."""
+    out = {}
+    for name, idx in splits.items():
+        part = ds.subset(idx)
+        out[name] = {"images": len(part), "patients": len({it.patient for it in part.items}),
+                     "per_label": part.class_counts()}
+    return out
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "cxrkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "argv": sys.argv,
+    }
+
+
+def _labels_json(spec: DatasetSpec) -> dict[str, Any]:
+    return {**spec.to_dict(), "threshold": 0.5 if spec.task == "binary" else None}
+
+
+def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime) -> RunData:
+    """Load the recipe's data; a new run saves its split, a resumed run reuses the saved one."""
+    from cxrkit.data.splits import load_splits, save_splits
+
+    ds = pipeline.load_data(recipe.data)
+    if not len(ds):
+        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has no images")
+    resumed = run is not None and run.file("splits.csv").is_file()
+    splits = load_splits(run.file("splits.csv"), ds) if resumed else pipeline.split_data(ds, recipe.data)
+    if not len(splits.get("train", [])):
+        raise CxrError("the training split is empty")
+    pre = pipeline.resolve_preprocessing(recipe.model)
+    augment = pipeline.augmentation(recipe.augment)
+    data = RunData(ds.spec, ds, splits, pre, build_transform(pre, augment), build_transform(pre, None))
+    if run is not None and runtime.is_main and not resumed:
+        save_splits(run.file("splits.csv"), ds, splits)
+        run.write_text("recipe.yaml", recipe.to_yaml())
+        run.write_json("labels.json", _labels_json(ds.spec))
+        run.write_json("data.json", {
+            "dataset": ds.spec.to_dict(), "splits": split_counts(ds, splits),
+            "skipped": [{"source": s, "reason": r} for s, r in ds.skipped],
+            "preprocessing": pre.to_dict(), "augment": None if augment is None else recipe.to_dict()["augment"],
+        })
+        run.write_json("env.json", {**environment(), "runtime": runtime.describe()})
+    return data

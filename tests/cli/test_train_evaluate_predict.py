@@ -1,0 +1,139 @@
+"""End to end on synthetic data: cxr train -> evaluate -> predict, resume after kill -9, and DDP under torchrun."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+from synth import kermany_folder
+
+TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48",
+        "--set", "runtime.batch_size=8", "--set", "runtime.workers=0"]
+CXR = [sys.executable, "-m", "cxrkit.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return kermany_folder(tmp_path_factory.mktemp("xray"), per_class=16, size=48)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY,
+                                      "--set", "stages.0.epochs=1", "--set", "stages.1.trainable=top:2:blocks",
+                                      "--set", "stages.1.epochs=1", "--set", "stages.1.lr=1e-4"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert run.parent == out
+    return run
+
+
+def test_train_writes_a_complete_run(trained):
+    for name in ("recipe.yaml", "labels.json", "data.json", "splits.csv", "env.json", "metrics.csv",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (trained / name).is_file(), name
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    labels = json.loads((trained / "labels.json").read_text())
+    assert labels["labels"] == ["NORMAL", "PNEUMONIA"] and labels["positive"] == "PNEUMONIA"
+    splits = list(csv.DictReader((trained / "splits.csv").open()))
+    by_patient: dict[str, set] = {}
+    for row in splits:
+        by_patient.setdefault(row["patient"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in by_patient.values())  # no patient in two splits
+
+
+def test_evaluate_writes_the_metrics_schema(trained):
+    result = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
+    for key in ("task", "labels", "n", "accuracy", "auc", "f1_macro", "confusion_matrix", "sensitivity",
+                "specificity", "threshold"):
+        assert key in metrics, key
+    assert metrics["task"] == "binary" and metrics["n"] == sum(map(sum, metrics["confusion_matrix"]))
+
+
+def test_predict_formats_and_bad_files(trained, data, tmp_path):
+    images = sorted((data / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
+    result = CliRunner().invoke(app, ["predict", str(trained), *map(str, images), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 3
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in rows)
+    bad = tmp_path / "note.jpeg"
+    bad.write_text("not an image")
+    result = CliRunner().invoke(app, ["predict", str(trained), str(images[0]), str(bad), "--format", "csv"])
+    assert result.exit_code == 1
+    assert "note.jpeg" in result.stderr
+    assert str(images[0]) in result.stdout  # the good file is still predicted
+
+
+def test_unknown_backbone_is_one_line_error(data, tmp_path):
+    proc = subprocess.run([*CXR, "train", "--data", str(data), "--backbone", "mobilenet_v9", "--out",
+                           str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown backbone 'mobilenet_v9'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _train_cmd(data, out, epochs):
+    return [*CXR, "train", "--data", str(data), "--out", str(out), *TINY, "--set", f"stages.0.epochs={epochs}",
+            "--set", "stages.0.trainable=all", "--set", "runtime.precision=fp32"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(_train_cmd(data, tmp_path / "whole", 3), capture_output=True, text=True, env=env)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen(_train_cmd(data, tmp_path / "killed", 3), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    metrics = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed").glob("*/metrics.csv"))
+        if found and len(found[0].read_text().splitlines()) >= 2:  # header + epoch 1
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None, "epoch 1 did not finish"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = metrics.parent
+    resumed = subprocess.run([*CXR, "train", "--resume", str(run)], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(run)
+    rows = list(csv.DictReader(metrics.open()))
+    reference = list(csv.DictReader(next((tmp_path / "whole").glob("*/metrics.csv")).open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    for got, want in zip(rows, reference):
+        assert float(got["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-4)
+        assert float(got["val_loss"]) == pytest.approx(float(want["val_loss"]), rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ddp_two_cpu_processes_on_gloo(data, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cxrkit.cli.main", "train", "--data", str(data),
+           "--out", str(tmp_path), *TINY, "--set", "stages.0.epochs=2", "--set", "stages.0.trainable=all"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = Path(proc.stdout.strip().splitlines()[-1])
+    assert "2 processes" in json.loads((run / "env.json").read_text())["runtime"]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len(rows) == 2 and all(float(r["val_loss"]) > 0 for r in rows)
+    total_train = json.loads((run / "data.json").read_text())["splits"]["train"]["images"]
+    assert total_train > 0

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from cxrkit.data.dicom import read_dicom
+from cxrkit.data.images import decode_image_bytes, read_image
+from cxrkit.errors import CxrError
+
+from .helpers import write_dicom
+
+RAMP = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+
+
+def _read(path) -> np.ndarray:
+    im = read_image(path)
+    assert im.mode == "L"
+    return np.asarray(im)
+
+
+def test_monochrome2_is_scaled_by_min_and_max(tmp_path):
+    out = _read(write_dicom(tmp_path / "a.dcm", RAMP))
+    assert out.shape == (64, 64)
+    np.testing.assert_array_equal(out, np.rint(RAMP / 4095 * 255).astype(np.uint8))
+
+
+def test_monochrome1_gives_the_same_pixels_as_monochrome2(tmp_path):
+    mono2 = _read(write_dicom(tmp_path / "m2.dcm", RAMP, "MONOCHROME2"))
+    mono1 = _read(write_dicom(tmp_path / "m1.dcm", (4095 - RAMP).astype(np.uint16), "MONOCHROME1"))
+    np.testing.assert_array_equal(mono1, mono2)
+    assert mono1[0, 0] == 0  # the lowest MONOCHROME2 value (brightest MONOCHROME1 value inverted) is black
+
+
+def test_window_center_and_width(tmp_path):
+    out = _read(write_dicom(tmp_path / "w.dcm", RAMP, WindowCenter=1000, WindowWidth=200)).ravel()
+    assert out[:900].max() == 0  # below the window: black
+    assert out[1100:4096].min() == 255  # above the window: white
+    assert 120 <= out[1000] <= 135  # the centre is mid-gray
+    assert np.all(np.diff(out[900:1100].astype(int)) >= 0)
+
+
+def test_modality_lut_is_applied_before_the_window(tmp_path):
+    # stored 0..4095 with slope 1, intercept -1024 -> -1024..3071 HU; a window of 0 +- 100 HU
+    windowed = _read(
+        write_dicom(
+            tmp_path / "hu.dcm", RAMP, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=200
+        )
+    ).ravel()
+    assert windowed[:900].max() == 0 and windowed[1150:4096].min() == 255
+    assert 120 <= windowed[1024] <= 135
+
+
+def test_signed_pixels(tmp_path):
+    pixels = np.linspace(-1000, 1000, 16 * 16).reshape(16, 16).astype(np.int16)
+    out = _read(write_dicom(tmp_path / "s.dcm", pixels))
+    assert out[0, 0] == 0 and out[-1, -1] == 255
+
+
+def test_read_dicom_from_bytes_and_path_agree(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm", RAMP)
+    from_bytes = np.asarray(read_dicom(path.read_bytes(), "upload.dcm"))
+    np.testing.assert_array_equal(from_bytes, np.asarray(read_dicom(path)))
+    np.testing.assert_array_equal(from_bytes, np.asarray(decode_image_bytes(path.read_bytes(), "u.dcm")))
+
+
+def test_multiframe_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "multi.dcm", np.stack([RAMP, RAMP]), NumberOfFrames=2)
+    with pytest.raises(CxrError, match=r"multi\.dcm: multi-frame DICOM \(2 frames\)"):
+        read_image(path)
+
+
+def test_truncated_pixel_data(tmp_path):
+    path = write_dicom(tmp_path / "full.dcm", RAMP)
+    data = path.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
+    with pytest.raises(CxrError, match=r"cut\.dcm: cannot decode DICOM pixel data"):
+        read_image(tmp_path / "cut.dcm")
+
+
+def test_truncated_header(tmp_path):
+    data = write_dicom(tmp_path / "full.dcm", RAMP).read_bytes()
+    (tmp_path / "head.dcm").write_bytes(data[:200])
+    with pytest.raises(CxrError, match=r"head\.dcm: "):
+        read_image(tmp_path / "head.dcm")
+
+
+def test_no_pixel_data(tmp_path):
+    path = write_dicom(tmp_path / "nopix.dcm", RAMP)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(CxrError, match=r"nopix\.dcm: DICOM file has no pixel data"):
+        read_image(path)
+
+
+def test_oversized_dicom_is_refused_before_decoding(tmp_path):
+    path = write_dicom(tmp_path / "a.dcm", RAMP)
+    with pytest.raises(CxrError, match="over the limit"):
+        read_image(path, max_pixels=1000)
+
+
+def test_text_named_dcm_is_not_dicom(tmp_path):
+    (tmp_path / "notes.dcm").write_text("not a dicom file at all\n" * 10)
+    with pytest.raises(CxrError, match=r"notes\.dcm: not a DICOM file"):
+        read_image(tmp_path / "notes.dcm")

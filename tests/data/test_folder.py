@@ -1,0 +1,155 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from cxrkit.data.folder import load_folder, patient_from_filename, pneumonia_cause
+from cxrkit.errors import CxrError
+
+from .helpers import covid_like, kermany_like, save_gray
+
+
+@pytest.mark.parametrize(
+    ("filename", "patient"),
+    [
+        ("person1234_bacteria_5.jpeg", "person1234"),
+        ("person1234_virus_5.jpeg", "person1234"),
+        ("person447_virus_921_1.jpeg", "person447"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("IM-0429-0001-0002.jpeg", "IM-0429"),
+        ("NORMAL2-IM-0115-0001.jpeg", "NORMAL2-IM-0115"),
+        ("COVID-100.png", "COVID-100"),
+        ("Normal-12.png", "Normal-12"),
+        ("scan_2020.dcm", "scan_2020"),
+    ],
+)
+def test_patient_from_filename(filename, patient):
+    assert patient_from_filename(filename) == patient
+
+
+@pytest.mark.parametrize(
+    ("filename", "cause"),
+    [("person1_bacteria_1.jpeg", "bacterial"), ("person1_virus_6.jpeg", "viral"), ("pneumonia-7.jpeg", None)],
+)
+def test_pneumonia_cause(filename, cause):
+    assert pneumonia_cause(filename) == cause
+
+
+def test_kaggle_layout_with_splits(tmp_path):
+    root = kermany_like(tmp_path / "chest_xray", splits=("train", "test"))
+    ds = load_folder(root)
+    assert ds.spec.task == "binary"
+    assert ds.spec.labels == ("NORMAL", "PNEUMONIA")
+    assert ds.spec.positive == "PNEUMONIA"
+    assert ds.spec.name == "chest_xray"
+    assert Counter(it.split for it in ds.items) == {"train": 12, "test": 12}
+    assert ds.class_counts() == {"NORMAL": 12, "PNEUMONIA": 12}
+    normal = [it for it in ds.items if "IM-0001-0002" in it.source][0]
+    assert (normal.patient, normal.target, normal.split) == ("IM-0001", 0, "train")
+    assert ds.read(0).mode == "L"
+
+
+def test_missing_split_folders_are_fine(tmp_path):
+    ds = load_folder(kermany_like(tmp_path / "x", splits=("val",)))
+    assert {it.split for it in ds.items} == {"val"}
+
+
+def test_layout_without_split_folders_and_normal_first(tmp_path):
+    ds = load_folder(covid_like(tmp_path / "covid"))
+    assert ds.spec.labels == ("Normal", "COVID")  # normal-like first even though COVID sorts first
+    assert ds.spec.task == "binary"
+    assert {it.split for it in ds.items} == {None}
+    assert {it.patient for it in ds.items} == {f"{c}-{n}" for c in ("COVID", "Normal") for n in (1, 2, 3)}
+
+
+def test_more_than_two_classes_is_multiclass_sorted(tmp_path):
+    for cls in ("Viral Pneumonia", "COVID", "Lung_Opacity", "Normal"):
+        save_gray(tmp_path / "db" / cls / f"{cls}-1.png", (8, 8))
+    ds = load_folder(tmp_path / "db")
+    assert ds.spec.task == "multiclass"
+    assert ds.spec.labels == ("Normal", "COVID", "Lung_Opacity", "Viral Pneumonia")
+
+
+def test_normal_bacterial_viral(tmp_path):
+    root = kermany_like(tmp_path / "k")
+    save_gray(root / "train" / "PNEUMONIA" / "pneumonia-unknown-1.jpeg", (8, 8))
+    ds = load_folder(root, task="normal-bacterial-viral")
+    assert ds.spec.task == "multiclass"
+    assert ds.spec.labels == ("NORMAL", "bacterial", "viral")
+    assert ds.class_counts() == {"NORMAL": 6, "bacterial": 4, "viral": 2}
+    for it in ds.items:
+        name = it.source.rsplit("/", 1)[-1]
+        expected = "bacterial" if "_bacteria_" in name else "viral" if "_virus_" in name else "NORMAL"
+        assert ds.spec.labels[it.target] == expected
+    assert [reason for src, reason in ds.skipped if "pneumonia-unknown-1" in src] == [
+        "cannot tell bacterial from viral: no '_bacteria_' or '_virus_' in name"
+    ]
+
+
+def test_normal_bacterial_viral_needs_a_pneumonia_folder(tmp_path):
+    with pytest.raises(CxrError, match="needs a PNEUMONIA class folder"):
+        load_folder(covid_like(tmp_path / "c"), task="normal-bacterial-viral")
+
+
+def test_include_and_rename(tmp_path):
+    root = kermany_like(tmp_path / "k")
+    viral = load_folder(root, task="normal-bacterial-viral", include=["viral"])
+    assert viral.spec.labels == ("viral",) and len(viral) == 2
+    assert all(it.target == 0 for it in viral.items)
+    renamed = load_folder(root, rename={"pneumonia": "sick"})
+    assert renamed.spec.labels == ("NORMAL", "sick") and renamed.spec.task == "binary"
+    with pytest.raises(CxrError, match=r"label 'covid' is not in the dataset's labels \['NORMAL', 'PNEUMONIA'\]"):
+        load_folder(root, include=["covid"])
+
+
+def test_scan_skips_and_reports_non_images(tmp_path):
+    root = covid_like(tmp_path / "c")
+    cls = root / "COVID"
+    (cls / "notes.txt").write_text("hello")
+    (cls / ".DS_Store").write_bytes(b"\0" * 10)
+    (cls / "Thumbs.db").write_bytes(b"\0" * 10)
+    (cls / "empty.png").write_bytes(b"")
+    (cls / "fake.jpeg").write_text("not really a jpeg")
+    ds = load_folder(root)
+    reasons = {src.rsplit("/", 1)[-1]: why for src, why in ds.skipped}
+    assert reasons == {
+        "notes.txt": "not an image file extension (.txt)",
+        ".DS_Store": "hidden or system file",
+        "Thumbs.db": "hidden or system file",
+        "empty.png": "empty file",
+        "fake.jpeg": "not an image (unrecognised content)",
+    }
+    assert len(ds) == 6
+    unchecked = load_folder(root, check=False)
+    assert len(unchecked) == 8  # empty.png and fake.jpeg pass a scan without content checks ...
+    bad = next(i for i, it in enumerate(unchecked.items) if it.source.endswith("fake.jpeg"))
+    with pytest.raises(CxrError, match=r"fake\.jpeg: not an image"):  # ... and fail, named, when read
+        unchecked.read(bad)
+
+
+def test_corrupt_file_fails_at_read_time_naming_it(tmp_path):
+    root = covid_like(tmp_path / "c")
+    path = root / "COVID" / "COVID-1.png"
+    path.write_bytes(path.read_bytes()[:60])
+    ds = load_folder(root)
+    index = next(i for i, it in enumerate(ds.items) if it.source == str(path))
+    with pytest.raises(CxrError, match=r"COVID-1\.png: corrupt"):
+        ds.read(index)
+    assert np.asarray(ds.read(index + 1)).shape == (16, 16)
+
+
+def test_task_errors(tmp_path):
+    root = kermany_like(tmp_path / "k")
+    with pytest.raises(CxrError, match="'binary' needs exactly 2 labels"):
+        load_folder(root, task="binary", include=["NORMAL"])
+    with pytest.raises(CxrError, match="task 'multilabel' is not possible"):
+        load_folder(root, task="multilabel")
+    assert load_folder(root, task="multiclass").spec.task == "multiclass"
+
+
+def test_missing_or_empty_root(tmp_path):
+    with pytest.raises(CxrError, match=r"data root .*nowhere does not exist"):
+        load_folder(tmp_path / "nowhere")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(CxrError, match="no images found"):
+        load_folder(tmp_path / "empty")

@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from cxrkit.config import Recipe, load_recipe, recipe_from_dict
+from cxrkit.errors import CxrError
+
+
+def test_overrides_are_typed_and_dotted():
+    recipe = recipe_from_dict(
+        {"stages": [{"trainable": "head", "epochs": 10}, {"trainable": "top:14", "epochs": 20}]},
+        ["stages.1.lr=1e-5", "data.root=/data/x", "loss.class_weights=[100, 1]", "model.hidden=[256, 64]"],
+    )
+    assert recipe.stages[1].lr == pytest.approx(1e-5)
+    assert recipe.stages[1].trainable == "top:14"
+    assert recipe.data.root == "/data/x"
+    assert recipe.loss.class_weights == [100.0, 1.0]
+    assert recipe.model.hidden == [256, 64]
+
+
+def test_override_can_append_a_stage():
+    recipe = recipe_from_dict({}, ["stages.1.trainable=all", "stages.1.epochs=2"])
+    assert [s.trainable for s in recipe.stages] == ["head", "all"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.rooot=x", "did you mean data.root"),
+        ("stages.0.epochs=many", "stages.0.epochs"),
+        ("stages.0.trainable=top14", "top:N"),
+        ("stages.0.optimizer=lbfgs", "adam"),
+        ("runtime.precision=int4", "runtime.precision"),
+        ("loss.class_weights=heavy", "balanced"),
+        ("novalue", "key=value"),
+    ],
+)
+def test_bad_keys_and_values_fail_clearly(override, message):
+    with pytest.raises(CxrError, match=message):
+        recipe_from_dict({}, [override])
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"lr": "1e-4", "trainable": "from:features.17"}]}))
+    recipe = load_recipe(path)
+    assert recipe.name == "r"
+    assert recipe.stages[0].lr == pytest.approx(1e-4)
+    again = tmp_path / "again.yaml"
+    again.write_text(recipe.to_yaml())
+    assert load_recipe(again).to_dict() == {**recipe.to_dict()}
+
+
+def test_missing_and_invalid_recipe_files(tmp_path):
+    with pytest.raises(CxrError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed")
+    with pytest.raises(CxrError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("recipes/*.yaml")))
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe) and recipe.stages

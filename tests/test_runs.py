@@ -1,0 +1,45 @@
+import fractions
+import os
+
+import pytest
+import torch
+
+from cxrkit.errors import CxrError
+from cxrkit.runs import Run, atomic_write_text
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    atomic_write_text(target, "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left behind
+
+
+def test_run_names_are_unique_and_checkpoints_round_trip(tmp_path):
+    a, b = Run.create(tmp_path, "r"), Run.create(tmp_path, "r")
+    assert a.path != b.path
+    a.save_checkpoint("last", {"model": {"w": torch.ones(2)}, "stage": 1})
+    state = a.load_checkpoint("last")
+    assert state["stage"] == 1 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_checkpoints_refuse_pickled_objects(tmp_path):
+    run = Run.create(tmp_path, "r")
+
+    torch.save({"x": fractions.Fraction(1, 3)}, run.checkpoint_path("last"))  # an arbitrary pickled class
+    with pytest.raises(CxrError, match="cannot be read"):
+        run.load_checkpoint("last")
+
+
+def test_open_rejects_non_runs(tmp_path):
+    with pytest.raises(CxrError, match="does not exist"):
+        Run.open(tmp_path / "missing")
+    with pytest.raises(CxrError, match="not a cxrkit run"):
+        Run.open(tmp_path)
