@@ -130,6 +130,7 @@ class RuntimeConfig:
     device: str = "auto"
     threads: int | None = None
     checkpoint_monitor: str = "val_loss"
+    cache_features: bool = True
 
 
 @dataclass

@@ -31,7 +31,9 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -82,7 +84,9 @@ def covid_like(root: Path, per_class: int = 3, size: int = 16) -> Path:
     return root
 
 
-def medmnist_npz(path: Path, counts: dict[str, int], n_labels: int = 1, size: int = 28, multilabel: bool = False) -> Path:
+def medmnist_npz(
+    path: Path, counts: dict[str, int], n_labels: int = 1, size: int = 28, multilabel: bool = False
+) -> Path:
     """An npz with MedMNIST's keys; image ``i`` of each split is filled with the value ``i``."""
     rng = np.random.default_rng(0)
     arrays = {}

@@ -40,9 +40,7 @@ def test_window_center_and_width(tmp_path):
 def test_modality_lut_is_applied_before_the_window(tmp_path):
     # stored 0..4095 with slope 1, intercept -1024 -> -1024..3071 HU; a window of 0 +- 100 HU
     windowed = _read(
-        write_dicom(
-            tmp_path / "hu.dcm", RAMP, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=200
-        )
+        write_dicom(tmp_path / "hu.dcm", RAMP, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=200)
     ).ravel()
     assert windowed[:900].max() == 0 and windowed[1150:4096].min() == 255
     assert 120 <= windowed[1024] <= 135

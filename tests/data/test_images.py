@@ -10,6 +10,11 @@ from cxrkit.errors import CxrError
 from .helpers import gray, png_header_only, save_gray, write_dicom
 
 
+def _header(path) -> Image.Image:
+    with Image.open(path) as im:
+        return im
+
+
 def _pixels(im: Image.Image) -> np.ndarray:
     assert im.mode == "L"
     return np.asarray(im)
@@ -27,7 +32,7 @@ def test_16bit_is_scaled_by_its_own_min_and_max(tmp_path, suffix):
     values = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)
     path = tmp_path / f"sixteen{suffix}"
     Image.fromarray(values).save(path)
-    assert Image.open(path).mode.startswith("I;16")
+    assert _header(path).mode.startswith("I;16")
     out = _pixels(read_image(path))
     assert out.min() == 0 and out.max() == 255
     expected = np.rint((values.astype(float) - 1000) / 4000 * 255).astype(np.uint8)
@@ -63,7 +68,7 @@ def test_palette_image_uses_its_palette(tmp_path):
     im = Image.new("P", (4, 4), 1)
     im.putpalette([0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)
     im.save(tmp_path / "p.png")
-    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert _header(tmp_path / "p.png").mode == "P"
     assert _pixels(read_image(tmp_path / "p.png")).min() == 255
 
 
@@ -72,7 +77,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     im.save(tmp_path / "rotated.jpeg", exif=exif.tobytes())
-    assert Image.open(tmp_path / "rotated.jpeg").size == (40, 20)
+    assert _header(tmp_path / "rotated.jpeg").size == (40, 20)
     assert read_image(tmp_path / "rotated.jpeg").size == (20, 40)
 
 
@@ -88,7 +93,8 @@ def test_common_formats_decode(tmp_path, name):
 def test_multiframe_gif_gives_first_frame(tmp_path):
     frames = [Image.new("L", (6, 6), v) for v in (10, 200)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    with Image.open(tmp_path / "anim.gif") as anim:
+        assert anim.n_frames == 2
     assert _pixels(read_image(tmp_path / "anim.gif")).max() == 10
 
 

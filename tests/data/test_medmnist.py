@@ -69,3 +69,14 @@ def test_npz_without_medmnist_keys(tmp_path):
     np.savez(tmp_path / "pneumoniamnist.npz", x=np.zeros(3))
     with pytest.raises(CxrError, match=r"pneumoniamnist\.npz: no '<split>_images'"):
         load_medmnist("pneumoniamnist", root=tmp_path)
+
+
+def test_reader_pickles_without_its_arrays(tmp_path):
+    import pickle
+
+    medmnist_npz(tmp_path / "pneumoniamnist.npz", COUNTS)
+    ds = load_medmnist("pneumoniamnist", root=tmp_path)
+    ds.read(0)
+    clone = pickle.loads(pickle.dumps(ds.reader))
+    assert clone._arrays == {}  # a DataLoader worker reloads lazily
+    assert np.asarray(clone(ds.items[3])).max() == 3

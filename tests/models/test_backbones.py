@@ -137,12 +137,12 @@ def offline(monkeypatch, tmp_path):
     return empty
 
 
-@pytest.mark.parametrize(("name", "library_hint"), [("resnet18", "download.pytorch.org"), ("efficientnet_b0", "hf-hub")])
-def test_missing_imagenet_weights_say_which_file_where(offline, name, library_hint):
+@pytest.mark.parametrize(("name", "hint"), [("resnet18", "download.pytorch.org"), ("efficientnet_b0", "hf-hub")])
+def test_missing_imagenet_weights_say_which_file_where(offline, name, hint):
     with pytest.raises(CxrError) as caught:
         build_backbone(name, "imagenet")
     message = str(caught.value)
-    assert f"{name}.<tag>.safetensors" in message and str(offline) in message and library_hint in message
+    assert f"{name}.<tag>.safetensors" in message and str(offline) in message and hint in message
     assert "\n" not in message
     with pytest.raises(CxrError, match="elsewhere"):
         build_backbone(name, "imagenet", weights_dirs=[offline / "elsewhere"])
@@ -157,7 +157,7 @@ def test_non_network_download_errors_are_not_hidden(offline, monkeypatch):
         build_backbone("resnet18", "imagenet")
 
 
-def _features(module: nn.Module, size: int = 64) -> torch.Tensor:
+def _features(module: nn.Module, size: int = 32) -> torch.Tensor:
     with torch.no_grad():
         return module.eval()(_images(2, size, seed=1))
 
@@ -189,15 +189,31 @@ def test_timm_state_dict_round_trip(tmp_path):
     assert num_features == 1280 and torch.equal(_features(loaded), _features(reference))
 
 
-def test_torchvision_extras_load_googlenet_aux_and_legacy_densenet_keys(tmp_path):
-    googlenet = torchvision.models.googlenet(aux_logits=True, init_weights=False, transform_input=True)
-    save_file(googlenet.state_dict(), str(tmp_path / "googlenet.safetensors"))  # holds aux1.* and aux2.*
-    build_backbone("googlenet", tmp_path / "googlenet.safetensors")
-    densenet = torchvision.models.densenet121().state_dict()
-    legacy = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in densenet.items()}
-    assert legacy != densenet
-    torch.save(legacy, tmp_path / "densenet121.pth")
-    build_backbone("densenet121", tmp_path / "densenet121.pth")
+def _as_downloaded(name: str) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """A random model's state dict as its library would download it, and that model as a feature extractor."""
+    if name == "googlenet":  # with the (untrained) aux heads
+        model = torchvision.models.googlenet(aux_logits=True, init_weights=False, transform_input=True)
+        state, model.fc = model.state_dict(), nn.Identity()
+    elif name == "densenet121":  # "norm.1" for "norm1", no num_batches_tracked, as in torchvision's file
+        model = torchvision.models.densenet121()
+        state, model.classifier = model.state_dict(), nn.Identity()
+        renamed = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in state.items()}
+        state = {k: v for k, v in renamed.items() if not k.endswith("num_batches_tracked")}
+    else:
+        model = timm.create_model(name)
+        state = model.state_dict()
+        model.reset_classifier(0)
+    return state, model
+
+
+@pytest.mark.parametrize("name", ["googlenet", "densenet121", "tf_efficientnet_lite0"])
+def test_library_download_is_loaded_strictly(offline, monkeypatch, name):
+    state, reference = _as_downloaded(name)
+    downloaded = lambda *args, **kwargs: dict(state)  # noqa: E731
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", downloaded)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", downloaded)
+    extractor, _ = build_backbone(name, "imagenet")
+    assert torch.equal(_features(extractor), _features(reference))
 
 
 def test_mismatched_corrupt_and_missing_files_name_the_file(tmp_path):
@@ -209,8 +225,9 @@ def test_mismatched_corrupt_and_missing_files_name_the_file(tmp_path):
         corrupt.write_bytes(b"not a weights file")
         with pytest.raises(CxrError, match=re.escape(str(corrupt))):
             build_backbone("mobilenet_v2", corrupt)
-    with pytest.raises(CxrError, match="does not exist"):
-        build_backbone("mobilenet_v2", tmp_path / "absent.pth")
+    for absent in (tmp_path / "absent.pth", "ImageNet"):
+        with pytest.raises(CxrError, match="weights must be 'imagenet', 'none' or a weights file"):
+            build_backbone("mobilenet_v2", absent)
     with pytest.raises(CxrError, match="not one of"):
         build_backbone("mobilenet_v2", wrong.rename(tmp_path / "weights.h5"))
     with pytest.raises(CxrError, match="unknown backbone 'mobilenet_v9'; did you mean"):
@@ -256,10 +273,10 @@ def test_real_mobilenet_v2_weights_reproduce_imagenet_logits():
     full.load_state_dict(load_file(str(tv_file)))
     torch_extractor, _ = build_backbone("mobilenet_v2", "imagenet", weights_dirs=[SHARED_WEIGHTS])
     timm_extractor, _ = build_backbone("mobilenetv2_100", "imagenet", weights_dirs=[SHARED_WEIGHTS])
-    features = _features(torch_extractor, 224)
+    features = _features(torch_extractor, 128)
     with torch.no_grad():
-        assert torch.allclose(full.classifier(features), full(_images(2, 224, seed=1)), atol=1e-5)
-    assert torch.allclose(_features(timm_extractor, 224), features, atol=1e-5)  # same weights, other library
+        assert torch.allclose(full.classifier(features), full(_images(2, 128, seed=1)), atol=1e-5)
+    assert torch.allclose(_features(timm_extractor, 128), features, atol=1e-5)  # same weights, other library
 
 
 @pytest.mark.shared
@@ -271,7 +288,7 @@ def test_real_efficientnet_lite_weights_reproduce_imagenet_logits(name, monkeypa
     full = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}).eval()
     extractor, _ = build_backbone(name, "imagenet")
     state = load_file(str(file))
-    size = preprocessing_of(name)["size"]
+    size = 96
     logits = nn.functional.linear(_features(extractor, size), state["classifier.weight"], state["classifier.bias"])
     with torch.no_grad():
         assert torch.allclose(logits, full(_images(2, size, seed=1)), atol=1e-5)

@@ -39,8 +39,14 @@ def test_bad_head_arguments_are_user_errors(kwargs, message):
     with pytest.raises(CxrError, match=message):
         build_head(**arguments)
     with pytest.raises(CxrError, match=message):  # before any backbone is built
-        build_classifier("no_such_backbone", arguments["num_outputs"], "none", hidden=arguments.get("hidden", ()),
-                         dropout=arguments.get("dropout", 0.0), activation=arguments.get("activation", "relu"))
+        build_classifier(
+            "no_such_backbone",
+            arguments["num_outputs"],
+            "none",
+            hidden=arguments.get("hidden", ()),
+            dropout=arguments.get("dropout", 0.0),
+            activation=arguments.get("activation", "relu"),
+        )
 
 
 def test_mobilenet_v2_counts_match_keras():

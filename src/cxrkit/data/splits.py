@@ -122,10 +122,20 @@ def _take_fraction(
     if n_groups < 2:
         raise CxrError(f"cannot split {len(pool)} images of {n_groups} patient(s): need at least 2 patients")
     folds, take = _fold_counts(fraction, min(MAX_FOLDS, n_groups))
+    strata = _merge_rare(y[pool], folds)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    taken = [pool[test] for _, test in splitter.split(np.zeros(len(pool)), y[pool], groups[pool])][:take]
+    taken = [pool[test] for _, test in splitter.split(np.zeros(len(pool)), strata, groups[pool])][:take]
     taken_idx = np.concatenate(taken) if taken else pool[:0]
     return taken_idx, np.setdiff1d(pool, taken_idx)
+
+
+def _merge_rare(strata: np.ndarray, folds: int) -> np.ndarray:
+    """Fold strata with fewer members than folds (which cannot be spread over every fold) into the largest one."""
+    values, counts = np.unique(strata, return_counts=True)
+    rare = values[counts < folds]
+    if len(rare) == 0 or len(rare) == len(values):
+        return strata
+    return np.where(np.isin(strata, rare), values[counts.argmax()], strata)
 
 
 def _fold_counts(fraction: float, max_folds: int) -> tuple[int, int]:

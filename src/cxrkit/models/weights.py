@@ -39,7 +39,7 @@ WEIGHTS_ENV = "CXR_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 PathLike = str | os.PathLike
 _log = logging.getLogger(__name__)
-# torchvision < 0.13 DenseNet files name "norm.1" what the model calls "norm1" (torchvision.models.densenet)
+# torchvision's DenseNet files predate PyTorch 0.4 and name "norm.1" what the model calls "norm1"
 _LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
 
 
@@ -152,17 +152,20 @@ def build_backbone(
         if local is None:
             return _download(spec, weights_dirs)
         _log.info("%s: ImageNet weights from %s", name, local)
-        return _from_file(spec, local)
-    return _from_file(spec, Path(weights).expanduser())
+        return _load_state(spec, load_state_dict_file(local), f"weights file {local}")
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise CxrError(f"weights must be 'imagenet', 'none' or a weights file; {str(weights)!r} is none of these")
+    return _load_state(spec, load_state_dict_file(path), f"weights file {path}")
 
 
 def _library_model(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
-    """The library's full ImageNet model (with its 1000-class classifier), random or with downloaded weights."""
+    """The library's full ImageNet model (with its 1000-class classifier); ``pretrained`` is for timm only."""
     kwargs = dict(spec.build_kwargs)
     if spec.source == "torchvision":
         from torchvision.models import get_model
 
-        return get_model(spec.arch, weights=spec.tag if pretrained else None, **kwargs)
+        return get_model(spec.arch, weights=None, **kwargs)
     import timm
 
     return timm.create_model(f"{spec.arch}.{spec.tag}", pretrained=pretrained, **kwargs)
@@ -190,7 +193,7 @@ def _canonical_keys(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> dict[
 def _mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     """What keeps ``state`` from loading strictly into ``module``, summarised; empty when it fits."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]  # BatchNorm fills these
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
@@ -205,9 +208,15 @@ def _mismatch(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(parts)
 
 
-def _from_file(spec: BackboneSpec, path: Path) -> tuple[nn.Module, int]:
-    """Load a state dict file into the full library model, or else into the feature extractor, strictly."""
-    state = _canonical_keys(spec, load_state_dict_file(path))
+def _load_state(spec: BackboneSpec, state: dict[str, torch.Tensor], origin: str) -> tuple[nn.Module, int]:
+    """Load a state dict into the full library model, or else into the feature extractor, strictly.
+
+    Args:
+        spec: the backbone.
+        state: the weights.
+        origin: where they come from, for the error message (``weights file <path>``).
+    """
+    state = _canonical_keys(spec, state)
     model = _library_model(spec)
     full_problems = _mismatch(model, state)
     if not full_problems:
@@ -219,19 +228,27 @@ def _from_file(spec: BackboneSpec, path: Path) -> tuple[nn.Module, int]:
         extractor.load_state_dict(state, strict=True)
         return extractor, num_features
     problems = min(full_problems, extractor_problems, key=len)
-    raise CxrError(f"weights file {path} does not fit {spec.name} ({spec.source} {spec.arch}): {problems}")
+    raise CxrError(f"{origin} does not fit {spec.name} ({spec.source} {spec.arch}): {problems}")
 
 
 def _download(spec: BackboneSpec, weights_dirs: PathLike | Sequence[PathLike] | None) -> tuple[nn.Module, int]:
-    """The library's own pretrained model (download or its cache); a CxrError saying what to do when offline."""
+    """The library's own ImageNet weights (its cache, else a download); offline, a CxrError that says what to do.
+
+    torchvision's state dict goes through :func:`_load_state` like a local file (torchvision's pretrained builders
+    refuse some of ``spec.build_kwargs``, e.g. googlenet's ``aux_logits=False``); timm loads its own.
+    """
+    _log.info("%s: ImageNet weights from %s (%s cache)", spec.name, spec.weights_url, spec.source)
     try:
-        model = _library_model(spec, pretrained=True)
+        if spec.source == "timm":
+            return _feature_extractor(spec, _library_model(spec, pretrained=True))
+        from torchvision.models import get_model_weights
+
+        state = get_model_weights(spec.arch)[spec.tag].get_state_dict(progress=True, check_hash=True)
     except Exception as error:
         if not _is_network_error(error):
             raise
         raise CxrError(_no_weights_message(spec, weights_dirs, error)) from error
-    _log.info("%s: ImageNet weights from %s (%s cache)", spec.name, spec.weights_url, spec.source)
-    return _feature_extractor(spec, model)
+    return _load_state(spec, state, f"the weights from {spec.weights_url}")
 
 
 def _is_network_error(error: BaseException) -> bool:

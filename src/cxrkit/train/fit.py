@@ -23,6 +23,7 @@ from cxrkit import pipeline
 from cxrkit.config import Recipe, StageConfig
 from cxrkit.models.freeze import apply_trainable, set_train_mode
 from cxrkit.runs import Run
+from cxrkit.train.features import extract_features, feature_loader
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
 from cxrkit.train.prepare import RunData, prepare_data
@@ -130,6 +131,7 @@ class Trainer:
                                                    recipe.runtime.eval_batch_size, runtime)
         self.rows: list[dict[str, Any]] = run.read_metrics() if run else []
         self.best = Tracker(recipe.runtime.checkpoint_monitor)
+        self._features: tuple[Any, Any] | None = None
 
     def log(self, text: str) -> None:
         if self.runtime.is_main:
@@ -175,15 +177,14 @@ class Trainer:
             if scheduler is not None and resume["scheduler"] is not None:
                 scheduler.load_state_dict(resume["scheduler"])
             tracker, first_epoch = Tracker.from_state(resume["tracker"]), resume["stage_epoch"]
-        net = self.model
-        if runtime.distributed:
-            net = DistributedDataParallel(self.model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
         patience = stage.early_stopping.patience
         with make_progress(self.console, runtime.is_main) as progress:
+            net, eval_net, train_loader, val_loader = self._stage_inputs(stage, progress)
             for stage_epoch in range(first_epoch, stage.epochs):
                 if tracker.stopped:
                     break
-                row = self._run_epoch(index, stage, stage_epoch, net, optimizer, progress)
+                row = self._run_epoch(index, stage, stage_epoch, (net, eval_net, train_loader, val_loader),
+                                      optimizer, progress)
                 improved = tracker.update(row[stage.early_stopping.monitor], stage.early_stopping.min_delta)
                 if improved and stage.early_stopping.restore_best:
                     self.save("stage_best", {"model": self.model.state_dict(), "stage": index})
@@ -201,19 +202,47 @@ class Trainer:
             self.log(f"early stopping: {tracker.monitor} has not improved for {patience} epochs")
         self._finish_stage(index, stage.early_stopping.restore_best and tracker.best is not None)
 
-    def _run_epoch(self, index: int, stage: StageConfig, stage_epoch: int, net: torch.nn.Module,
+    def _stage_inputs(self, stage: StageConfig, progress: Any) -> tuple[Any, Any, Any, Any]:
+        """(training net, evaluation net, train loader, val loader) of a stage: cached features for the head alone
+        when the backbone is frozen and inputs are not augmented, else images through the whole model."""
+        recipe, runtime = self.recipe, self.runtime
+        cacheable = stage.trainable == "head" and recipe.runtime.cache_features and not runtime.distributed
+        if cacheable and recipe.augment.policy != "none":
+            self.log("feature cache off: augmentation changes the inputs every epoch")
+        if not cacheable or recipe.augment.policy != "none":
+            net = self.model
+            if runtime.distributed:
+                ids = [runtime.device] if runtime.device.type == "cuda" else None
+                net = DistributedDataParallel(self.model, device_ids=ids)
+            return net, self.model, self.train_loader, self.val_loader
+        if self._features is None:
+            train_plain = pipeline.make_loader(self.data.train, self.data.eval_transform,
+                                               recipe.runtime.eval_batch_size, runtime)
+            train = extract_features(self.model.backbone, train_plain, runtime, progress, "caching train features")
+            val = None
+            if self.val_loader is not None:
+                val = extract_features(self.model.backbone, self.val_loader, runtime, progress, "caching val features")
+            self._features = (train, val)
+            self.log(f"cached backbone features of {len(train)} training images; the head trains on them")
+        train, val = self._features
+        batch = max(1, recipe.runtime.batch_size // runtime.world_size)
+        val_loader = feature_loader(val, recipe.runtime.eval_batch_size) if val is not None else None
+        return self.model.head, self.model.head, feature_loader(train, batch, self.sampler), val_loader
+
+    def _run_epoch(self, index: int, stage: StageConfig, stage_epoch: int, inputs: tuple[Any, Any, Any, Any],
                    optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:
+        net, eval_net, train_loader, val_loader = inputs
         epoch = len(self.rows) + 1
         torch.manual_seed(self.recipe.seed * 100_003 + epoch)
         self.sampler.set_epoch(epoch)
         set_train_mode(self.model)
         desc = f"{stage.name} {stage_epoch + 1}/{stage.epochs}"
-        stats = train_one_epoch(net, self.train_loader, self.loss_fn, optimizer, self.runtime,
+        stats = train_one_epoch(net, train_loader, self.loss_fn, optimizer, self.runtime,
                                 self.data.spec.task, progress, desc)
         scores = {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
         val_start = time.perf_counter()
-        if self.val_loader is not None:
-            _, probs, targets, loss = predict(self.model, self.val_loader, self.runtime, self.data.spec.task,
+        if val_loader is not None:
+            _, probs, targets, loss = predict(eval_net, val_loader, self.runtime, self.data.spec.task,
                                               progress, f"validate {stage_epoch + 1}", self.loss_fn)
             scores = _validation_scores(self.data, probs, targets, loss)
         row = {

@@ -67,7 +67,7 @@ class Runtime:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
 
     def describe(self) -> str:
         ddp = f", {self.world_size} processes" if self.distributed else ""
