@@ -207,7 +207,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            where = f"{prefix}." if prefix else ""
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
             raise CxrError(f"unknown recipe key {full}{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)

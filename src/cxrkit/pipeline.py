@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe
 from cxrkit.data.base import LabelledImages
-from cxrkit.errors import CxrError
 from cxrkit.data.transforms import Augment, Preprocessing, build_transform
+from cxrkit.errors import CxrError
 from cxrkit.train.runtime import Runtime
 
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from synth import kermany_folder
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
-from synth import kermany_folder
 
 TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48",
         "--set", "runtime.batch_size=8", "--set", "runtime.workers=0"]
@@ -137,3 +137,19 @@ def test_ddp_two_cpu_processes_on_gloo(data, tmp_path):
     assert len(rows) == 2 and all(float(r["val_loss"]) > 0 for r in rows)
     total_train = json.loads((run / "data.json").read_text())["splits"]["train"]["images"]
     assert total_train > 0
+
+
+def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_path):
+    """A frozen backbone gives the same features every epoch, so training on cached features must match."""
+    losses, logs = {}, {}
+    for cache in ("true", "false"):
+        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
+                                          "--set", "stages.0.epochs=2", "--set", "runtime.precision=fp32",
+                                          "--set", f"runtime.cache_features={cache}"])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        logs[cache] = result.stderr
+        rows = csv.DictReader((run / "metrics.csv").open())
+        losses[cache] = [(float(r["train_loss"]), float(r["val_loss"])) for r in rows]
+    assert "cached backbone features" in logs["true"] and "cached backbone features" not in logs["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

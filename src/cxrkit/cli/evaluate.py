@@ -37,7 +37,7 @@ def evaluate(
     from cxrkit.eval.metrics import format_metrics_table
     from cxrkit.serve.predictor import Predictor
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     predictor = Predictor(run, checkpoint=checkpoint)
     metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
     table = Table(title=f"{metrics['dataset']} {split}: {metrics['n']} images, {metrics['patients']} patients")

@@ -22,24 +22,36 @@ def models(
     from cxrkit.models.backbones import list_backbones
     from cxrkit.models.weights import find_local_weights
 
-    table = Table(title="backbones (weights: imagenet | none | FILE)")
-    for column in ("name", "source", "arch", "input", "local ImageNet weights"):
-        table.add_column(column)
+    table = Table(title="backbones (--weights imagenet | none | FILE)")
+    for column in ("name", "source", "input", "ImageNet weights"):
+        table.add_column(column, no_wrap=column == "name")
     for spec in list_backbones(pattern):
         local = find_local_weights(spec.name)
-        table.add_row(spec.name, spec.source, spec.arch, f"{spec.input_size}px", str(local) if local else "-")
+        where = f"local: {local.name}" if local else "download"
+        table.add_row(spec.name, f"{spec.source} {spec.arch}" if spec.arch != spec.name else spec.source,
+                      f"{spec.input_size}px", where)
     console.print(table)
+    console.print("local weights are searched in $CXR_WEIGHTS_DIR and ~/.cache/cxrkit/weights", highlight=False)
 
 
 def _print_layers(console, name: str) -> None:
+    from rich.table import Table
+
     from cxrkit.models.backbones import BACKBONES, block_names
     from cxrkit.models.classifier import build_classifier
     from cxrkit.models.freeze import layer_names
 
     model = build_classifier(name, 2, weights="none")
-    blocks = set(block_names(model.backbone, BACKBONES.get(name)))
-    names = layer_names(model.backbone)
-    for i, layer in enumerate(names):
-        mark = "  block" if layer in blocks else ""
-        console.print(f"{len(names) - i:>4}  {layer}{mark}", highlight=False)
-    console.print(f"{len(names)} layers (top:N counts from the bottom of this list), {len(blocks)} blocks")
+    blocks = block_names(model.backbone, BACKBONES.get(name))
+    layers = layer_names(model.backbone)
+    layer_rank = {n: len(layers) - i for i, n in enumerate(layers)}
+    block_rank = {n: len(blocks) - i for i, n in enumerate(blocks)}
+    table = Table(title=f"{name}: use top:N (layers), top:N:blocks or from:<name> in a stage's trainable")
+    for column in ("name", "type", "top:N", "top:N:blocks"):
+        table.add_column(column)
+    for module_name, module in model.backbone.named_modules():
+        if module_name in layer_rank or module_name in block_rank:
+            table.add_row(module_name, type(module).__name__, str(layer_rank.get(module_name, "")),
+                          str(block_rank.get(module_name, "")))
+    console.print(table)
+    console.print(f"{len(layers)} layers, {len(blocks)} blocks")

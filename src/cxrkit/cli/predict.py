@@ -19,7 +19,7 @@ def predict(
 ) -> None:
     """Predict images; unreadable files are listed with the reason and make the exit status non-zero."""
     from cxrkit.errors import CxrError
-    from cxrkit.runs import atomic_write_text, csv_text
+    from cxrkit.runs import atomic_write_text
     from cxrkit.serve.predictor import Predictor, expand_inputs
 
     if format_ not in ("table", "json", "csv"):

@@ -46,7 +46,7 @@ def train(
     from cxrkit.train.fit import Trainer, seed_everything
     from cxrkit.train.runtime import setup_runtime, shutdown
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     last = None
     if resume is not None:
         if recipe is not None or set_ or any(v is not None for v in (data, task, backbone, weights, epochs, out)):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from cxrkit import pipeline
@@ -254,7 +255,7 @@ class Trainer:
         }
         self.rows.append(row)
         self.log(
-            f"epoch {epoch:>3} [{desc}] train loss {_fmt(stats.loss)} acc {_fmt(stats.accuracy)} | "
+            f"epoch {epoch:>3} {escape('[' + desc + ']')} train loss {_fmt(stats.loss)} acc {_fmt(stats.accuracy)} | "
             f"val loss {_fmt(scores['val_loss'])} acc {_fmt(scores['val_accuracy'])} auc {_fmt(scores['val_auc'])}"
             f" | {stats.seconds:.0f}s, {stats.images_per_second:.0f} img/s"
         )

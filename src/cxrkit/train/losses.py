@@ -14,7 +14,9 @@ from torch.nn import functional as F
 from cxrkit.errors import CxrError
 
 
-def class_weights_for(task: str, labels: list[str], targets: np.ndarray, spec: str | list[float] | None) -> list[float] | None:
+def class_weights_for(
+    task: str, labels: list[str], targets: np.ndarray, spec: str | list[float] | None
+) -> list[float] | None:
     """Resolve ``loss.class_weights``: None, ``balanced`` (n / (k * count), as scikit-learn) or explicit values.
 
     For multi-label tasks the weights are per-label positive weights; ``balanced`` gives negatives / positives.

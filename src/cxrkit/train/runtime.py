@@ -67,7 +67,9 @@ class Runtime:
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     def describe(self) -> str:
         ddp = f", {self.world_size} processes" if self.distributed else ""
@@ -120,7 +122,8 @@ def setup_runtime(
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     amp = _resolve_amp(precision, resolved)
     layout = channels_last if channels_last is not None else amp is not None or resolved.type == "cuda"
-    n_workers = workers if workers is not None else (0 if world_size > 1 and resolved.type == "cpu" else default_workers())
+    cpu_ddp = world_size > 1 and resolved.type == "cpu"
+    n_workers = workers if workers is not None else (0 if cpu_ddp else default_workers())
     return Runtime(resolved, amp, layout, rank, world_size, n_workers)
 
 
