@@ -43,3 +43,12 @@ def test_open_rejects_non_runs(tmp_path):
         Run.open(tmp_path / "missing")
     with pytest.raises(CxrError, match="not a cxrkit run"):
         Run.open(tmp_path)
+
+
+def test_atomic_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

@@ -3,6 +3,8 @@
 Skipped when the data or weights are absent. Kept short for CI: one head-only epoch at 128 px.
 """
 
+import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,6 +47,16 @@ def test_real_split_is_patient_grouped(run):
     data = json.loads((run / "data.json").read_text())
     assert sum(s["images"] for s in data["splits"].values()) == 5216
     assert data["preprocessing"]["size"] == 128
+
+
+def test_no_image_content_crosses_splits(run):
+    """The set has byte-duplicate files; none may sit in two splits (that would leak test images into training)."""
+    split_of_content: dict[str, set] = {}
+    for row in csv.DictReader((run / "splits.csv").open()):
+        digest = hashlib.sha1(Path(row["source"]).read_bytes()).hexdigest()
+        split_of_content.setdefault(digest, set()).add(row["split"])
+    assert len(split_of_content) < 5216  # the duplicates exist...
+    assert all(len(splits) == 1 for splits in split_of_content.values())  # ...but never across splits
 
 
 def test_evaluate_on_held_out_patients(run):

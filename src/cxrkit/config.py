@@ -94,6 +94,11 @@ class StageConfig:
     ``trainable`` says which part learns: ``head`` (feature extraction), ``all`` (full fine-tuning),
     ``top:N`` (the top N layers, counted as Keras counts them; ``top:N:blocks`` counts blocks instead) or
     ``from:<module name>`` (everything from a named cut-off layer on, e.g. ``from:features.denseblock4``).
+
+    ``batchnorm`` says what trainable BatchNorm layers do: ``train`` (batch statistics, PyTorch's usual way),
+    ``frozen`` (inference mode with the pretrained statistics while their scale and shift still learn, as Keras
+    recommends when fine-tuning a pretrained base) or ``auto`` (``frozen`` for pretrained weights, ``train`` from
+    scratch). BatchNorm in the frozen part is always in inference mode.
     """
 
     name: str = "train"
@@ -104,6 +109,7 @@ class StageConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: str = "constant"
+    batchnorm: str = "auto"
     step_size: int = 5
     gamma: float = 0.1
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -228,6 +234,7 @@ def _validate(recipe: Recipe) -> None:
         checks += [
             (f"stages.{i}.optimizer", stage.optimizer, OPTIMIZERS),
             (f"stages.{i}.schedule", stage.schedule, SCHEDULES),
+            (f"stages.{i}.batchnorm", stage.batchnorm, ("auto", "train", "frozen")),
             (f"stages.{i}.early_stopping.monitor", stage.early_stopping.monitor, MONITORS),
         ]
         if not _TRAINABLE.match(stage.trainable):

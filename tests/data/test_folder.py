@@ -127,10 +127,20 @@ def test_scan_skips_and_reports_non_images(tmp_path):
         unchecked.read(bad)
 
 
-def test_corrupt_file_fails_at_read_time_naming_it(tmp_path):
+def test_truncated_file_is_skipped_by_the_scan(tmp_path):
     root = covid_like(tmp_path / "c")
     path = root / "COVID" / "COVID-1.png"
     path.write_bytes(path.read_bytes()[:60])
+    ds = load_folder(root)
+    assert str(path) not in {it.source for it in ds.items}
+    assert dict(ds.skipped)[str(path)].startswith("truncated PNG")
+
+
+def test_corrupt_file_fails_at_read_time_naming_it(tmp_path):
+    root = covid_like(tmp_path / "c")
+    path = root / "COVID" / "COVID-1.png"
+    data = path.read_bytes()
+    path.write_bytes(data[:60] + b"\x00" * 16 + data[-12:])  # complete header and end chunk, broken inside
     ds = load_folder(root)
     index = next(i for i, it in enumerate(ds.items) if it.source == str(path))
     with pytest.raises(CxrError, match=r"COVID-1\.png: corrupt"):

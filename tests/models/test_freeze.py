@@ -56,3 +56,15 @@ def test_frozen_batchnorm_statistics_do_not_move(mobilenet):
 def test_layers_are_counted_like_keras(mobilenet):
     top = layer_names(mobilenet.backbone)[-3:]
     assert top == ["features.18.0", "features.18.1", "features.18.2"]  # Conv_1, Conv_1_bn, out_relu
+
+
+def test_keras_style_fine_tuning_keeps_all_batchnorm_in_inference_mode(mobilenet):
+    apply_trainable(mobilenet, "top:14")
+    set_train_mode(mobilenet, freeze_batchnorm=True)
+    norms = [m for m in mobilenet.backbone.modules() if isinstance(m, _BatchNorm)]
+    assert all(not m.training for m in norms)
+    trainable_norm = mobilenet.backbone.features[18][1]
+    assert trainable_norm.weight.requires_grad  # scale and shift still learn
+    before = trainable_norm.running_var.clone()
+    mobilenet(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert torch.equal(before, trainable_norm.running_var)

@@ -13,7 +13,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cxrkit.data.base import DatasetSpec, Item, LabelledImages
-from cxrkit.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, SNIFF_BYTES, read_item, sniff_format
+from cxrkit.data.images import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    SNIFF_BYTES,
+    read_item,
+    sniff_format,
+    truncation_reason,
+)
 from cxrkit.data.labels import find_label, order_labels, select_labels, single_label_task
 from cxrkit.errors import CxrError
 
@@ -157,9 +164,10 @@ def _reject_reason(path: Path, check: bool) -> str | None:
         return f"cannot read file ({e.strerror or e})"
     if not head:
         return "empty file"
-    if sniff_format(head) is None and suffix not in DICOM_SUFFIXES:
+    fmt = sniff_format(head)
+    if fmt is None and suffix not in DICOM_SUFFIXES:
         return "not an image (unrecognised content)"
-    return None
+    return truncation_reason(path, fmt)
 
 
 def _split_pneumonia(

@@ -73,6 +73,24 @@ def is_dicom_bytes(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+# Markers a complete file ends with; a file cut short (the usual corruption) lacks them. Some writers append a few
+# bytes after the marker, so the end of the file is searched rather than its last bytes only.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 1024
+
+
+def truncation_reason(path: str | os.PathLike, fmt: str | None) -> str | None:
+    """Why a JPEG or PNG file looks cut short (its end marker is missing), or None; reads only its last bytes."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, fh.tell() - _TAIL_BYTES))
+        tail = fh.read()
+    return None if marker in tail else f"truncated {fmt} (no end-of-image marker)"
+
+
 def sniff_format(head: bytes) -> str | None:
     """Name the image format from a file's first bytes (at least 132 for DICOM), or None if unrecognised."""
     if is_dicom_bytes(head):

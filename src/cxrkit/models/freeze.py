@@ -124,9 +124,19 @@ def apply_trainable(model: nn.Module, trainable: str, blocks: list[str] | None =
     return FreezePlan(trainable, cut or None, trainable_params, total, count_bn_statistics(model))
 
 
-def set_train_mode(model: nn.Module) -> None:
-    """``model.train()``, then BatchNorm and Dropout of the frozen part back to inference mode."""
+def set_train_mode(model: nn.Module, freeze_batchnorm: bool = False) -> None:
+    """``model.train()``, then BatchNorm and Dropout of the frozen part back to inference mode.
+
+    Args:
+        model: a classifier after :func:`apply_trainable`.
+        freeze_batchnorm: also keep the trainable part's BatchNorm in inference mode (its scale and shift still
+            learn), the Keras way of fine-tuning a pretrained base.
+    """
     model.train()
     for module in getattr(model, "_frozen_modules", []):
         if isinstance(module, (_BatchNorm, nn.Dropout)):
             module.eval()
+    if freeze_batchnorm:
+        for module in model.backbone.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()

@@ -236,7 +236,8 @@ class Trainer:
         epoch = len(self.rows) + 1
         torch.manual_seed(self.recipe.seed * 100_003 + epoch)
         self.sampler.set_epoch(epoch)
-        set_train_mode(self.model)
+        freeze_bn = stage.batchnorm == "frozen" or (stage.batchnorm == "auto" and self.recipe.model.weights != "none")
+        set_train_mode(self.model, freeze_batchnorm=freeze_bn)
         desc = f"{stage.name} {stage_epoch + 1}/{stage.epochs}"
         stats = train_one_epoch(net, train_loader, self.loss_fn, optimizer, self.runtime,
                                 self.data.spec.task, progress, desc)

@@ -1,0 +1,115 @@
+"""Every data format and head type through train -> evaluate, on tiny synthetic data."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+from data.helpers import covid_like, medmnist_npz
+from synth import kermany_folder, xray
+
+TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=32",
+        "--set", "runtime.batch_size=8", "--set", "runtime.workers=0", "--epochs", "1"]
+
+
+def _train_and_evaluate(tmp_path: Path, *args: str, split: str = "test") -> dict:
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "runs"), *TINY, *args])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", split])
+    assert result.exit_code == 0, result.output
+    return json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
+
+
+def _nih_csv(root: Path, n: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"]
+    findings = ["No Finding", "Effusion", "Cardiomegaly|Effusion", "Atelectasis"]
+    for i in range(n):
+        name = f"{i:08d}_000.png"
+        xray(rng, 32, i % 2 == 1).save(root / "images" / name)
+        lines.append(f"{name},{findings[i % 4]},0,{i // 2},50,M,PA")
+    csv_path = root / "Data_Entry_2017_v2020.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return csv_path
+
+
+def test_multilabel_nih_csv(tmp_path):
+    metrics = _train_and_evaluate(tmp_path, "--data", str(_nih_csv(tmp_path / "nih")), "--task", "multilabel")
+    assert metrics["task"] == "multilabel"
+    assert len(metrics["labels"]) == 14
+    assert set(metrics["auc_per_label"]) == set(metrics["labels"])
+
+
+def test_medmnist_npz_with_its_own_splits(tmp_path):
+    medmnist_npz(tmp_path / "mm" / "pneumoniamnist.npz", {"train": 24, "val": 8, "test": 8})
+    metrics = _train_and_evaluate(tmp_path, "--data", str(tmp_path / "mm" / "pneumoniamnist.npz"))
+    assert metrics["n"] == 8 and metrics["labels"] == ["normal", "pneumonia"]
+
+
+def test_combined_sources_three_classes_with_dense_head_and_oversampling(tmp_path):
+    covid_like(tmp_path / "covid", per_class=8, size=32)
+    kermany_folder(tmp_path / "kermany", per_class=8, size=32)
+    sources = json.dumps([
+        {"root": str(tmp_path / "covid"), "rename": {"Normal": "normal", "COVID": "COVID-19"}},
+        {"root": str(tmp_path / "kermany"), "task": "normal-bacterial-viral", "include": ["viral"]},
+    ])
+    metrics = _train_and_evaluate(tmp_path, "--set", "data.format=combine", "--set", f"data.sources={sources}",
+                                  "--set", "model.hidden=[16]", "--set", "model.dropout=0.5",
+                                  "--set", "loss.sampling=oversample")
+    assert metrics["labels"] == ["normal", "COVID-19", "viral"]
+    assert metrics["task"] == "multiclass"
+
+
+def test_external_validation_maps_labels_by_name(tmp_path):
+    kermany_folder(tmp_path / "kermany", per_class=8, size=32)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "kermany"), "--out", str(tmp_path / "r"),
+                                      *TINY])
+    run = result.stdout.strip().splitlines()[-1]
+    covid_like(tmp_path / "covid", per_class=4, size=32)
+    unmapped = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid")])
+    assert unmapped.exit_code != 0 and "COVID" in str(unmapped.exception)
+    result = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid"), "--map", "COVID=PNEUMONIA",
+                                      "--name", "adult"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((Path(run) / "eval" / "adult" / "metrics.json").read_text())
+    assert metrics["external"] is True and metrics["n"] == 8
+    assert metrics["confusion_matrix"][0][0] + metrics["confusion_matrix"][0][1] == 4  # 4 Normal -> NORMAL
+
+
+@pytest.mark.parametrize("bad", ["data.rooot=x", "stages.0.trainable=top14"])
+def test_bad_recipe_keys_exit_cleanly(tmp_path, bad):
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--set", bad])
+    assert result.exit_code != 0
+    assert bad.split("=")[0].split(".")[-1] in str(result.exception)
+
+
+def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path):
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    truncated = root / "train" / "NORMAL" / "IM-9999-0001.jpeg"
+    Image.new("L", (32, 32)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (root / "train" / "PNEUMONIA" / "person999_virus_1.jpeg").write_text("not an image")
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY])
+    assert result.exit_code == 0, result.output
+    data = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "data.json").read_text())
+    reasons = {Path(s["source"]).name: s["reason"] for s in data["skipped"]}
+    assert "truncated" in reasons["IM-9999-0001.jpeg"]
+    assert "not an image" in reasons["person999_virus_1.jpeg"]
+    assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out
+
+
+def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path):
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    for path in (root / "train" / "NORMAL").glob("*.jpeg"):  # valid header and end marker, garbage inside
+        data = bytearray(path.read_bytes())
+        data[30:-2] = b"\x00" * (len(data) - 32)
+        path.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY])
+    assert result.exit_code != 0
+    assert "IM-" in str(result.exception) and ".jpeg" in str(result.exception)
