@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data.helpers import covid_like, medmnist_npz
 from PIL import Image
+from synth import kermany_folder, xray
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
-from data.helpers import covid_like, medmnist_npz
-from synth import kermany_folder, xray
 
 TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=32",
         "--set", "runtime.batch_size=8", "--set", "runtime.workers=0", "--epochs", "1"]

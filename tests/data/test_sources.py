@@ -69,3 +69,10 @@ def test_object_config_with_some_attributes(tmp_path):
 def test_config_errors(cfg, message):
     with pytest.raises(CxrError, match=message):
         load_dataset(cfg)
+
+
+def test_a_medmnist_name_as_root_is_found_in_the_data_dir(tmp_path, monkeypatch):
+    medmnist_npz(tmp_path / "medmnist" / "pneumoniamnist.npz", {"train": 4, "val": 2, "test": 2})
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    ds = load_dataset({"root": "pneumoniamnist"})
+    assert ds.spec.name == "pneumoniamnist" and len(ds) == 8

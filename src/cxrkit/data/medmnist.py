@@ -39,7 +39,7 @@ def npz_filename(name: str, size: int = 28) -> str:
 
 
 def default_root() -> Path:
-    """Where MedMNIST files are looked for: ``$CXR_DATA_DIR``, else ``~/.medmnist``."""
+    """Where MedMNIST files are looked for: ``$CXR_DATA_DIR`` (or its ``medmnist/``), else ``~/.medmnist``."""
     return Path(os.environ.get("CXR_DATA_DIR") or Path.home() / ".medmnist").expanduser()
 
 
@@ -81,7 +81,9 @@ def _locate(flag: str, size: int, root: str | os.PathLike | None, download: bool
             return Path(root)
         raise CxrError(f"{root}: MedMNIST file does not exist")
     folder = Path(root).expanduser() if root is not None else default_root()
-    candidates = [folder / npz_filename(flag, size)] + ([folder / f"{flag}_28.npz"] if size == 28 else [])
+    folders = [folder, folder / "medmnist"]  # a data folder may keep MedMNIST files in a medmnist/ subfolder
+    names = [npz_filename(flag, size)] + ([f"{flag}_28.npz"] if size == 28 else [])
+    candidates = [f / n for f in folders for n in names]
     for c in candidates:
         if c.is_file():
             return c

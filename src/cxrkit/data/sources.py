@@ -82,6 +82,9 @@ def resolve_format(cfg: SimpleNamespace) -> str:
     if cfg.format == "combine":
         return "combine"
     root = Path(cfg.root).expanduser() if cfg.root is not None else None
+    if cfg.format in ("auto", "medmnist") and root is not None and not root.exists() and _is_medmnist_name(cfg.root):
+        # ``--data pneumoniamnist``: a MedMNIST name, looked up in the default data folder
+        cfg.name, cfg.root, root = str(cfg.root).lower(), None, None
     if cfg.format == "medmnist" or (cfg.format == "auto" and _is_medmnist(cfg, root)):
         if root is not None and not root.exists() and not cfg.download:
             raise CxrError(f"data root {root} does not exist")
@@ -107,6 +110,12 @@ def _is_medmnist(cfg: SimpleNamespace, root: Path | None) -> bool:
     from cxrkit.data.medmnist import medmnist_info
 
     return str(cfg.name).lower() in medmnist_info()
+
+
+def _is_medmnist_name(root: str) -> bool:
+    from cxrkit.data.medmnist import medmnist_info
+
+    return root.lower() in medmnist_info()
 
 
 def _load_medmnist(cfg: SimpleNamespace) -> LabelledImages:
