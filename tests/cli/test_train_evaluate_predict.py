@@ -153,3 +153,25 @@ def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_
         losses[cache] = [(float(r["train_loss"]), float(r["val_loss"])) for r in rows]
     assert "cached backbone features" in logs["true"] and "cached backbone features" not in logs["false"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_predict_dicom_monochrome1_equals_monochrome2(trained, tmp_path):
+    import numpy as np
+
+    from data.helpers import write_dicom
+
+    pixels = (np.random.default_rng(0).random((48, 48)) * 4000).astype(np.uint16)
+    mono2 = write_dicom(tmp_path / "a.dcm", pixels, "MONOCHROME2")
+    mono1 = write_dicom(tmp_path / "b.dcm", 4095 - pixels, "MONOCHROME1")
+    result = CliRunner().invoke(app, ["predict", str(trained), str(mono2), str(mono1), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    first, second = json.loads(result.stdout)
+    assert first["probabilities"] == pytest.approx(second["probabilities"], abs=1e-6)
+
+
+def test_resuming_a_finished_run_changes_nothing(trained):
+    before = (trained / "metrics.csv").read_text()
+    result = CliRunner().invoke(app, ["train", "--resume", str(trained)])
+    assert result.exit_code == 0, result.output
+    assert "already complete" in result.stderr
+    assert (trained / "metrics.csv").read_text() == before

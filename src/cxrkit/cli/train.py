@@ -38,53 +38,23 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory"),
 ) -> None:
     """Train a model. The last line printed is the run directory."""
+    import os
+
     from rich.console import Console
 
     from cxrkit.config import load_recipe
     from cxrkit.errors import CxrError
     from cxrkit.runs import Run
-    from cxrkit.train.fit import Trainer, seed_everything
-    from cxrkit.train.runtime import setup_runtime, shutdown
+    from cxrkit.train.api import train_recipe
 
     console = Console(stderr=True, soft_wrap=True)
-    last = None
     if resume is not None:
         if recipe is not None or set_ or any(v is not None for v in (data, task, backbone, weights, epochs, out)):
             raise CxrError("--resume continues a run with its saved recipe; do not pass a recipe or overrides")
-        run = Run.open(resume)
-        config = load_recipe(run.file("recipe.yaml"))
-        last = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+        run = train_recipe(resume=Run.open(resume), console=console)
     else:
         stages = len(load_recipe(recipe).stages)
         config = load_recipe(recipe, _flag_overrides(data, task, backbone, weights, epochs, out, stages) + set_)
-    runtime = setup_runtime(config.runtime.device, config.runtime.precision, config.runtime.channels_last,
-                            config.runtime.threads, config.runtime.workers)
-    try:
-        if resume is None:
-            run = _create_run(config.out, config.name, runtime)
-        if last is not None and last["stage"] >= len(config.stages):
-            console.print(f"run {run.path} is already complete")
-        else:
-            seed_everything(config.seed)
-            trainer = Trainer(config, run, runtime, console)
-            if runtime.is_main:
-                console.print(f"run {run.path}\n{trainer.data.spec.name}: {len(trainer.data.train)} train, "
-                              f"{len(trainer.data.val)} val images; {runtime.describe()}")
-            trainer.fit(resume=last)
-    finally:
-        shutdown(runtime)
-    if runtime.is_main:
+        run = train_recipe(config, console=console)
+    if os.environ.get("RANK", "0") == "0":
         print(run.path)
-
-
-def _create_run(out: str, name: str, runtime):
-    """Rank 0 creates the run directory; other processes learn its path."""
-    from cxrkit.runs import Run
-
-    if not runtime.distributed:
-        return Run.create(out, name)
-    from torch import distributed as dist
-
-    holder = [str(Run.create(out, name).path) if runtime.is_main else None]
-    dist.broadcast_object_list(holder, src=0)
-    return Run(holder[0])

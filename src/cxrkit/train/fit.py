@@ -118,7 +118,9 @@ class Trainer:
         self.model = runtime.prepare_model(self.model)
         weights = class_weights_for(spec.task, list(spec.labels), self.data.train.targets(), recipe.loss.class_weights)
         self.loss_fn = build_loss(spec.task, weights, recipe.loss.label_smoothing).to(runtime.device)
-        self.class_weights = weights
+        if weights is not None and runtime.is_main:
+            pairs = ", ".join(f"{n} {w:.3g}" for n, w in zip(spec.labels, weights))
+            console.print(f"class weights: {pairs}", highlight=False)
         sample_weights = None
         if recipe.loss.sampling == "oversample":
             sample_weights = oversampling_weights(self.data.train.targets())

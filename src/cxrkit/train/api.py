@@ -1,0 +1,62 @@
+"""Train or resume a recipe from Python: what ``cxr train`` and ``cxr compare`` call."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from cxrkit.config import Recipe, load_recipe
+from cxrkit.runs import Run
+from cxrkit.train.fit import Trainer, seed_everything
+from cxrkit.train.runtime import Runtime, setup_runtime, shutdown
+
+
+def _create_run(out: str, name: str, runtime: Runtime) -> Run:
+    """Rank 0 creates the run directory; other processes learn its path."""
+    if not runtime.distributed:
+        return Run.create(out, name)
+    from torch import distributed as dist
+
+    holder = [str(Run.create(out, name).path) if runtime.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return Run(holder[0])
+
+
+def run_is_complete(run: Run) -> bool:
+    """True when every stage of the run's recipe has finished."""
+    if not run.has_checkpoint("last"):
+        return False
+    stages = len(load_recipe(run.file("recipe.yaml")).stages)
+    return run.load_checkpoint("last")["stage"] >= stages
+
+
+def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, console: Console | None = None,
+                 run: Run | None = None) -> Run:
+    """Train ``recipe`` into a new run directory (or into ``run``), or continue the interrupted run ``resume``.
+
+    Returns:
+        The run directory.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    last = None
+    if resume is not None:
+        run = resume
+        recipe = load_recipe(run.file("recipe.yaml"))
+        last = run.load_checkpoint("last") if run.has_checkpoint("last") else None
+    assert recipe is not None
+    rt = recipe.runtime
+    runtime = setup_runtime(rt.device, rt.precision, rt.channels_last, rt.threads, rt.workers)
+    try:
+        if run is None:
+            run = _create_run(recipe.out, recipe.name, runtime)
+        if last is not None and last["stage"] >= len(recipe.stages):
+            console.print(f"run {run.path} is already complete")
+            return run
+        seed_everything(recipe.seed)
+        trainer = Trainer(recipe, run, runtime, console)
+        if runtime.is_main:
+            console.print(f"run {run.path}\n{trainer.data.spec.name}: {len(trainer.data.train)} train, "
+                          f"{len(trainer.data.val)} val images; {runtime.describe()}", highlight=False)
+        trainer.fit(resume=last)
+    finally:
+        shutdown(runtime)
+    return run
