@@ -150,7 +150,7 @@ def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_
         run = Path(result.stdout.strip().splitlines()[-1])
         logs[cache] = result.stderr
         rows = csv.DictReader((run / "metrics.csv").open())
-        losses[cache] = [(float(r["train_loss"]), float(r["val_loss"])) for r in rows]
+        losses[cache] = [float(r[key]) for r in rows for key in ("train_loss", "val_loss")]
     assert "cached backbone features" in logs["true"] and "cached backbone features" not in logs["false"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 

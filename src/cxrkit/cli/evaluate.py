@@ -43,8 +43,13 @@ def evaluate(
     table = Table(title=f"{metrics['dataset']} {split}: {metrics['n']} images, {metrics['patients']} patients")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("95% CI (patients)", justify="right")
+    intervals = {"accuracy": "accuracy", "AUC": "auc", "sensitivity": "sensitivity", "specificity": "specificity"}
     for key, value in format_metrics_table(metrics):
-        table.add_row(key, value)
+        ci = (metrics.get("ci95") or {}).get(intervals.get(key, ""))
+        table.add_row(key, value, f"{ci[0]:.4f} - {ci[1]:.4f}" if ci else "")
+    if metrics.get("ece") is not None:
+        table.add_row("ECE", f"{metrics['ece']:.4f}", f"temperature {metrics['temperature']:.3f}")
     console.print(table)
     cm = metrics["confusion_matrix"]
     if isinstance(cm, list):

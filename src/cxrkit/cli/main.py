@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cxrkit.cli import evaluate, models, predict, train
+from cxrkit.cli import calibrate, evaluate, models, predict, train
 from cxrkit.errors import CxrError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
+app.command("calibrate")(calibrate.calibrate)
 app.command("models")(models.models)
 
 

@@ -77,11 +77,16 @@ def evaluate_run(
     predictor: Predictor, data: str | None = None, split: str = "test", name: str | None = None,
     label_map: dict[str, str] | None = None, batch_size: int = 64, console: Any = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Predict a split, compute metrics with the run's threshold and write ``eval/<name>/``.
+    """Predict a split with the run's calibrated probabilities and threshold; write ``eval/<name>/``.
+
+    Besides :func:`~cxrkit.eval.metrics.compute_metrics`, ``metrics.json`` holds ``ci95`` (percentile bootstrap over
+    patients, seeded), ``ece`` (after the run's temperature scaling), ``temperature`` and the ``reliability`` curve.
 
     Returns:
-        The metrics and the folder holding ``metrics.json`` and ``predictions.csv``.
+        The metrics and the folder holding ``metrics.json``, ``predictions.csv`` and the figures.
     """
+    from cxrkit.eval.bootstrap import bootstrap_ci
+    from cxrkit.eval.calibration import expected_calibration_error, reliability_curve
     from cxrkit.eval.metrics import compute_metrics
 
     ds, ds_name, external = select_data(predictor, data, split)
@@ -89,7 +94,15 @@ def evaluate_run(
         raise CxrError(f"nothing to evaluate: the {split} split of {ds_name} is empty")
     targets = mapped_targets(ds, predictor.labels, label_map)
     probs = predictor.predict_dataset(ds, batch_size, console)
-    metrics = compute_metrics(predictor.task, predictor.labels, targets, probs, threshold=predictor.threshold)
+    task, labels, threshold = predictor.task, predictor.labels, predictor.threshold
+    metrics = compute_metrics(task, labels, targets, probs, threshold=threshold)
+    patients = np.asarray([it.patient for it in ds.items])
+    reliability = reliability_curve(task, targets, probs)
+    metrics.update({
+        "ci95": bootstrap_ci(task, labels, targets, probs, threshold=threshold, groups=patients, seed=0),
+        "ece": expected_calibration_error(task, targets, probs), "temperature": predictor.temperature,
+        "threshold_method": predictor.labels_info.get("threshold_method", "default"), "reliability": reliability,
+    })
     metrics.update({
         "run": predictor.run.name, "checkpoint": predictor.checkpoint, "dataset": ds_name, "split": split,
         "external": external, "data": str(data or predictor.recipe.data.root or predictor.recipe.data.name),
@@ -101,4 +114,7 @@ def evaluate_run(
     atomic_write_json(out / "metrics.json", metrics)
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
     atomic_write_text(out / "predictions.csv", csv_text(rows))
+    from cxrkit.eval.plots import write_eval_figures
+
+    write_eval_figures(out, task, labels, targets, probs, metrics, reliability)
     return metrics, out

@@ -59,6 +59,19 @@ class Predictor:
     def threshold(self) -> float | None:
         return self.labels_info.get("threshold")
 
+    @property
+    def temperature(self) -> float:
+        """Temperature fitted on the validation split (1.0 before calibration)."""
+        return float(self.labels_info.get("temperature") or 1.0)
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """Apply the run's temperature, so probabilities mean what they say."""
+        if self.temperature == 1.0:
+            return probs
+        from cxrkit.eval.calibration import apply_temperature
+
+        return apply_temperature(self.task, probs, self.temperature)
+
     def decide(self, probs: np.ndarray) -> list[str]:
         """Labels from probabilities: the positive class at the run's threshold (binary), the most probable class
         (multi-class) or every label over its threshold joined by ``|`` (multi-label)."""
@@ -70,16 +83,17 @@ class Predictor:
             return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) or "none" for p in probs]
         return [self.labels[int(i)] for i in probs.argmax(1)]
 
-    def predict_dataset(self, ds: LabelledImages, batch_size: int = 64, console: Any = None) -> np.ndarray:
-        """Probabilities ``[n, labels]`` for every item of ``ds``, in order."""
+    def predict_dataset(self, ds: LabelledImages, batch_size: int = 64, console: Any = None,
+                        calibrated: bool = True) -> np.ndarray:
+        """Probabilities ``[n, labels]`` for every item of ``ds``, in order (temperature-scaled unless
+        ``calibrated`` is False)."""
         loader = pipeline.make_loader(ds, self.transform, batch_size, self.runtime)
-        progress = make_progress(console, enabled=console is not None) if console is not None else None
-        if progress is None:
+        if console is None:
             _, probs, _, _ = predict(self.model, loader, self.runtime, self.task)
-            return probs
-        with progress:
-            _, probs, _, _ = predict(self.model, loader, self.runtime, self.task, progress, "predict")
-        return probs
+        else:
+            with make_progress(console) as progress:
+                _, probs, _, _ = predict(self.model, loader, self.runtime, self.task, progress, "predict")
+        return self.calibrate(probs) if calibrated else probs
 
     @torch.no_grad()
     def predict_images(self, images: list[Any]) -> np.ndarray:
@@ -87,7 +101,7 @@ class Predictor:
         x = self.runtime.to_device(torch.stack([self.transform(im) for im in images]))
         with self.runtime.autocast():
             logits = self.model(x)
-        return probabilities(self.task, logits).cpu().numpy()
+        return self.calibrate(probabilities(self.task, logits).cpu().numpy())
 
     def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
         """Predict files in batches; unreadable files yield a :class:`Prediction` with ``error`` set."""

@@ -29,6 +29,22 @@ def run_is_complete(run: Run) -> bool:
     return run.load_checkpoint("last")["stage"] >= stages
 
 
+def calibrate_after_training(run: Run, runtime: Runtime, console: Console) -> None:
+    """Fit the temperature and the binary operating threshold on the validation split (rank 0, one process)."""
+    import dataclasses
+
+    from cxrkit.eval.calibrate import calibrate_run
+    from cxrkit.serve.predictor import Predictor
+
+    single = dataclasses.replace(runtime, rank=0, world_size=1)
+    info = calibrate_run(Predictor(run, runtime=single))
+    parts = [f"temperature {info['temperature']:.3f}",
+             f"val ECE {info['val_ece_before']:.4f} -> {info['val_ece_after']:.4f}"]
+    if info.get("threshold") is not None:
+        parts.append(f"threshold {info['threshold']:.4f} ({info['threshold_method']})")
+    console.print("calibrated on the validation split: " + ", ".join(parts), highlight=False)
+
+
 def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, console: Console | None = None,
                  run: Run | None = None) -> Run:
     """Train ``recipe`` into a new run directory (or into ``run``), or continue the interrupted run ``resume``.
@@ -57,6 +73,8 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
             console.print(f"run {run.path}\n{trainer.data.spec.name}: {len(trainer.data.train)} train, "
                           f"{len(trainer.data.val)} val images; {runtime.describe()}", highlight=False)
         trainer.fit(resume=last)
+        if runtime.is_main and len(trainer.data.val):
+            calibrate_after_training(run, runtime, console)
     finally:
         shutdown(runtime)
     return run

@@ -1,0 +1,38 @@
+"""``cxr calibrate``: refit the temperature and choose the operating threshold on the validation split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def calibrate(
+    run: Path = typer.Argument(..., help="Run directory"),
+    target_sensitivity: Optional[float] = typer.Option(
+        None, "--target-sensitivity", help="Highest threshold whose validation sensitivity reaches this, e.g. 0.95"),
+    method: str = typer.Option("youden", "--method", help="youden or sensitivity"),
+    temperature: bool = typer.Option(True, "--temperature/--no-temperature", help="Fit temperature scaling"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+) -> None:
+    """Calibrate a run on its validation split (never on test); updates RUN/labels.json.
+
+    `cxr train` does this with Youden's J after training; run it again to pick another operating point.
+    """
+    import json
+
+    from rich.console import Console
+
+    from cxrkit.errors import CxrError
+    from cxrkit.eval.calibrate import calibrate_run
+    from cxrkit.serve.predictor import Predictor
+
+    if method not in ("youden", "sensitivity"):
+        raise CxrError(f"--method {method!r} is not youden or sensitivity")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise CxrError(f"--target-sensitivity {target_sensitivity} is not in (0, 1]")
+    console = Console(stderr=True, soft_wrap=True)
+    info = calibrate_run(Predictor(run, checkpoint=checkpoint), method, target_sensitivity, temperature, console)
+    keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after")
+    print(json.dumps({k: info.get(k) for k in keys}, indent=2))

@@ -1,0 +1,213 @@
+"""The leaderboard of a comparison, rebuilt from the cells' files: one row per cell, like the studies' tables.
+
+Columns: cell, status, backbone, weights, the other axes that vary, first-epoch train loss and val accuracy, best
+val accuracy, accuracy / F1 (macro) / AUC on the evaluated split (with their 95% intervals when ``metrics.json``
+has ``ci95``), training time (train + validation seconds of every epoch) and trainable / total parameters of the
+last stage. Written as ``leaderboard.csv`` (raw numbers), ``leaderboard.md`` and ``leaderboard.html``, with the
+training curves of every cell in ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxrkit.compare.render import Column, columns_for, html_report, markdown_report, seed_summary
+from cxrkit.runs import Run, atomic_write_text, csv_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from cxrkit.compare.runner import Plan
+    from cxrkit.compare.spec import Cell
+
+ALWAYS = ("backbone", "weights")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def confidence_interval(metrics: dict[str, Any], key: str) -> tuple[float, float] | None:
+    """``(low, high)`` of ``metrics["ci95"][key]`` given as ``[low, high]`` or ``{low, high}`` (or lower/upper)."""
+    ci = (metrics.get("ci95") or {}).get(key) if isinstance(metrics.get("ci95"), dict) else None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        low, high = ci
+    elif isinstance(ci, dict):
+        low = next((ci[k] for k in ("low", "lower", "lo") if k in ci), None)
+        high = next((ci[k] for k in ("high", "upper", "hi") if k in ci), None)
+    else:
+        return None
+    low, high = _number(low), _number(high)
+    return None if low is None or high is None else (low, high)
+
+
+def training_scores(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """First-epoch train loss and val accuracy, best val accuracy, epochs and seconds from ``metrics.csv`` rows."""
+    if not rows:
+        return {}
+    accuracies = [a for a in (_number(r.get("val_accuracy")) for r in rows) if a is not None]
+    seconds = sum((_number(r.get("train_seconds")) or 0.0) + (_number(r.get("val_seconds")) or 0.0) for r in rows)
+    return {
+        "epochs": len(rows),
+        "first_epoch_train_loss": _number(rows[0].get("train_loss")),
+        "first_epoch_val_accuracy": _number(rows[0].get("val_accuracy")),
+        "best_val_accuracy": max(accuracies) if accuracies else None,
+        "training_seconds": round(seconds, 1),
+    }
+
+
+def evaluation_scores(metrics: dict[str, Any], split: str) -> dict[str, Any]:
+    """Accuracy, macro F1 and AUC of one evaluation (and their 95% intervals when present)."""
+    out: dict[str, Any] = {}
+    for key in ("accuracy", "f1_macro", "auc"):
+        out[f"{split}_{key}"] = _number(metrics.get(key))
+        ci = confidence_interval(metrics, key)
+        if ci is not None:
+            out[f"{split}_{key}_ci95_low"], out[f"{split}_{key}_ci95_high"] = ci
+    if "n" in metrics:
+        out[f"{split}_images"] = metrics["n"]
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    """``3h 02m``, ``12m 05s`` or ``42s``."""
+    if seconds is None:
+        return "-"
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def _parameters(plan: Plan, cell: Cell, run: Run, info: dict[str, Any]) -> dict[str, Any] | None:
+    from cxrkit.compare.runner import count_parameters
+
+    params = info.get("params")
+    if params is None and run.file("labels.json").is_file() and run.file("recipe.yaml").is_file():
+        try:
+            params = count_parameters(run)
+        except Exception:  # noqa: BLE001 - a backbone that cannot be built leaves the counts empty
+            return None
+    return params
+
+
+def cell_row(plan: Plan, cell: Cell, varying: list[str]) -> dict[str, Any]:
+    """The leaderboard row of one cell, from its run directory."""
+    from cxrkit.compare.runner import cell_status, read_cell_info
+
+    run = Run(plan.cell_dir(cell))
+    info = read_cell_info(run.path)
+    split = plan.spec.evaluate.split
+    row: dict[str, Any] = {"cell": cell.id, "status": cell_status(plan, cell),
+                           "backbone": cell.recipe.model.backbone, "weights": cell.recipe.model.weights}
+    row.update({axis: cell.labels[axis] for axis in varying})
+    row.update(training_scores(run.read_metrics()))
+    metrics_path = run.path / "eval" / plan.eval_name / "metrics.json"
+    if metrics_path.is_file():
+        row.update(evaluation_scores(json.loads(metrics_path.read_text()), split))
+    row["training_time"] = format_duration(row.get("training_seconds"))
+    params = _parameters(plan, cell, run, info) if row["status"] != "new" else None
+    row["trainable_params"] = params.get("trainable") if params else None
+    row["total_params"] = params.get("total") if params else None
+    row["error"] = info.get("error") if row["status"] == "failed" else None
+    return row
+
+
+def varying_axes(plan: Plan) -> list[str]:
+    """Axes with more than one value, other than backbone and weights (always shown)."""
+    return [axis.name for axis in plan.spec.matrix if len(axis.values) > 1 and axis.name not in ALWAYS]
+
+
+def sort_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Finished cells by ``key`` descending; then cells without that score, in spec order."""
+    scored = [r for r in rows if r["status"] == "done" and r.get(key) is not None]
+    rest = [r for r in rows if r not in scored]
+    return sorted(scored, key=lambda r: -r[key]) + rest
+
+
+def leaderboard_rows(plan: Plan) -> list[dict[str, Any]]:
+    """Every cell's row, sorted by the spec's ``sort`` key (on the evaluated split)."""
+    varying = varying_axes(plan)
+    rows = [cell_row(plan, cell, varying) for cell in plan.cells]
+    split = plan.spec.evaluate.split
+    key = plan.spec.sort.replace("test_", f"{split}_", 1) if plan.spec.sort.startswith("test_") else plan.spec.sort
+    return sort_rows(rows, key)
+
+
+def split_fingerprints(plan: Plan) -> dict[str, str]:
+    """SHA-256 (first 12 hex digits) of each trained cell's ``splits.csv``: equal when cells share a split."""
+    out = {}
+    for cell in plan.cells:
+        path = plan.cell_dir(cell) / "splits.csv"
+        if path.is_file():
+            out[cell.id] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return out
+
+
+def _plot_curves(plan: Plan, path: Path, console: Console | None) -> bool:
+    """``curves.png``: every cell's loss and accuracy per epoch (``cxrkit.eval.plots``); False when unavailable."""
+    try:
+        from cxrkit.eval.plots import plot_training_curves
+    except ImportError:
+        if console is not None:
+            console.print("curves.png skipped: cxrkit.eval.plots.plot_training_curves is not available")
+        return False
+    runs = {}
+    for cell in plan.cells:
+        rows = Run(plan.cell_dir(cell)).read_metrics()
+        if rows:
+            runs[cell.id] = [{k: _number(v) if _number(v) is not None else v for k, v in r.items()} for r in rows]
+    if not runs:
+        path.unlink(missing_ok=True)
+        return False
+    plot_training_curves(runs, path, metrics=("loss", "accuracy"), title=f"{plan.spec.name}: training curves")
+    return path.is_file()
+
+
+def write_leaderboard(plan: Plan, console: Console | None = None) -> Path:
+    """Write ``leaderboard.{csv,md,html}`` and ``curves.png`` from the cells' files; print the table.
+
+    Returns:
+        The path of ``leaderboard.csv``.
+    """
+    rows = leaderboard_rows(plan)
+    columns: list[Column] = columns_for(rows, varying_axes(plan), plan.spec.evaluate.split)
+    csv_columns = ["cell", "status", *ALWAYS, *varying_axes(plan)]
+    csv_columns += [k for r in rows for k in r if k not in csv_columns]
+    csv_columns = list(dict.fromkeys(csv_columns))
+    plan.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan.root / "leaderboard.csv", csv_text(rows, csv_columns))
+    fingerprints = split_fingerprints(plan)
+    summary = seed_summary(rows, plan, columns) if "seed" in varying_axes(plan) else None
+    atomic_write_text(plan.root / "leaderboard.md", markdown_report(plan, rows, columns, fingerprints, summary))
+    curves = _plot_curves(plan, plan.root / "curves.png", console)
+    html = html_report(plan, rows, columns, fingerprints, summary, plan.root / "curves.png" if curves else None)
+    atomic_write_text(plan.root / "leaderboard.html", html)
+    if console is not None:
+        _print_table(console, plan, rows, columns, fingerprints)
+    return plan.root / "leaderboard.csv"
+
+
+def _print_table(console: Console, plan: Plan, rows: list[dict[str, Any]], columns: list[Column],
+                 fingerprints: dict[str, str]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{plan.spec.name}: {len(rows)} cells, sorted by {plan.spec.sort}")
+    columns = [c for c in columns if not c.key.startswith("first_epoch")]  # the files have them; keep this narrow
+    for column in columns:
+        short = column.key in ("cell", "error")
+        table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=short,
+                         max_width=48 if column.key == "error" else None, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*(column.text(row) for column in columns))
+    console.print(table)
+    if len(set(fingerprints.values())) > 1:
+        console.print("[yellow]warning: the cells do not all share one split (splits.csv differs)[/]")

@@ -1,0 +1,61 @@
+"""Calibrate a run on its validation split, never on test: temperature scaling and the operating threshold.
+
+The results go into the run's ``labels.json`` (``temperature``, ``threshold``, ``threshold_method``), which
+``cxr evaluate``, ``cxr predict`` and the service read, so every consumer of the run uses the same calibrated
+probabilities and the same decision rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cxrkit.errors import CxrError
+from cxrkit.serve.predictor import Predictor
+
+
+def calibrate_run(
+    predictor: Predictor, method: str = "youden", target_sensitivity: float | None = None,
+    temperature: bool = True, console: Any = None,
+) -> dict[str, Any]:
+    """Fit the temperature and choose the binary threshold on the run's validation split; update ``labels.json``.
+
+    Args:
+        predictor: the run, loaded.
+        method: ``youden`` (maximise sensitivity + specificity - 1) or ``sensitivity`` (the highest threshold that
+            reaches ``target_sensitivity``).
+        target_sensitivity: e.g. 0.95; implies ``method="sensitivity"``.
+        temperature: fit a temperature (else keep 1.0).
+        console: a rich console for progress, or None.
+
+    Returns:
+        The updated ``labels.json`` content.
+    """
+    from cxrkit.eval.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    from cxrkit.eval.evaluate import mapped_targets, select_data
+    from cxrkit.eval.metrics import choose_threshold
+
+    if target_sensitivity is not None:
+        method = "sensitivity"
+    if method == "sensitivity" and target_sensitivity is None:
+        raise CxrError("threshold method 'sensitivity' needs a target sensitivity, e.g. --target-sensitivity 0.95")
+    info = dict(predictor.labels_info)
+    try:
+        ds, _, _ = select_data(predictor, None, "val")
+    except CxrError:
+        raise CxrError(f"run {predictor.run.path} has no validation split to calibrate on") from None
+    targets = mapped_targets(ds, predictor.labels, None)
+    raw = predictor.predict_dataset(ds, console=console, calibrated=False)
+    t = fit_temperature(predictor.task, targets, raw) if temperature else 1.0
+    probs = apply_temperature(predictor.task, raw, t)
+    info.update({
+        "temperature": float(t), "calibrated_on": "val", "calibration_images": len(ds),
+        "val_ece_before": expected_calibration_error(predictor.task, targets, raw),
+        "val_ece_after": expected_calibration_error(predictor.task, targets, probs),
+    })
+    if predictor.task == "binary":
+        threshold = choose_threshold(targets, probs[:, 1], method=method, target_sensitivity=target_sensitivity)
+        info["threshold"] = float(threshold)
+        info["threshold_method"] = (f"sensitivity>={target_sensitivity:g}" if method == "sensitivity" else method)
+    predictor.run.write_json("labels.json", info)
+    predictor.labels_info = info
+    return info

@@ -1,0 +1,176 @@
+"""cxr compare end to end on tiny synthetic data: a 2x2 matrix, interrupted and resumed, leaderboards, re-runs that
+train nothing, a failing cell, --dry-run and --only."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import typer
+from synth import kermany_folder
+from typer.testing import CliRunner
+
+import cxrkit.train.api
+import cxrkit.train.fit
+from cxrkit.cli.compare import compare
+from cxrkit.compare import plan_comparison, run_comparison
+from cxrkit.compare.leaderboard import evaluation_scores, format_duration
+from cxrkit.compare.render import Column
+from cxrkit.errors import CxrError
+
+from .helpers import write_spec
+
+CELLS = ["head-only-s0", "head-only-s1", "two-stage-s0", "two-stage-s1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return kermany_folder(tmp_path_factory.mktemp("xray"), per_class=12, size=32)
+
+
+class Calls:
+    """Counts train_recipe calls (new and resumed) made by the runner."""
+
+    def __init__(self, monkeypatch):
+        self.new, self.resumed = [], []
+        real = cxrkit.train.api.train_recipe
+
+        def counting(recipe=None, resume=None, console=None, run=None):
+            (self.resumed if resume is not None else self.new).append((resume or run).path.name)
+            return real(recipe, resume=resume, console=console, run=run)
+
+        monkeypatch.setattr(cxrkit.train.api, "train_recipe", counting)
+
+
+@pytest.fixture(scope="module")
+def compared(data, tmp_path_factory):
+    """The 2x2 comparison, killed (KeyboardInterrupt) in the second epoch of two-stage-s0, then run again."""
+    folder = tmp_path_factory.mktemp("compare")
+    spec = write_spec(folder / "specs", data)
+    out = folder / "out"
+    epochs = {"n": 0}
+    real_epoch = cxrkit.train.fit.Trainer._run_epoch
+
+    def interrupting(self, *args, **kwargs):
+        epochs["n"] += 1
+        if epochs["n"] == 4:  # head-only-s0, head-only-s1, two-stage-s0 stage 1, then stage 2: killed
+            raise KeyboardInterrupt
+        return real_epoch(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cxrkit.train.fit.Trainer, "_run_epoch", interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            run_comparison(spec, out)
+    plan = plan_comparison(spec, out)
+    from cxrkit.compare import cell_status
+
+    states = {c.id: cell_status(plan, c) for c in plan.cells}
+    with pytest.MonkeyPatch.context() as mp:
+        calls = Calls(mp)
+        leaderboard = run_comparison(spec, out)
+    return {"spec": spec, "out": out, "root": out / "tiny", "leaderboard": leaderboard, "before": states,
+            "calls": calls}
+
+
+def test_interrupted_cell_is_resumed_and_the_rest_run(compared):
+    assert compared["before"] == {"head-only-s0": "done", "head-only-s1": "done", "two-stage-s0": "incomplete",
+                                  "two-stage-s1": "new"}
+    assert compared["calls"].resumed == ["two-stage-s0"] and compared["calls"].new == ["two-stage-s1"]
+    rows = list(csv.DictReader((compared["root"] / "cells" / "two-stage-s0" / "metrics.csv").open()))
+    assert [(r["epoch"], r["stage"]) for r in rows] == [("1", "1"), ("2", "2")]
+
+
+def test_leaderboard_files_one_row_per_cell(compared):
+    root = compared["root"]
+    assert compared["leaderboard"] == root / "leaderboard.csv"
+    rows = list(csv.DictReader(compared["leaderboard"].open()))
+    assert sorted(r["cell"] for r in rows) == CELLS
+    for column in ("cell", "status", "backbone", "weights", "strategy", "seed", "first_epoch_train_loss",
+                   "first_epoch_val_accuracy", "best_val_accuracy", "test_accuracy", "test_f1_macro", "test_auc",
+                   "training_seconds", "training_time", "trainable_params", "total_params"):
+        assert column in rows[0], column
+    assert {r["status"] for r in rows} == {"done"} and {r["backbone"] for r in rows} == {"mobilenet_v3_small"}
+    aucs = [float(r["test_auc"]) for r in rows]
+    assert aucs == sorted(aucs, reverse=True)
+    by_cell = {r["cell"]: r for r in rows}
+    assert int(by_cell["head-only-s0"]["trainable_params"]) < int(by_cell["two-stage-s0"]["trainable_params"])
+    assert by_cell["head-only-s0"]["total_params"] == by_cell["two-stage-s0"]["total_params"]
+    markdown = (root / "leaderboard.md").read_text()
+    assert markdown.count("\n| ") >= 1 + 4 and "## Mean ± SD over seeds" in markdown
+    html = (root / "leaderboard.html").read_text()
+    assert "a &lt;tiny&gt; comparison &amp; test" in html and "<tiny>" not in html
+    assert all(cell in html for cell in CELLS) and "<style>" in html
+    spec = json.loads((root / "comparison.json").read_text())
+    assert [c["id"] for c in spec["cells"]] == CELLS and spec["spec"]["evaluate"]["split"] == "test"
+
+
+def test_curves_png(compared):
+    pytest.importorskip("cxrkit.eval.plots")
+    assert (compared["root"] / "curves.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (compared["root"] / "leaderboard.html").read_text()
+
+
+def test_every_cell_shares_one_split(compared):
+    splits = {(compared["root"] / "cells" / c / "splits.csv").read_text() for c in CELLS}
+    assert len(splits) == 1
+    assert "share one split" in (compared["root"] / "leaderboard.md").read_text()
+
+
+def test_second_run_trains_nothing(compared, monkeypatch):
+    cells = compared["root"] / "cells"
+    stamps = {p: p.stat().st_mtime_ns for p in cells.glob("*/checkpoints/*.pt")}
+    calls = Calls(monkeypatch)
+    run_comparison(compared["spec"], compared["out"])
+    assert calls.new == [] and calls.resumed == []
+    assert {p: p.stat().st_mtime_ns for p in cells.glob("*/checkpoints/*.pt")} == stamps
+
+
+def test_unevaluated_cell_is_evaluated_without_training(compared, monkeypatch):
+    evaluated = compared["root"] / "cells" / "head-only-s1" / "eval" / "compare-test"
+    shutil.rmtree(evaluated)
+    calls = Calls(monkeypatch)
+    run_comparison(compared["spec"], compared["out"], only=["head-only-s1"])
+    assert calls.new == [] and calls.resumed == []
+    assert (evaluated / "metrics.json").is_file()
+
+
+def test_changed_spec_refuses_to_mix_results(compared):
+    with pytest.raises(CxrError, match="trained with a different recipe .*stages.0.lr"):
+        run_comparison(compared["spec"], compared["out"], overrides=["stages.0.lr=0.5"])
+
+
+def _app():
+    app = typer.Typer()
+    app.command()(compare)
+    return app
+
+
+def test_dry_run_lists_cells_and_trains_nothing(compared, tmp_path):
+    result = CliRunner().invoke(_app(), [str(compared["spec"]), "--dry-run", "--out", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == CELLS
+    assert not (tmp_path / "none").exists()
+    result = CliRunner().invoke(_app(), [str(compared["spec"]), "--dry-run", "--only", "s1"])
+    assert result.stdout.split() == ["head-only-s1", "two-stage-s1"]
+
+
+def test_failing_cell_is_reported_and_the_others_run(data, tmp_path):
+    matrix = {"backbone": ["no_such_net", "mobilenet_v3_small"]}
+    spec = write_spec(tmp_path / "specs", data, name="failing", matrix=matrix)
+    result = CliRunner().invoke(_app(), [str(spec), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    leaderboard = result.stdout.strip().splitlines()[-1]
+    rows = {r["cell"]: r for r in csv.DictReader(open(leaderboard))}
+    assert rows["no_such_net"]["status"] == "failed"
+    assert rows["no_such_net"]["error"].startswith("unknown backbone 'no_such_net'")
+    assert rows["mobilenet_v3_small"]["status"] == "done" and rows["mobilenet_v3_small"]["test_auc"]
+    assert list(rows) == ["mobilenet_v3_small", "no_such_net"]  # finished cells first
+    assert "unknown backbone" in (tmp_path / "out" / "failing" / "leaderboard.html").read_text()
+
+
+def test_confidence_intervals_and_formats():
+    scores = evaluation_scores({"accuracy": 0.9, "f1_macro": 0.8, "auc": 0.95, "n": 40,
+                                "ci95": {"accuracy": [0.85, 0.94], "auc": None, "method": {}}}, "test")
+    assert scores["test_accuracy_ci95_low"] == 0.85 and "test_auc_ci95_low" not in scores
+    assert Column("test_accuracy", "ci", "ci").text(scores) == "0.850–0.940"
+    assert [format_duration(s) for s in (42, 725, 10_920)] == ["42s", "12m 05s", "3h 02m"]

@@ -1,0 +1,97 @@
+"""Comparison specs: parsing, cells, overrides, clear errors; the shipped specs load. No training here."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from .helpers import write_spec
+
+from cxrkit.compare.spec import comparison_from_dict, expand_cells, load_comparison
+from cxrkit.errors import CxrError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cells(tmp_path, matrix, **extra):
+    return expand_cells(load_comparison(write_spec(tmp_path / "specs", tmp_path / "data", matrix=matrix, **extra)))
+
+
+def test_two_by_two_matrix_ids_and_overrides(tmp_path):
+    cells = _cells(tmp_path, None)
+    assert [c.id for c in cells] == ["head-only-s0", "head-only-s1", "two-stage-s0", "two-stage-s1"]
+    two = cells[3].recipe
+    assert [(s.trainable, s.epochs) for s in two.stages] == [("head", 1), ("all", 1)]
+    assert two.stages[0].lr == pytest.approx(1e-3) and two.stages[1].lr == pytest.approx(1e-4)  # YAML 1e-3 floats
+    assert cells[0].recipe.stages[0].lr == pytest.approx(1e-3)
+    assert two.seed == 1 and two.data.split.seed == 0  # the seed axis never moves the split
+    assert two.model.backbone == "mobilenet_v3_small" and two.model.image_size == 32
+    assert cells[3].labels == {"strategy": "two-stage", "seed": "1"}
+
+
+def test_shorthands_dotted_axes_and_mapping_merges(tmp_path):
+    matrix = {
+        "backbone": ["densenet121"], "weights": ["imagenet", "none"],
+        "stages.1.trainable": ["from:features.denseblock4", "from:features.denseblock3"],
+        "tweak": {"wide": {"model": {"hidden": [64]}, "stages.0.epochs": 2}},
+    }
+    cells = _cells(tmp_path, matrix)
+    assert [c.id for c in cells] == [
+        "densenet121-imagenet-from-features.denseblock4-wide", "densenet121-imagenet-from-features.denseblock3-wide",
+        "densenet121-none-from-features.denseblock4-wide", "densenet121-none-from-features.denseblock3-wide",
+    ]
+    recipe = cells[1].recipe
+    assert recipe.stages[1].trainable == "from:features.denseblock3"
+    assert recipe.stages[0].epochs == 2 and recipe.model.hidden == [64]
+    assert recipe.model.image_size == 32  # the nested mapping merged; it did not replace model
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"matrx": {}}, "unknown comparison key 'matrx'.*did you mean matrix"),
+        ({"evaluate": {"splt": "test"}}, "unknown evaluate key 'splt'.*did you mean split"),
+        ({"matrix": {"model.backbon": ["resnet18"]}}, "model.backbon; did you mean model.backbone"),
+        ({"matrix": {"strategy": {"x": ["stages.0.trainable=top14"]}}}, "cell x: .*top:N"),
+        ({"matrix": {"seed": []}}, "matrix axis seed must be a non-empty list"),
+        ({"sort": "speed"}, "sort 'speed' is not one of"),
+        ({"recipe": "missing.yaml"}, "recipe missing.yaml does not exist"),
+        ({"matrix": {"a": {"x-y": ["seed=1"], "x": ["seed=2"]}, "b": {"z": [], "y-z": []}}}, None),
+    ],
+)
+def test_spec_mistakes_are_one_line_errors(tmp_path, change, message):
+    base = yaml.safe_load(write_spec(tmp_path, tmp_path / "data").read_text())
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump({**base, **change}))
+    if message is None:  # x-y + z and x + y-z: two cells with one id
+        with pytest.raises(CxrError, match="two cells are both named x-y-z"):
+            expand_cells(load_comparison(path))
+        return
+    with pytest.raises(CxrError, match=message) as err:
+        expand_cells(load_comparison(path))
+    assert "\n" not in str(err.value)
+
+
+def test_recipe_path_is_found_from_a_parent_folder(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "r.yaml").write_text("name: r\nseed: 3\n")
+    (tmp_path / "comparisons").mkdir()
+    spec = tmp_path / "comparisons" / "c.yaml"
+    spec.write_text("recipe: recipes/r.yaml\nmatrix: {seed: [4]}\n")
+    monkeypatch.chdir(tmp_path / "comparisons")
+    loaded = load_comparison(spec)
+    assert loaded.name == "c" and loaded.recipe == tmp_path / "recipes" / "r.yaml"
+    assert [c.id for c in expand_cells(loaded)] == ["s4"]
+
+
+def test_no_matrix_is_one_base_cell():
+    cells = expand_cells(comparison_from_dict({"name": "single"}))
+    assert [c.id for c in cells] == ["base"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "comparisons").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_specs_resolve(path):
+    spec = load_comparison(path)
+    cells = expand_cells(spec)
+    assert spec.name == path.stem and len(cells) >= 4
+    assert len({c.recipe.data.split.seed for c in cells}) == 1
+    assert all("${CXR_DATA_DIR}" in (c.recipe.data.root or str(c.recipe.data.sources)) for c in cells)
