@@ -70,6 +70,7 @@ def test_external_validation_maps_labels_by_name(tmp_path):
     kermany_folder(tmp_path / "kermany", per_class=8, size=32)
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "kermany"), "--out", str(tmp_path / "r"),
                                       *TINY])
+    assert result.exit_code == 0, result.output
     run = result.stdout.strip().splitlines()[-1]
     covid_like(tmp_path / "covid", per_class=4, size=32)
     unmapped = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid")])

@@ -46,6 +46,8 @@ def test_train_writes_a_complete_run(trained):
     assert [r["stage"] for r in rows] == ["1", "2"]
     labels = json.loads((trained / "labels.json").read_text())
     assert labels["labels"] == ["NORMAL", "PNEUMONIA"] and labels["positive"] == "PNEUMONIA"
+    assert labels["calibrated_on"] == "val" and labels["temperature"] > 0  # fitted on validation, never on test
+    assert 0 <= labels["threshold"] <= 1 and labels["threshold_method"]
     splits = list(csv.DictReader((trained / "splits.csv").open()))
     by_patient: dict[str, set] = {}
     for row in splits:
@@ -61,6 +63,13 @@ def test_evaluate_writes_the_metrics_schema(trained):
                 "specificity", "threshold"):
         assert key in metrics, key
     assert metrics["task"] == "binary" and metrics["n"] == sum(map(sum, metrics["confusion_matrix"]))
+    for key in ("accuracy", "auc", "sensitivity", "specificity"):
+        assert key in metrics["ci95"]
+    assert metrics["ci95"]["method"]["resampled"] == "patients"
+    assert 0 <= metrics["ece"] <= 1 and metrics["temperature"] > 0
+    out = Path(result.stdout.strip().splitlines()[-1]).parent
+    for figure in ("roc.png", "pr.png", "confusion.png", "reliability.png", "output_distribution.png"):
+        assert (out / figure).stat().st_size > 1000, figure
 
 
 def test_predict_formats_and_bad_files(trained, data, tmp_path):

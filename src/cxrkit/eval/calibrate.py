@@ -15,7 +15,7 @@ from cxrkit.serve.predictor import Predictor
 
 def calibrate_run(
     predictor: Predictor, method: str = "youden", target_sensitivity: float | None = None,
-    temperature: bool = True, console: Any = None,
+    temperature: bool = True, console: Any = None, strict_threshold: bool = True,
 ) -> dict[str, Any]:
     """Fit the temperature and choose the binary threshold on the run's validation split; update ``labels.json``.
 
@@ -26,6 +26,7 @@ def calibrate_run(
         target_sensitivity: e.g. 0.95; implies ``method="sensitivity"``.
         temperature: fit a temperature (else keep 1.0).
         console: a rich console for progress, or None.
+        strict_threshold: raise when no threshold can be chosen; else keep 0.5 and say why in ``threshold_method``.
 
     Returns:
         The updated ``labels.json`` content.
@@ -53,9 +54,15 @@ def calibrate_run(
         "val_ece_after": expected_calibration_error(predictor.task, targets, probs),
     })
     if predictor.task == "binary":
-        threshold = choose_threshold(targets, probs[:, 1], method=method, target_sensitivity=target_sensitivity)
-        info["threshold"] = float(threshold)
-        info["threshold_method"] = (f"sensitivity>={target_sensitivity:g}" if method == "sensitivity" else method)
+        try:
+            threshold = choose_threshold(targets, probs[:, 1], method=method, target_sensitivity=target_sensitivity)
+        except CxrError as err:  # e.g. a tiny validation split holding one class
+            if strict_threshold:
+                raise
+            info["threshold"], info["threshold_method"] = 0.5, f"default (not chosen: {err})"
+        else:
+            info["threshold"] = float(threshold)
+            info["threshold_method"] = (f"sensitivity>={target_sensitivity:g}" if method == "sensitivity" else method)
     predictor.run.write_json("labels.json", info)
     predictor.labels_info = info
     return info

@@ -72,7 +72,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-
 def _floats(values: Sequence[Any]) -> np.ndarray:
     """Numbers from numbers or strings; blanks, ``None`` and junk become NaN."""
 
@@ -166,20 +165,27 @@ def training_curves_figure(runs: Mapping[str, list[dict]], metrics: Sequence[str
         for i, (name, rows) in enumerate(runs.items()):
             epochs = _epochs(rows)
             for j, (phase, values) in enumerate(_curve_series(rows, metric)):
-                colour = f"C{j}" if single else f"C{i % 10}"
+                colour = (f"C{j}" if phase else "C2") if single else f"C{i % 10}"
                 style = "-" if single or phase != "val" else "--"
                 label = (phase or metric) if single else f"{name} {phase}".strip()
                 ax.plot(epochs, values, linestyle=style, color=colour, marker="o", markersize=3, label=label)
                 drawn += 1
         _mark_stages(ax, shared_spans)
-        if drawn:  # below the panel, where it hides neither curves nor stage names
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
-        else:
+        if not drawn:
             ax.text(0.5, 0.5, f"no {metric} recorded", transform=ax.transAxes, ha="center", color="0.4")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(metric)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    entries = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    if entries and not single:  # a colour per run, and the line styles once
+        from matplotlib.lines import Line2D
+
+        entries = {name: Line2D([], [], color=f"C{i % 10}") for i, name in enumerate(runs)}
+        entries.update(train=Line2D([], [], color="0.35"), val=Line2D([], [], color="0.35", linestyle="--"))
+    if entries:  # one legend below the panels, where it hides neither curves nor stage names
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncols=min(4, len(entries)),
+                   frameon=False)
     if title:
         fig.suptitle(title)
     return fig
@@ -189,7 +195,6 @@ def plot_training_curves(runs: Mapping[str, list[dict]], path: str | Path,
                          metrics: Sequence[str] = ("loss", "accuracy"), title: str | None = None) -> Path:
     """Writes :func:`training_curves_figure` as a PNG; returns ``path``."""
     return save_figure(training_curves_figure(runs, metrics, title), path)
-
 
 
 def _one_vs_rest(task: str, labels: Sequence[str], y_true: np.ndarray,
@@ -287,7 +292,6 @@ def plot_precision_recall(task: str, labels: Sequence[str], y_true: np.ndarray, 
     return save_figure(precision_recall_figure(task, labels, y_true, probs), path)
 
 
-
 def _row_normalized(matrix: np.ndarray) -> np.ndarray:
     sums = matrix.sum(axis=1, keepdims=True)
     return np.divide(matrix, sums, out=np.zeros_like(matrix, dtype=float), where=sums > 0)
@@ -347,7 +351,6 @@ def plot_confusion_matrix(labels: Sequence[str], matrix: Any, path: str | Path, 
     return save_figure(confusion_matrix_figure(labels, matrix, normalized), path)
 
 
-
 @_styled
 def reliability_figure(curve: Mapping[str, Any], ece: float | None = None) -> Figure:
     """Reliability diagram: accuracy against mean confidence per bin, the diagonal and a histogram of the counts.
@@ -388,7 +391,6 @@ def plot_reliability(curve: Mapping[str, Any], ece: float | None, path: str | Pa
     return save_figure(reliability_figure(curve, ece), path)
 
 
-
 @_styled
 def output_distribution_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
                                threshold: float | None = None) -> Figure:
@@ -403,7 +405,7 @@ def output_distribution_figure(task: str, labels: Sequence[str], y_true: np.ndar
     names = [str(label) for label in labels]
     threshold = None if task == "multiclass" else (0.5 if threshold is None else float(threshold))
     columns = [1] if task == "binary" else list(range(len(names)))
-    fig = _new_figure(len(columns) + 1, ncols=3, panel=(4.2, 3.1))
+    fig = _new_figure(len(columns) + 1, ncols=2 if len(columns) < 4 else 3, panel=(4.2, 3.1))
     bins = np.linspace(0, 1, 21)
     for ax, j in zip(fig.axes, columns):
         if task == "multilabel":
@@ -455,7 +457,6 @@ def plot_output_distribution(labels: Sequence[str], y_true: np.ndarray, probs: n
     if task is None:
         task = "multilabel" if np.ndim(y_true) == 2 else "binary" if len(labels) == 2 else "multiclass"
     return save_figure(output_distribution_figure(task, labels, y_true, probs, threshold), path)
-
 
 
 def write_eval_figures(out_dir: str | Path, task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray,

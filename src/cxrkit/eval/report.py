@@ -124,9 +124,6 @@ def _load_yaml(text: str) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
-# --- figures -----------------------------------------------------------------------------------------------------
-
-
 def _stale(path: Path, *sources: Path) -> bool:
     """True when ``path`` is missing or older than any existing source."""
     if not path.is_file():
@@ -219,7 +216,7 @@ def _figure_grid(figures: list[tuple[str, Path]]) -> str:
     if not figures:
         return '<p class="note">No figures: the run has no training log and no evaluation yet.</p>'
     sizes = [_png_size(path) for _, path in figures]
-    full_row = [width > 1.6 * height for width, height in sizes]
+    full_row = [width > 1.6 * height or width > 800 for width, height in sizes]  # too small at half width
     narrow_run = 0
     for i, wide in enumerate([*full_row, True]):
         if wide and narrow_run % 2:
@@ -231,9 +228,6 @@ def _figure_grid(figures: list[tuple[str, Path]]) -> str:
         for (caption, path), (width, height), wide in zip(figures, sizes, full_row)
     ]
     return '<div class="figs">' + "".join(parts) + "</div>"
-
-
-# --- sections ----------------------------------------------------------------------------------------------------
 
 
 def _e(value: Any) -> str:
