@@ -166,7 +166,6 @@ def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_
 
 def test_predict_dicom_monochrome1_equals_monochrome2(trained, tmp_path):
     import numpy as np
-
     from data.helpers import write_dicom
 
     pixels = (np.random.default_rng(0).random((48, 48)) * 4000).astype(np.uint16)
