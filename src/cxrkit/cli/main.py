@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cxrkit.cli import calibrate, evaluate, models, predict, train
+from cxrkit.cli import calibrate, evaluate, models, predict, report, train
 from cxrkit.errors import CxrError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("calibrate")(calibrate.calibrate)
+app.command("report")(report.report)
 app.command("models")(models.models)
 
 
