@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from .helpers import write_spec
 
 from cxrkit.compare.spec import comparison_from_dict, expand_cells, load_comparison
 from cxrkit.errors import CxrError
+
+from .helpers import write_spec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,10 +20,12 @@ def _print_cells(plan: Plan) -> None:
 
     console = Console(stderr=True, soft_wrap=True)
     table = Table(title=f"{plan.spec.name}: {len(plan.cells)} cells in {plan.root}")
-    for header in ("cell", *(axis.name for axis in plan.spec.matrix), "status"):
+    table.add_column("cell", no_wrap=True)
+    for header in (*(axis.name for axis in plan.spec.matrix), "stages", "status"):
         table.add_column(header)
     for cell in plan.cells:
-        table.add_row(cell.id, *cell.labels.values(), cell_status(plan, cell))
+        stages = ", ".join(f"{s.trainable} x{s.epochs}" for s in cell.recipe.stages)
+        table.add_row(cell.id, *cell.labels.values(), stages, cell_status(plan, cell))
     console.print(table)
     for cell in plan.cells:
         print(cell.id)

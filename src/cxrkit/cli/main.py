@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cxrkit.cli import calibrate, evaluate, models, predict, report, train
+from cxrkit.cli import calibrate, compare, evaluate, models, predict, report, train
 from cxrkit.errors import CxrError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("calibrate")(calibrate.calibrate)
 app.command("report")(report.report)
+app.command("compare")(compare.compare)
 app.command("models")(models.models)
 
 

@@ -87,16 +87,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
-def _parameters(plan: Plan, cell: Cell, run: Run, info: dict[str, Any]) -> dict[str, Any] | None:
+def _parameters(run: Run, info: dict[str, Any]) -> dict[str, Any] | None:
+    """Parameter counts from ``cell.json``, else counted on the run's model (a cell finished before they were kept)."""
     from cxrkit.compare.runner import count_parameters
 
-    params = info.get("params")
-    if params is None and run.file("labels.json").is_file() and run.file("recipe.yaml").is_file():
-        try:
-            params = count_parameters(run)
-        except Exception:  # noqa: BLE001 - a backbone that cannot be built leaves the counts empty
-            return None
-    return params
+    if info.get("params") is None and run.file("labels.json").is_file():
+        return count_parameters(run)
+    return info.get("params")
 
 
 def cell_row(plan: Plan, cell: Cell, varying: list[str]) -> dict[str, Any]:
@@ -114,7 +111,7 @@ def cell_row(plan: Plan, cell: Cell, varying: list[str]) -> dict[str, Any]:
     if metrics_path.is_file():
         row.update(evaluation_scores(json.loads(metrics_path.read_text()), split))
     row["training_time"] = format_duration(row.get("training_seconds"))
-    params = _parameters(plan, cell, run, info) if row["status"] != "new" else None
+    params = _parameters(run, info) if row["status"] == "done" else info.get("params")
     row["trainable_params"] = params.get("trainable") if params else None
     row["total_params"] = params.get("total") if params else None
     row["error"] = info.get("error") if row["status"] == "failed" else None

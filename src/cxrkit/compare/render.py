@@ -30,6 +30,7 @@ class Column:
         return self.kind != "text"
 
     def text(self, row: dict[str, Any]) -> str:
+        """The cell of ``row`` in this column as displayed text (``-`` when missing)."""
         if self.kind == "ci":
             low, high = row.get(f"{self.key}_ci95_low"), row.get(f"{self.key}_ci95_high")
             return "-" if low is None or high is None else f"{low:.3f}–{high:.3f}"

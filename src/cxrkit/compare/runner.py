@@ -26,7 +26,7 @@ from cxrkit.runs import Run, atomic_write_json
 
 # recipe keys that do not change what a cell means: a cell run with other values is still the same cell
 _EXECUTION_KEYS = ("name", "description", "out", "runtime.workers", "runtime.threads", "runtime.device",
-                   "runtime.eval_batch_size", "runtime.cache_features", "runtime.channels_last")
+                   "runtime.precision", "runtime.eval_batch_size", "runtime.cache_features", "runtime.channels_last")
 
 
 @dataclass
@@ -38,10 +38,12 @@ class Plan:
     root: Path
 
     def cell_dir(self, cell: Cell) -> Path:
+        """The cell's run directory, ``<root>/cells/<cell id>``."""
         return self.root / "cells" / cell.id
 
     @property
     def eval_name(self) -> str:
+        """The evaluation folder of every cell: ``eval/compare-<split>``."""
         return f"compare-{self.spec.evaluate.split}"
 
 
@@ -62,12 +64,15 @@ def cell_status(plan: Plan, cell: Cell) -> str:
         return "failed"
     if not run.file("recipe.yaml").is_file():
         return "new"
+    evaluated = run.path / "eval" / plan.eval_name
+    written = [evaluated / "metrics.json", evaluated / "predictions.csv"]
+    if all(p.is_file() for p in written) and run.has_checkpoint("last"):
+        newer = min(p.stat().st_mtime_ns for p in written) >= run.checkpoint_path("last").stat().st_mtime_ns
+        if info.get("status") == "done" and newer:
+            return "done"  # evaluated after its last checkpoint: no need to load that checkpoint again
     if not run_is_complete(run):
         return "incomplete"
-    evaluated = run.path / "eval" / plan.eval_name
-    if (evaluated / "metrics.json").is_file() and (evaluated / "predictions.csv").is_file():
-        return "done"
-    return "trained"
+    return "done" if all(p.is_file() for p in written) else "trained"
 
 
 def read_cell_info(cell_dir: Path) -> dict[str, Any]:
@@ -197,6 +202,7 @@ def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:
 
 
 def write_comparison_json(plan: Plan) -> None:
+    """``comparison.json``: the resolved spec and every cell with its axes, overrides, folder and status."""
     cells = [{**c.to_dict(), "path": str(plan.cell_dir(c)), "status": cell_status(plan, c)} for c in plan.cells]
     atomic_write_json(plan.root / "comparison.json", {"spec": plan.spec.to_dict(), "cells": cells})
 
