@@ -43,6 +43,18 @@ class Column:
         return f"{value:.4f}" if self.kind == "score" else str(value)
 
 
+
+def _shown(path: object) -> str | None:
+    """A path as the reader typed it: relative to the working directory when it lies below it."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    try:
+        return str(Path(str(path)).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
 def columns_for(rows: list[dict[str, Any]], varying: list[str], split: str) -> list[Column]:
     """The displayed columns; status and error only when some cell is not done, intervals only when present."""
     unfinished = any(r["status"] != "done" for r in rows)
@@ -145,7 +157,7 @@ def _intro(plan: Plan, rows: list[dict[str, Any]]) -> list[str]:
     images = f" ({', '.join(str(s) for s in sorted(sizes))} images)" if sizes else ""
     done = sum(r["status"] == "done" for r in rows)
     return [
-        f"Spec: {spec.path or '-'}; base recipe: {spec.recipe or '(defaults)'}.",
+        f"Spec: {_shown(spec.path) or '-'}; base recipe: {_shown(spec.recipe) or '(defaults)'}.",
         f"Evaluated on the {split} split{images} with the {spec.evaluate.checkpoint} checkpoint; "
         f"{done} of {len(rows)} cells done; sorted by {spec.sort}, best first.",
         "Training time is the sum of train and validation seconds over all epochs; parameters are those trainable "

@@ -68,7 +68,7 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
             console.print(f"run {run.path} is already complete")
             return run
         seed_everything(recipe.seed)
-        trainer = Trainer(recipe, run, runtime, console)
+        trainer = Trainer(recipe, run, runtime, console, resuming=last is not None)
         if runtime.is_main:
             console.print(f"run {run.path}\n{trainer.data.spec.name}: {len(trainer.data.train)} train, "
                           f"{len(trainer.data.val)} val images; {runtime.describe()}", highlight=False)

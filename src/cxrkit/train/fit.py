@@ -110,11 +110,12 @@ def _fmt(value: float) -> str:
 class Trainer:
     """Runs the stages of one recipe in one run directory."""
 
-    def __init__(self, recipe: Recipe, run: Run | None, runtime: Runtime, console: Console):
+    def __init__(self, recipe: Recipe, run: Run | None, runtime: Runtime, console: Console, resuming: bool = False):
         self.recipe, self.run, self.runtime, self.console = recipe, run, runtime, console
         self.data = prepare_data(recipe, run, runtime)
         spec = self.data.spec
-        self.model = pipeline.build_model(recipe.model, len(spec.labels))
+        # a resumed run takes every weight from its checkpoint, so it needs no pretrained file
+        self.model = pipeline.build_model(recipe.model, len(spec.labels), weights="none" if resuming else None)
         self.model = runtime.prepare_model(self.model)
         weights = class_weights_for(spec.task, list(spec.labels), self.data.train.targets(), recipe.loss.class_weights)
         self.loss_fn = build_loss(spec.task, weights, recipe.loss.label_smoothing).to(runtime.device)
