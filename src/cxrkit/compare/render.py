@@ -146,7 +146,7 @@ def _split_note(fingerprints: dict[str, str]) -> str:
     if not distinct:
         return "No cell has trained yet."
     if len(distinct) == 1:
-        return f"All {len(fingerprints)} trained cells share one split (splits.csv sha256 {distinct.pop()})."
+        return f"All {len(fingerprints)} cells with a split share one split (splits.csv sha256 {distinct.pop()})."
     return "Warning: the cells do not all share one split: " + ", ".join(f"{k} {v}" for k, v in fingerprints.items())
 
 
