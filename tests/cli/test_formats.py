@@ -79,7 +79,7 @@ def test_external_validation_maps_labels_by_name(tmp_path):
                                       "--name", "adult"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((Path(run) / "eval" / "adult" / "metrics.json").read_text())
-    assert metrics["external"] is True and metrics["n"] == 8
+    assert metrics["external"] is True and metrics["n"] == 8 and metrics["split"] == "all"
     assert metrics["confusion_matrix"][0][0] + metrics["confusion_matrix"][0][1] == 4  # 4 Normal -> NORMAL
 
 

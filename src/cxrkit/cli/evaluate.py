@@ -40,7 +40,8 @@ def evaluate(
     console = Console(stderr=True, soft_wrap=True)
     predictor = Predictor(run, checkpoint=checkpoint)
     metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
-    table = Table(title=f"{metrics['dataset']} {split}: {metrics['n']} images, {metrics['patients']} patients")
+    where = f"{metrics['dataset']} {metrics['split']}"
+    table = Table(title=f"{where}: {metrics['n']} images, {metrics['patients']} patients")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("95% CI (patients)", justify="right")

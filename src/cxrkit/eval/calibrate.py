@@ -41,7 +41,7 @@ def calibrate_run(
         raise CxrError("threshold method 'sensitivity' needs a target sensitivity, e.g. --target-sensitivity 0.95")
     info = dict(predictor.labels_info)
     try:
-        ds, _, _ = select_data(predictor, None, "val")
+        ds, _, _, _ = select_data(predictor, None, "val")
     except CxrError:
         raise CxrError(f"run {predictor.run.path} has no validation split to calibrate on") from None
     targets = mapped_targets(ds, predictor.labels, None)

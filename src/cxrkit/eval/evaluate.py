@@ -20,14 +20,14 @@ def _same_root(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
-def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[LabelledImages, str, bool]:
+def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[LabelledImages, str, bool, str]:
     """The images to evaluate and a name for them.
 
     Without ``data`` (or with the training data) the run's saved split is used. Another dataset is external
     validation: its own ``split`` when it has one, else all of it.
 
     Returns:
-        ``(images, dataset name, external)``.
+        ``(images, dataset name, external, split)``; the split is ``all`` for an external dataset without splits.
     """
     from cxrkit.data.splits import load_splits
 
@@ -37,15 +37,15 @@ def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[Lab
         splits = load_splits(predictor.run.file("splits.csv"), ds)
         if split not in splits or not len(splits[split]):
             raise CxrError(f"run {predictor.run.path} has no {split} split (it has {', '.join(splits)})")
-        return ds.subset(splits[split]), ds.spec.name, False
+        return ds.subset(splits[split]), ds.spec.name, False, split
     task = cfg.task if cfg.task == "normal-bacterial-viral" else "auto"
     ds = pipeline.load_data(DataConfig(root=data, task=task, name=cfg.name if cfg.format == "medmnist" else None))
     own = [i for i, it in enumerate(ds.items) if it.split == split]
     if any(it.split for it in ds.items):
         if not own:
             raise CxrError(f"dataset {data} has no {split} split")
-        return ds.subset(own), ds.spec.name, True
-    return ds, ds.spec.name, True
+        return ds.subset(own), ds.spec.name, True, split
+    return ds, ds.spec.name, True, "all"
 
 
 def mapped_targets(ds: LabelledImages, model_labels: list[str], label_map: dict[str, str] | None) -> np.ndarray:
@@ -89,7 +89,7 @@ def evaluate_run(
     from cxrkit.eval.calibration import expected_calibration_error, reliability_curve
     from cxrkit.eval.metrics import compute_metrics
 
-    ds, ds_name, external = select_data(predictor, data, split)
+    ds, ds_name, external, split = select_data(predictor, data, split)
     if not len(ds):
         raise CxrError(f"nothing to evaluate: the {split} split of {ds_name} is empty")
     targets = mapped_targets(ds, predictor.labels, label_map)
