@@ -169,12 +169,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where it is safe (int -> float)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _coerce(value, option, key)
-            except CxrError as err:
-                errors.append(err)
+            except CxrError:
+                continue
         raise CxrError(f"recipe key {key}: {value!r} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:

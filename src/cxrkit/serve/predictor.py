@@ -21,8 +21,6 @@ from cxrkit.train.loop import make_progress, predict
 from cxrkit.train.losses import probabilities
 from cxrkit.train.runtime import Runtime, setup_runtime
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom", ".gif"}
-
 
 @dataclass
 class Prediction:
@@ -129,6 +127,8 @@ class Predictor:
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files, folders (searched recursively for images) and glob patterns, in a stable order."""
     import glob
+
+    from cxrkit.data.images import IMAGE_SUFFIXES
 
     paths: list[str] = []
     for item in inputs:
