@@ -8,6 +8,7 @@ from matplotlib.colors import to_rgba
 from PIL import Image
 
 from cxrkit.eval import plots
+from cxrkit.eval.curves import plot_training_curves, stage_spans, training_curves_figure
 from cxrkit.eval.metrics import compute_metrics
 
 BINARY = ["NORMAL", "PNEUMONIA"]
@@ -62,7 +63,7 @@ def _stage_lines(ax) -> list:
 
 def test_training_curves_one_run_marks_each_stage_boundary(tmp_path):
     rows = _two_stage_rows()
-    fig = plots.training_curves_figure({"run": rows})
+    fig = training_curves_figure({"run": rows})
     assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"]
     for ax in fig.axes:
         boundaries = _stage_lines(ax)
@@ -71,7 +72,7 @@ def test_training_curves_one_run_marks_each_stage_boundary(tmp_path):
         assert boundaries[0].get_xdata()[0] == 3.5  # between the last head epoch and the first fine-tuning one
         assert {"head", "finetune"} <= {text.get_text() for text in ax.texts}
         assert [line.get_label() for line in ax.lines if line.get_gid() is None] == ["train", "val"]
-    path = plots.plot_training_curves({"run": rows}, tmp_path / "curves.png", title="run")
+    path = plot_training_curves({"run": rows}, tmp_path / "curves.png", title="run")
     assert path == tmp_path / "curves.png"
     _assert_png(path)
 
@@ -79,14 +80,14 @@ def test_training_curves_one_run_marks_each_stage_boundary(tmp_path):
 def test_training_curves_three_stages_and_numbers(tmp_path):
     rows = _two_stage_rows(2, 2, as_text=False)
     rows += [dict(row, epoch=row["epoch"] + 4, stage=3, stage_name="all") for row in rows[:2]]
-    assert plots.stage_spans(rows) == [("head", 1, 2), ("finetune", 3, 4), ("all", 5, 6)]
-    fig = plots.training_curves_figure({"run": rows}, metrics=("loss",))
+    assert stage_spans(rows) == [("head", 1, 2), ("finetune", 3, 4), ("all", 5, 6)]
+    fig = training_curves_figure({"run": rows}, metrics=("loss",))
     assert len(_stage_lines(fig.axes[0])) == 2
 
 
 def test_training_curves_several_runs_overlay_solid_train_dashed_val(tmp_path):
     runs = {"imagenet": _two_stage_rows(), "scratch": _two_stage_rows(2, 3)}
-    fig = plots.training_curves_figure(runs, metrics=("loss",))
+    fig = training_curves_figure(runs, metrics=("loss",))
     (ax,) = fig.axes
     curves = [line for line in ax.lines if line.get_gid() is None]
     assert [c.get_label() for c in curves] == ["imagenet train", "imagenet val", "scratch train", "scratch val"]
@@ -94,11 +95,11 @@ def test_training_curves_several_runs_overlay_solid_train_dashed_val(tmp_path):
     assert curves[0].get_color() == curves[1].get_color() != curves[2].get_color()
     assert _stage_lines(ax) == []  # the runs change stage at different epochs
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["imagenet", "scratch", "train", "val"]
-    _assert_png(plots.plot_training_curves(runs, tmp_path / "compare.png", metrics=("loss",)))
+    _assert_png(plot_training_curves(runs, tmp_path / "compare.png", metrics=("loss",)))
 
 
 def test_training_curves_missing_metric_is_a_note():
-    fig = plots.training_curves_figure({"run": _two_stage_rows()}, metrics=("auc",))
+    fig = training_curves_figure({"run": _two_stage_rows()}, metrics=("auc",))
     assert "no auc recorded" in [t.get_text() for t in fig.axes[0].texts]
 
 

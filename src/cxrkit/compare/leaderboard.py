@@ -152,10 +152,10 @@ def split_fingerprints(plan: Plan) -> dict[str, str]:
 def _plot_curves(plan: Plan, path: Path, console: Console | None) -> bool:
     """``curves.png``: every cell's loss and accuracy per epoch (``cxrkit.eval.plots``); False when unavailable."""
     try:
-        from cxrkit.eval.plots import plot_training_curves
+        from cxrkit.eval.curves import plot_training_curves
     except ImportError:
         if console is not None:
-            console.print("curves.png skipped: cxrkit.eval.plots.plot_training_curves is not available")
+            console.print("curves.png skipped: cxrkit.eval.curves.plot_training_curves is not available")
         return False
     runs = {}
     for cell in plan.cells:

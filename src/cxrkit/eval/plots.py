@@ -1,4 +1,6 @@
-"""PNG figures of training and evaluation (matplotlib only here; no pyplot, so no global figure state).
+"""PNG figures of evaluation, and the figure plumbing shared with :mod:`cxrkit.eval.curves` (training curves).
+
+matplotlib is used only in these two modules, without pyplot, so there is no global figure state.
 
 Each figure has a builder that returns a :class:`matplotlib.figure.Figure` (``*_figure``, for tests and for callers
 that want to adjust it) and a ``plot_*`` function that saves it as a PNG and returns the path. Figures are drawn on
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 120
-STAGE_LINE = {"color": "red", "linestyle": "--", "linewidth": 1.2, "gid": "stage-boundary"}
 CHANCE_LINE = {"color": "0.6", "linestyle": ":", "linewidth": 1.0, "label": "chance"}
 _STYLE = {
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "axes.grid": True,
@@ -32,7 +33,7 @@ _STYLE = {
 }
 
 
-def _new_figure(n_panels: int, ncols: int | None = None, panel: tuple[float, float] = (4.6, 3.6)) -> Figure:
+def new_figure(n_panels: int, ncols: int | None = None, panel: tuple[float, float] = (4.6, 3.6)) -> Figure:
     """A Figure with ``n_panels`` axes in a grid, on an Agg canvas, in the module's style."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -46,7 +47,7 @@ def _new_figure(n_panels: int, ncols: int | None = None, panel: tuple[float, flo
     return fig
 
 
-def _styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
+def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
     """Runs a figure builder with the module's rc style in effect (restored afterwards)."""
 
     @functools.wraps(build)
@@ -72,7 +73,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _floats(values: Sequence[Any]) -> np.ndarray:
+def as_floats(values: Sequence[Any]) -> np.ndarray:
     """Numbers from numbers or strings; blanks, ``None`` and junk become NaN."""
 
     def number(value: Any) -> float:
@@ -82,119 +83,6 @@ def _floats(values: Sequence[Any]) -> np.ndarray:
             return math.nan
 
     return np.array([number(v) for v in values], dtype=float)
-
-
-def _column(rows: list[dict], key: str) -> np.ndarray:
-    return _floats([row.get(key) for row in rows])
-
-
-def _epochs(rows: list[dict]) -> np.ndarray:
-    epochs = _column(rows, "epoch")
-    return epochs if len(rows) and not np.isnan(epochs).any() else np.arange(1, len(rows) + 1, dtype=float)
-
-
-def stage_spans(rows: list[dict]) -> list[tuple[str, float, float]]:
-    """The stages of one run as ``(name, first epoch, last epoch)``, in order.
-
-    Args:
-        rows: ``metrics.csv`` rows; a new stage starts wherever ``stage`` (or ``stage_name``) changes.
-    """
-    spans: list[tuple[str, float, float]] = []
-    key = None
-    for row, epoch in zip(rows, _epochs(rows)):
-        this = (row.get("stage"), row.get("stage_name"))
-        if this != key:
-            name = str(row.get("stage_name") or f"stage {row.get('stage') or len(spans) + 1}")
-            spans.append((name, epoch, epoch))
-            key = this
-        else:
-            spans[-1] = (spans[-1][0], spans[-1][1], epoch)
-    return spans
-
-
-def _curve_series(rows: list[dict], metric: str) -> list[tuple[str, np.ndarray]]:
-    """``[(phase, values)]`` for the train and val columns of ``metric`` (or the column itself) that hold numbers."""
-    keys = [(phase, f"{phase}_{metric}") for phase in ("train", "val") if rows and f"{phase}_{metric}" in rows[0]]
-    if not keys and rows and metric in rows[0]:
-        keys = [("", metric)]
-    series = [(phase, _column(rows, key)) for phase, key in keys]
-    return [(phase, values) for phase, values in series if not np.isnan(values).all()]  # blank columns: no curve
-
-
-def _mark_stages(ax: Axes, spans: list[tuple[str, float, float]]) -> int:
-    """Draws a red dashed line at each stage boundary and the stage names at the top; returns the line count."""
-    if len(spans) < 2:
-        return 0
-    low, high = ax.get_ylim()
-    ax.set_ylim(low, high + 0.14 * (high - low))  # a free band at the top for the stage names
-    transform = ax.get_xaxis_transform()  # x in data units, y in axes fraction
-    for (_, _, last), (_, first, _) in zip(spans, spans[1:]):
-        ax.axvline((last + first) / 2, **STAGE_LINE)
-    numbered = len({name for name, _, _ in spans}) < len(spans)  # repeated names: tell the stages apart
-    for i, (name, first, last) in enumerate(spans):
-        ax.text((first + last) / 2, 0.98, f"{i + 1}: {name}" if numbered else name, transform=transform,
-                ha="center", va="top", fontsize=8, color="0.25",
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
-    return len(spans) - 1
-
-
-@_styled
-def training_curves_figure(runs: Mapping[str, list[dict]], metrics: Sequence[str] = ("loss", "accuracy"),
-                           title: str | None = None) -> Figure:
-    """Training curves per epoch: one panel per metric.
-
-    One run: train and val curves, stage boundaries as red dashed lines with the stage names (as study 1's Fig. 2).
-    Several runs: one colour per run, solid train, dashed val (as study 5's Fig. 3); stage boundaries are drawn
-    only when every run has the same ones.
-
-    Args:
-        runs: run name -> ``metrics.csv`` rows (values may be strings or numbers; blanks are gaps).
-        metrics: metric names; ``loss`` draws ``train_loss`` and ``val_loss``, a name without train/val columns
-            (``lr``) draws that column.
-        title: figure title.
-
-    Returns:
-        The figure; its stage boundary lines carry the gid ``stage-boundary``.
-    """
-    fig = _new_figure(len(metrics), panel=(5.2, 3.6))
-    single = len(runs) == 1
-    spans = [stage_spans(rows) for rows in runs.values()]
-    shared_spans = spans[0] if spans and all(s == spans[0] for s in spans) else []
-    for ax, metric in zip(fig.axes, metrics):
-        drawn = 0
-        for i, (name, rows) in enumerate(runs.items()):
-            epochs = _epochs(rows)
-            for j, (phase, values) in enumerate(_curve_series(rows, metric)):
-                colour = (f"C{j}" if phase else "C2") if single else f"C{i % 10}"
-                style = "-" if single or phase != "val" else "--"
-                label = (phase or metric) if single else f"{name} {phase}".strip()
-                ax.plot(epochs, values, linestyle=style, color=colour, marker="o", markersize=3, label=label)
-                drawn += 1
-        _mark_stages(ax, shared_spans)
-        if not drawn:
-            ax.text(0.5, 0.5, f"no {metric} recorded", transform=ax.transAxes, ha="center", color="0.4")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    entries = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
-    if entries and not single:  # a colour per run, and the line styles once
-        from matplotlib.lines import Line2D
-
-        entries = {name: Line2D([], [], color=f"C{i % 10}") for i, name in enumerate(runs)}
-        entries.update(train=Line2D([], [], color="0.35"), val=Line2D([], [], color="0.35", linestyle="--"))
-    if entries:  # one legend below the panels, where it hides neither curves nor stage names
-        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncols=min(4, len(entries)),
-                   frameon=False)
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
-def plot_training_curves(runs: Mapping[str, list[dict]], path: str | Path,
-                         metrics: Sequence[str] = ("loss", "accuracy"), title: str | None = None) -> Path:
-    """Writes :func:`training_curves_figure` as a PNG; returns ``path``."""
-    return save_figure(training_curves_figure(runs, metrics, title), path)
 
 
 def _one_vs_rest(task: str, labels: Sequence[str], y_true: np.ndarray,
@@ -215,7 +103,7 @@ def _no_curves(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"{what} undefined: a class is missing", transform=ax.transAxes, ha="center", color="0.4")
 
 
-@_styled
+@styled
 def roc_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> Figure:
     """ROC curves with the AUC in the legend and the chance diagonal.
 
@@ -225,7 +113,7 @@ def roc_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.n
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig = _new_figure(1, panel=(5.4, 4.6))
+    fig = new_figure(1, panel=(5.4, 4.6))
     ax = fig.axes[0]
     grid, tprs, aucs = np.linspace(0, 1, 201), [], []
     for label, positive, scores in _one_vs_rest(task, labels, y_true, probs):
@@ -260,7 +148,7 @@ def plot_roc(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.nda
     return save_figure(roc_figure(task, labels, y_true, probs), path)
 
 
-@_styled
+@styled
 def precision_recall_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> Figure:
     """Precision-recall curves with the average precision (AP) in the legend.
 
@@ -268,7 +156,7 @@ def precision_recall_figure(task: str, labels: Sequence[str], y_true: np.ndarray
     """
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    fig = _new_figure(1, panel=(5.4, 4.6))
+    fig = new_figure(1, panel=(5.4, 4.6))
     ax = fig.axes[0]
     drawn = 0
     for label, positive, scores in _one_vs_rest(task, labels, y_true, probs):
@@ -316,7 +204,7 @@ def _matrix_panel(ax: Axes, labels: Sequence[str], values: np.ndarray, text: lis
     ax.set_title(title)
 
 
-@_styled
+@styled
 def confusion_matrix_figure(labels: Sequence[str], matrix: Any, normalized: Any = None) -> Figure:
     """Confusion matrices with annotated cells.
 
@@ -329,7 +217,7 @@ def confusion_matrix_figure(labels: Sequence[str], matrix: Any, normalized: Any 
     """
     if isinstance(matrix, Mapping):
         names = [str(label) for label in labels if str(label) in matrix]
-        fig = _new_figure(len(names), ncols=4, panel=(2.9, 2.7))
+        fig = new_figure(len(names), ncols=4, panel=(2.9, 2.7))
         for ax, name in zip(fig.axes, names):
             counts = np.asarray(matrix[name], dtype=float)
             shares = _row_normalized(counts)
@@ -339,7 +227,7 @@ def confusion_matrix_figure(labels: Sequence[str], matrix: Any, normalized: Any 
     counts = np.asarray(matrix, dtype=float)
     shares = _row_normalized(counts) if normalized is None else np.asarray(normalized, dtype=float)
     side = max(4.2, 0.55 * len(labels) + 2.2)
-    fig = _new_figure(2, panel=(side, side * 0.9))
+    fig = new_figure(2, panel=(side, side * 0.9))
     _matrix_panel(fig.axes[0], labels, counts, [[f"{int(v)}" for v in row] for row in counts], "Counts")
     _matrix_panel(fig.axes[1], labels, shares, [[f"{v:.2f}" for v in row] for row in shares],
                   "Row-normalized (recall on the diagonal)")
@@ -351,7 +239,7 @@ def plot_confusion_matrix(labels: Sequence[str], matrix: Any, path: str | Path, 
     return save_figure(confusion_matrix_figure(labels, matrix, normalized), path)
 
 
-@_styled
+@styled
 def reliability_figure(curve: Mapping[str, Any], ece: float | None = None) -> Figure:
     """Reliability diagram: accuracy against mean confidence per bin, the diagonal and a histogram of the counts.
 
@@ -361,10 +249,10 @@ def reliability_figure(curve: Mapping[str, Any], ece: float | None = None) -> Fi
         ece: expected calibration error, shown in the title when given.
     """
     edges = np.asarray(curve["edges"], dtype=float)
-    confidence, accuracy = _floats(curve["confidence"]), _floats(curve["accuracy"])
-    counts = np.nan_to_num(_floats(curve["count"]))
+    confidence, accuracy = as_floats(curve["confidence"]), as_floats(curve["accuracy"])
+    counts = np.nan_to_num(as_floats(curve["count"]))
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    fig = _new_figure(2, ncols=1, panel=(5.0, 2.6))
+    fig = new_figure(2, ncols=1, panel=(5.0, 2.6))
     top, bottom = fig.axes
     fig.axes[0].get_gridspec().set_height_ratios([2.3, 1])
     filled = counts > 0
@@ -391,7 +279,7 @@ def plot_reliability(curve: Mapping[str, Any], ece: float | None, path: str | Pa
     return save_figure(reliability_figure(curve, ece), path)
 
 
-@_styled
+@styled
 def output_distribution_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
                                threshold: float | None = None) -> Figure:
     """What the model outputs (study 2): the predicted probability of each class split by the true class, and the
@@ -405,7 +293,7 @@ def output_distribution_figure(task: str, labels: Sequence[str], y_true: np.ndar
     names = [str(label) for label in labels]
     threshold = None if task == "multiclass" else (0.5 if threshold is None else float(threshold))
     columns = [1] if task == "binary" else list(range(len(names)))
-    fig = _new_figure(len(columns) + 1, ncols=2 if len(columns) < 4 else 3, panel=(4.2, 3.1))
+    fig = new_figure(len(columns) + 1, ncols=2 if len(columns) < 4 else 3, panel=(4.2, 3.1))
     bins = np.linspace(0, 1, 21)
     for ax, j in zip(fig.axes, columns):
         if task == "multilabel":

@@ -134,13 +134,13 @@ def _stale(path: Path, *sources: Path) -> bool:
 
 def _figures(run: Run, out: Path, eval_dir: Path | None, labels: dict, metrics: dict) -> list[tuple[str, Path]]:
     """The figures of the report as ``(caption, png)``, drawing the missing and outdated ones."""
-    from cxrkit.eval import plots
+    from cxrkit.eval.curves import plot_training_curves
 
     figures = []
     curves = out / "training_curves.png"
     rows = run.read_metrics()
     if rows and _stale(curves, run.file("metrics.csv")):
-        plots.plot_training_curves({run.name: rows}, curves, title=f"Training curves: {run.name}")
+        plot_training_curves({run.name: rows}, curves, title=f"Training curves: {run.name}")
     if curves.is_file():
         figures.append(("Training curves (red dashed lines: stage boundaries)", curves))
     if eval_dir is None:
