@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe
+from cxrkit.config import AugmentConfig, DataConfig, ModelConfig
 from cxrkit.data.base import LabelledImages
-from cxrkit.data.transforms import Augment, Preprocessing, build_transform
+from cxrkit.data.transforms import Augment, Preprocessing
 from cxrkit.errors import CxrError
 from cxrkit.train.runtime import Runtime
 
@@ -91,11 +91,3 @@ def make_loader(
         persistent_workers=runtime.workers > 0, pin_memory=runtime.device.type == "cuda",
     )
 
-
-def eval_transform(pre: Preprocessing) -> Any:
-    return build_transform(pre, None)
-
-
-def recipe_summary(recipe: Recipe) -> str:
-    stages = " -> ".join(f"{s.name} ({s.trainable}, {s.epochs} ep, {s.optimizer} lr {s.lr:g})" for s in recipe.stages)
-    return f"{recipe.model.backbone} [{recipe.model.weights}] {stages}"

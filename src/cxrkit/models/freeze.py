@@ -89,14 +89,6 @@ def resolve_cut(backbone: nn.Module, trainable: str, blocks: list[str] | None = 
     return units[-count]
 
 
-def count_bn_statistics(model: nn.Module) -> int:
-    """Elements of BatchNorm running mean and variance (Keras lists them as non-trainable parameters)."""
-    return sum(
-        buf.numel() for m in model.modules() if isinstance(m, _BatchNorm)
-        for buf in (m.running_mean, m.running_var) if buf is not None
-    )
-
-
 def apply_trainable(model: nn.Module, trainable: str, blocks: list[str] | None = None) -> FreezePlan:
     """Set ``requires_grad`` on ``model.backbone`` for ``trainable``; the head always trains.
 
@@ -119,9 +111,10 @@ def apply_trainable(model: nn.Module, trainable: str, blocks: list[str] | None =
     for param in model.head.parameters():
         param.requires_grad_(True)
     model._frozen_modules = [m for name, m in backbone.named_modules() if name and order[name] < start]
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return FreezePlan(trainable, cut or None, trainable_params, total, count_bn_statistics(model))
+    from cxrkit.models.classifier import count_parameters
+
+    counts = count_parameters(model)
+    return FreezePlan(trainable, cut or None, counts["trainable"], counts["total"], counts["bn_statistics"])
 
 
 def set_train_mode(model: nn.Module, freeze_batchnorm: bool = False) -> None:

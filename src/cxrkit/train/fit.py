@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,6 @@ class Tracker:
     best: float | None = None
     bad_epochs: int = 0
     stopped: bool = False
-    history: list[float] = field(default_factory=list)
 
     def update(self, value: float, min_delta: float = 0.0) -> bool:
         """Record ``value``; True when it is a new best."""
