@@ -3,11 +3,10 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from data.helpers import covid_like, medmnist_npz
 from PIL import Image
-from synth import kermany_folder, xray
+from synth import kermany_folder, nih_csv
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
@@ -25,22 +24,8 @@ def _train_and_evaluate(tmp_path: Path, *args: str, split: str = "test") -> dict
     return json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
 
 
-def _nih_csv(root: Path, n: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    lines = ["Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position"]
-    findings = ["No Finding", "Effusion", "Cardiomegaly|Effusion", "Atelectasis"]
-    for i in range(n):
-        name = f"{i:08d}_000.png"
-        xray(rng, 32, i % 2 == 1).save(root / "images" / name)
-        lines.append(f"{name},{findings[i % 4]},0,{i // 2},50,M,PA")
-    csv_path = root / "Data_Entry_2017_v2020.csv"
-    csv_path.write_text("\n".join(lines) + "\n")
-    return csv_path
-
-
 def test_multilabel_nih_csv(tmp_path):
-    metrics = _train_and_evaluate(tmp_path, "--data", str(_nih_csv(tmp_path / "nih")), "--task", "multilabel")
+    metrics = _train_and_evaluate(tmp_path, "--data", str(nih_csv(tmp_path / "nih")), "--task", "multilabel")
     assert metrics["task"] == "multilabel"
     assert len(metrics["labels"]) == 14
     assert set(metrics["auc_per_label"]) == set(metrics["labels"])

@@ -140,3 +140,20 @@ def test_multilabel_labels_are_joined(tmp_path):
     save_splits(tmp_path / "m.csv", ds, {"train": np.array([0]), "test": np.array([1])})
     assert tmp_path.joinpath("m.csv").read_text().splitlines()[1:] == ["a,a,x|y,train", "b,b,,test"]
     assert load_splits(tmp_path / "m.csv", ds)["test"].tolist() == [1]
+
+
+def test_splits_survive_a_moved_data_folder_and_a_relative_root(tmp_path, monkeypatch):
+    ds = _dataset(50)
+    splits = assign_splits(ds)
+    save_splits(tmp_path / "s.csv", ds, splits)
+
+    def moved(prefix: str) -> LabelledImages:
+        items = [Item(prefix + it.source[len("/data"):], it.patient, it.target, it.split) for it in ds.items]
+        return LabelledImages(ds.spec, items, ds.reader)
+
+    for other in (moved("/mnt/copy/data"), moved("data")):  # another folder; relative to the working directory
+        monkeypatch.chdir(tmp_path)
+        loaded = load_splits(tmp_path / "s.csv", other)
+        assert all(np.array_equal(loaded[k], splits[k]) for k in ("train", "val", "test"))
+    with pytest.raises(CxrError, match="3 sources missing"):
+        load_splits(tmp_path / "s.csv", moved("/mnt/copy/data").subset(range(3, len(ds))))

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cxrkit.cli import calibrate, compare, evaluate, models, predict, report, train
+from cxrkit.cli import calibrate, compare, embed, evaluate, explain, models, predict, report, train
 from cxrkit.errors import CxrError
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app.command("calibrate")(calibrate.calibrate)
 app.command("report")(report.report)
 app.command("compare")(compare.compare)
 app.command("models")(models.models)
+app.command("embed")(embed.embed)
+app.command("explain")(explain.explain)
 
 
 def main() -> None:

@@ -170,6 +170,30 @@ def save_splits(path_csv: str | os.PathLike, ds: LabelledImages, splits: dict[st
     os.replace(tmp, path)
 
 
+def _source_index(saved: list[str], sources: list[str]) -> dict[str, int]:
+    """Saved source -> item index. Paths match as written, else as absolute normalised paths (a relative data
+    root from another working directory), else relative to each side's common folder (the data moved)."""
+    exact = {src: i for i, src in enumerate(sources)}
+    if all(s in exact for s in saved):
+        return exact
+
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.abspath(path))
+
+    by_absolute = {absolute(src): i for i, src in enumerate(sources)}
+    index = {s: by_absolute[absolute(s)] for s in saved if absolute(s) in by_absolute}
+    if len(index) == len(saved) or not saved or not sources:
+        return index
+
+    def relative(paths: list[str]) -> list[str]:
+        root = os.path.commonpath([absolute(p) for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
+        return [os.path.relpath(absolute(p), root) for p in paths]
+
+    by_relative = {rel: i for i, rel in enumerate(relative(sources))}
+    moved = {s: by_relative[rel] for s, rel in zip(saved, relative(saved)) if rel in by_relative}
+    return moved if len(moved) > len(index) else index
+
+
 def load_splits(path_csv: str | os.PathLike, ds: LabelledImages) -> dict[str, np.ndarray]:
     """Read splits saved by :func:`save_splits`, matching rows to items by ``source``.
 
@@ -184,7 +208,7 @@ def load_splits(path_csv: str | os.PathLike, ds: LabelledImages) -> dict[str, np
         if tuple(reader.fieldnames or ()) != SPLIT_COLUMNS:
             raise CxrError(f"{path}: expected columns {','.join(SPLIT_COLUMNS)}, found {reader.fieldnames}")
         rows = list(reader)
-    index = {it.source: i for i, it in enumerate(ds.items)}
+    index = _source_index([row["source"] for row in rows], [it.source for it in ds.items])
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     missing, relabelled = [], []
     for row in rows:

@@ -140,6 +140,23 @@ def build_transform(pre: Preprocessing, augment: Augment | None = None) -> Calla
     return v2.Compose(steps)
 
 
+def input_box(pre: Preprocessing, width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of a ``width x height`` image that the model input shows, as ``(left, top, right, bottom)`` in
+    the image's pixels: the whole image for ``squash``, the centre crop for ``crop`` (as :func:`build_transform`
+    computes it). A heatmap over the model input lies on this box of the original image."""
+    if pre.resize == "squash":
+        return 0.0, 0.0, float(width), float(height)
+    shorter = int(math.floor(pre.size / pre.crop_pct))
+    # torchvision's Resize(int): the shorter side becomes `shorter`, the longer side int(shorter * long / short)
+    if width <= height:
+        new_w, new_h = shorter, int(shorter * height / width)
+    else:
+        new_w, new_h = int(shorter * width / height), shorter
+    left, top = int(round((new_w - pre.size) / 2.0)), int(round((new_h - pre.size) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return left * sx, top * sy, (left + pre.size) * sx, (top + pre.size) * sy
+
+
 def _augmentations(aug: Augment, size: int, interpolation: Any) -> list[Any]:
     from torchvision.transforms import v2
 

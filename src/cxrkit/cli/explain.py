@@ -1,0 +1,93 @@
+"""``cxr explain``: Grad-CAM (and family) heatmaps for images, or study 3's grid for a split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def explain(
+    run: Path = typer.Argument(..., help="Run directory"),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Image files, folders or glob patterns"),
+    grid: bool = typer.Option(False, "--grid", help="Examples of each (true, predicted) cell of a split"),
+    split: str = typer.Option("test", "--split", help="Split for --grid"),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset for --grid (default: the run's own)"),
+    map_: list[str] = typer.Option([], "--map", help="For --data: map a dataset label to a model label: A=B"),
+    per_cell: int = typer.Option(3, "--per-cell", help="Examples per cell of the grid"),
+    pick: str = typer.Option("confident", "--pick", help="Grid examples: confident or random"),
+    method: str = typer.Option("gradcam", "--method", "-m",
+                               help="gradcam, gradcam++, xgradcam, layercam, hirescam, eigengradcam, scorecam, "
+                                    "eigencam"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Target layer (default: the backbone's CAM layer)"),
+    target: list[str] = typer.Option([], "--target", "-t", help="Class to explain (repeatable), or 'all'; "
+                                                                 "default: the predicted class / positive labels"),
+    check: bool = typer.Option(True, "--check/--no-check", help="Faithfulness check (ROAD removal vs random)"),
+    remove: float = typer.Option(20.0, "--remove", help="Percent of pixels the check removes"),
+    random_maps: int = typer.Option(3, "--random-maps", help="Random regions the check compares with"),
+    opacity: float = typer.Option(0.45, "--opacity", help="Heatmap opacity in the overlays"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward/backward pass"),
+    seed: int = typer.Option(0, "--seed"),
+    checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN/explain/<method>)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo images already explained in --out"),
+) -> None:
+    """Heatmaps over images (PNG overlay + raw .npy + a faithfulness check), or --grid for a split."""
+    from rich.console import Console
+
+    from cxrkit.cli.evaluate import parse_label_map
+    from cxrkit.errors import CxrError
+    from cxrkit.explain.api import ExplainOptions
+    from cxrkit.explain.gradcam import method_info
+
+    if bool(inputs) == grid:
+        raise CxrError("give images to explain, or --grid for a split (not both)")
+    method_info(method)
+    if not 0 < remove < 100 or not 0 <= opacity <= 1 or batch_size < 1 or random_maps < 1:
+        raise CxrError("--remove must be in (0, 100), --opacity in [0, 1], --batch-size and --random-maps >= 1")
+    options = ExplainOptions(method, layer, tuple(target), check, remove, random_maps, opacity, batch_size, seed)
+    console = Console(stderr=True, soft_wrap=True)
+    from cxrkit.serve.predictor import Predictor
+
+    predictor = Predictor(run, checkpoint=checkpoint)
+    out_dir = out or predictor.run.path / "explain" / method.lower().replace("+", "p")
+    if grid:
+        from cxrkit.explain.grid import explain_grid
+
+        for result in explain_grid(predictor, out_dir, options, data, split, parse_label_map(map_) or None,
+                                   per_cell, pick, console=console):
+            if result.summary:
+                console.print(f"{result.examples} examples, heatmap vs random region: {result.summary}",
+                              highlight=False)
+            print(result.csv)
+            print(result.png)
+        return
+    _explain_inputs(predictor, inputs or [], out_dir, options, overwrite, console)
+
+
+def _explain_inputs(predictor, inputs: list[str], out_dir: Path, options, overwrite: bool, console) -> None:
+    import sys
+
+    from cxrkit.errors import CxrError
+    from cxrkit.explain.api import explain_files, verdict_summary
+    from cxrkit.serve.predictor import expand_inputs
+    from cxrkit.train.loop import make_progress
+
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise CxrError("no image found in " + " ".join(inputs))
+    with make_progress(console) as progress:
+        result = explain_files(predictor, paths, out_dir, options, overwrite, progress)
+    checks = [r for r in result.rows if r.get("verdict")]
+    if checks:
+        console.print(f"{len(result.rows)} heatmaps, heatmap vs random region: {verdict_summary(checks)}",
+                      highlight=False)
+    if result.skipped:
+        console.print(f"{result.skipped} images were already explained in {out_dir} (--overwrite redoes them)")
+    for _path, reason in result.failed:
+        print(f"error: {reason}", file=sys.stderr)
+    print(out_dir / "explain.csv")
+    if result.failed:
+        print(f"{len(result.failed)} of {len(paths)} files could not be explained", file=sys.stderr)
+        raise typer.Exit(1)

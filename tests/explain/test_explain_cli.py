@@ -1,0 +1,136 @@
+"""``cxr explain`` end to end on tiny runs: files (with a bad one, and resuming), the grid, and multi-label."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from synth import kermany_folder, nih_csv
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+
+TINY = ["--backbone", "resnet18", "--weights", "none", "--set", "model.image_size=64", "--set",
+        "runtime.batch_size=8", "--set", "runtime.workers=0", "--epochs", "1"]
+
+
+def _train(out: Path, *args: str) -> Path:
+    result = CliRunner().invoke(app, ["train", "--out", str(out), *TINY, *args])
+    assert result.exit_code == 0, result.output
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return kermany_folder(tmp_path_factory.mktemp("xray"), per_class=16, size=64)
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("runs"), "--data", str(data))
+
+
+def _rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_files_give_overlays_raw_maps_and_a_check(run, data, tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 150), dtype=np.uint8)).save(wide)
+    bad = tmp_path / "broken.jpeg"
+    bad.write_text("not an image")
+    pneumonia = sorted((data / "train" / "PNEUMONIA").iterdir())[0]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["explain", str(run), str(pneumonia), str(wide), str(bad), "--out", str(out)])
+    assert result.exit_code == 1  # the bad file fails the command, after the others are done
+    assert "broken.jpeg" in result.output and "1 of 3 files could not be explained" in result.output
+    rows = _rows(out / "explain.csv")
+    assert [Path(r["source"]).name for r in rows] == [pneumonia.name, "wide.png"]
+    for row in rows:
+        heat = np.load(out / row["npy"])
+        assert heat.shape == (64, 64) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
+        png = Image.open(out / row["png"])
+        assert png.format == "PNG" and png.width > 300
+        assert row["verdict"] in ("meaningful", "inconclusive", "no better than random")
+        assert float(row["score"]) == pytest.approx(float(row["drop_heatmap"]) - float(row["drop_random"]), abs=2e-6)
+    record = json.loads((out / "wide.json").read_text())
+    assert record["box"] == [0, 0, 150, 60]  # squashed input: the map covers the whole original image
+    assert record["rows"][0]["target"] == record["predicted"]  # default: the predicted class
+    assert sum(record["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    wide_png = Image.open(out / record["rows"][0]["png"])
+    assert wide_png.width > wide_png.height  # drawn at the original aspect ratio
+
+    before = (out / "wide.json").stat().st_mtime_ns
+    again = CliRunner().invoke(app, ["explain", str(run), str(pneumonia), str(wide), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "2 images were already explained" in again.output
+    assert (out / "wide.json").stat().st_mtime_ns == before
+    assert len(_rows(out / "explain.csv")) == 2
+
+
+def test_every_class_and_another_method(run, data, tmp_path):
+    image = sorted((data / "train" / "NORMAL").iterdir())[0]
+    out = tmp_path / "all"
+    result = CliRunner().invoke(app, ["explain", str(run), str(image), "--target", "all", "--method", "gradcam++",
+                                      "--no-check", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out / "explain.csv")
+    assert [r["target"] for r in rows] == ["NORMAL", "PNEUMONIA"]
+    assert all(r["verdict"] == "" for r in rows)
+    assert json.loads((out / f"{image.stem}.json").read_text())["method"] == "Grad-CAM++"
+
+
+def test_grid_has_every_cell_of_the_confusion_matrix(run, tmp_path):
+    out = tmp_path / "grid"
+    result = CliRunner().invoke(app, ["explain", str(run), "--grid", "--split", "test", "--per-cell", "2",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (png,) = out.glob("grid-*-test-gradcam.png")
+    table = png.with_suffix(".csv")
+    assert Image.open(png).format == "PNG" and str(png) in result.output
+    rows = _rows(table)
+    predictions = _rows(_evaluate(run) / "predictions.csv")
+    for (true, predicted) in {(r["true"], r["predicted"]) for r in predictions}:
+        members = [r for r in rows if r["true"] == true and r["predicted"] == predicted]
+        expected = min(2, sum(p["true"] == true and p["predicted"] == predicted for p in predictions))
+        assert len(members) == expected, (true, predicted)
+    assert all(r["explained"] == r["predicted"] for r in rows)
+
+
+def _evaluate(run: Path) -> Path:
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "test", "--name", "grid-check"])
+    assert result.exit_code == 0, result.output
+    return Path(result.stdout.strip().splitlines()[-1]).parent
+
+
+def test_bad_requests_are_one_line_errors(run, tmp_path):
+    for args, message in (
+        ([], "give images to explain, or --grid"),
+        (["--grid", "x.png"], "give images to explain, or --grid"),
+        (["x.png", "--method", "gradkam"], "unknown CAM method"),
+        (["x.png", "--layer", "layr4"], "did you mean backbone.layer4"),
+        (["--grid", "--split", "holdout"], "no holdout split"),
+    ):
+        result = CliRunner().invoke(app, ["explain", str(run), *args, "--out", str(tmp_path)])
+        assert result.exit_code != 0
+        assert message in str(result.exception) + result.output, (args, result.output)
+
+
+def test_multilabel_explains_each_label(tmp_path):
+    run = _train(tmp_path / "runs", "--data", str(nih_csv(tmp_path / "nih", n=40, size=64)), "--task",
+                 "multilabel")
+    image = tmp_path / "nih" / "images" / "00000001_000.png"
+    out = tmp_path / "ml"
+    result = CliRunner().invoke(app, ["explain", str(run), str(image), "-t", "Effusion", "-t", "Atelectasis",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["target"] for r in _rows(out / "explain.csv")] == ["Effusion", "Atelectasis"]
+    result = CliRunner().invoke(app, ["explain", str(run), "--grid", "--split", "test", "-t", "Effusion",
+                                      "--per-cell", "1", "--no-check", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (table,) = out.glob("grid-*-test-gradcam-Effusion.csv")
+    rows = _rows(table)
+    assert rows and {r["true"] for r in rows} <= {"absent", "present"} and {r["explained"] for r in rows} == {
+        "Effusion"}
