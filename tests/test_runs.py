@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cxrkit.errors import CxrError
-from cxrkit.runs import Run, atomic_write_text
+from cxrkit.runs import Run, atomic_write_text, safe_name
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -52,3 +52,16 @@ def test_atomic_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("person1_virus_6", "person1_virus_6"),
+    ("Pleural Thickening", "Pleural_Thickening"),
+    ("../../etc/passwd", "etc_passwd"),
+    ("gradcam++", "gradcam"),
+    ("a  /\\ b.c", "a_b.c"),
+    ("...", "x"),
+])
+def test_safe_name_keeps_names_inside_the_folder(text, expected):
+    assert safe_name(text) == expected
+    assert safe_name("", default="image") == "image"

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def safe_name(text: str, default: str = "x") -> str:
+    """``text`` as a file-name part: runs of characters other than ``[A-Za-z0-9._-]`` become ``_``, and leading or
+    trailing dots and underscores go (no hidden files, no ``..``); ``default`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or default
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

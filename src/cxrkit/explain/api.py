@@ -10,7 +10,6 @@ resumes where it stopped.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from cxrkit.errors import CxrError
 from cxrkit.explain.gradcam import Explainer, choose_targets
 from cxrkit.explain.plots import Explained, plot_overlay
-from cxrkit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text
+from cxrkit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, safe_name
 from cxrkit.serve.predictor import Predictor
 
 SUMMARY_COLUMNS = ["source", "target", "probability", "predicted", "drop_heatmap", "drop_random", "score",
@@ -136,7 +135,7 @@ def _safe_names(paths: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     names = []
     for path in paths:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem).strip("._") or "image"
+        stem = safe_name(Path(path).stem, "image")
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return names
@@ -208,7 +207,7 @@ def _write_map(out_dir: Path, name: str, path: str, image: Any, box: tuple[float
     import io
 
     label = predictor.labels[m.index]
-    stem = f"{name}.{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}"
+    stem = f"{name}.{safe_name(label)}"
     buf = io.BytesIO()
     np.save(buf, m.heatmap.astype(np.float32))
     atomic_write_bytes(out_dir / f"{stem}.npy", buf.getvalue())

@@ -9,7 +9,6 @@ the features (not on the 2-D map) makes comparing layers honest: t-SNE pictures 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -252,7 +251,9 @@ def _predicted_classes(view: ClassView, decided: Sequence[str]) -> np.ndarray:
 
 
 def _file_stem(*parts: str) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9_-]+", "_", p).strip("_") for p in parts if p)
+    from cxrkit.runs import safe_name
+
+    return "-".join(safe_name(p) for p in parts if p)
 
 
 def embed_run(

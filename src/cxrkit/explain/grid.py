@@ -18,7 +18,7 @@ from cxrkit.errors import CxrError
 from cxrkit.explain.api import ExplainOptions, check_text, explain_batch, verdict_summary
 from cxrkit.explain.gradcam import Explainer
 from cxrkit.explain.plots import Explained, GridCell, grid_figure
-from cxrkit.runs import atomic_write_text, csv_text
+from cxrkit.runs import atomic_write_text, csv_text, safe_name
 from cxrkit.serve.predictor import Predictor
 
 PICKS = ("confident", "random")
@@ -153,8 +153,7 @@ def _write_grid(out_dir: Path, ds_name: str, split: str, label: str | None, name
         title += f"\nremoving the top {options.percent:g}% of each heatmap vs a random region: {summary}"
     rows, columns = (f"true {label}", f"predicted {label}") if label else ("true", "predicted")
     fig = grid_figure(names, cells, per_cell, ex.method_name, title, options.opacity, rows, columns)
-    stem = f"grid-{ds_name}-{split}-{options.method}" + (f"-{label}" if label else "")
-    stem = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in stem)
+    stem = safe_name(f"grid-{ds_name}-{split}-{options.method}" + (f"-{label}" if label else ""))
     png = save_figure(fig, out_dir / f"{stem}.png")
     csv_path = out_dir / f"{stem}.csv"
     columns = ["source", "patient", "true", "predicted", "explained", "probability", "drop_heatmap", "drop_random",
