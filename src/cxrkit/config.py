@@ -137,6 +137,7 @@ class RuntimeConfig:
     threads: int | None = None
     checkpoint_monitor: str = "val_loss"
     cache_features: bool = True
+    cache_images: bool = True
 
 
 @dataclass

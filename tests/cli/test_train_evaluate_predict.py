@@ -183,3 +183,66 @@ def test_resuming_a_finished_run_changes_nothing(trained):
     assert result.exit_code == 0, result.output
     assert "already complete" in result.stderr
     assert (trained / "metrics.csv").read_text() == before
+
+
+@pytest.mark.parametrize("stages", [
+    # head, then the top blocks from cached activations at a boundary inside the backbone
+    ["stages.0.epochs=1", "stages.1.trainable=top:2:blocks", "stages.1.epochs=2", "stages.1.lr=1e-3"],
+    # head, all, head again: the second head stage must not reuse features from before the full fine-tuning
+    ["stages.0.epochs=1", "stages.1.trainable=all", "stages.1.epochs=1", "stages.1.lr=1e-3",
+     "stages.2.name=head-again", "stages.2.trainable=head", "stages.2.epochs=1", "stages.2.lr=1e-3"],
+])
+def test_cached_activations_train_exactly_as_the_full_model_does(data, tmp_path, stages):
+    losses, logs = {}, {}
+    sets = [arg for kv in stages for arg in ("--set", kv)]
+    for cache in ("true", "false"):
+        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
+                                          *sets, "--set", "runtime.precision=fp32",
+                                          "--set", f"runtime.cache_features={cache}"])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        logs[cache] = result.stderr
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        assert len(rows) == sum(int(kv.split("=")[1]) for kv in stages if ".epochs=" in kv)
+        losses[cache] = [float(r[key]) for r in rows for key in ("train_loss", "val_loss")]
+    if "stages.1.trainable=top:2:blocks" in stages:
+        assert "cached the input of features." in logs["true"]
+    assert "cached backbone features" not in logs["false"] and "cached the input" not in logs["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_decoded_image_cache_trains_exactly_as_decoding_every_epoch(data, tmp_path, monkeypatch):
+    """With augmentation every epoch reads images; from the decoded cache they must be the same inputs."""
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))  # built here, not by an earlier test
+    losses, logs = {}, {}
+    for cache in ("true", "false"):
+        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
+                                          "--set", "augment.policy=light", "--set", "stages.0.epochs=2",
+                                          "--set", "stages.1.epochs=1", "--set", "runtime.precision=fp32",
+                                          "--set", f"runtime.cache_images={cache}"])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        logs[cache] = result.stderr
+        losses[cache] = [float(r[key]) for r in csv.DictReader((run / "metrics.csv").open())
+                         for key in ("train_loss", "val_loss")]
+    assert "feature cache off: augmentation" in logs["true"]
+    assert "images once into" in logs["true"] and "images once into" not in logs["false"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+def test_cached_features_are_reused_by_the_next_run_and_not_by_a_changed_one(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["train", "--data", str(data), *TINY, "--set", "stages.0.epochs=1",
+            "--set", "stages.1.trainable=top:2:blocks", "--set", "stages.1.epochs=1", "--set", "runtime.precision=fp32"]
+    runs = {}
+    for name, extra in (("first", []), ("again", []), ("other-seed", ["--set", "seed=1"])):
+        result = CliRunner().invoke(app, [*args, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        rows = csv.DictReader((run / "metrics.csv").open())
+        runs[name] = (result.stderr, [(r["train_loss"], r["val_loss"]) for r in rows])
+    assert "reused cached" not in runs["first"][0]
+    assert runs["again"][0].count("reused cached") == 2  # the head's features and the boundary's input
+    assert runs["again"][1] == runs["first"][1]
+    # another seed initialises another (random) backbone: other features, other keys
+    assert "reused cached" not in runs["other-seed"][0]

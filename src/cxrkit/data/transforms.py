@@ -116,7 +116,18 @@ def _known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, An
     return dict(data)
 
 
-def build_transform(pre: Preprocessing, augment: Augment | None = None) -> Callable[[Any], Any]:
+def resize_steps(pre: Preprocessing) -> list[Any]:
+    """The resizing part of :func:`build_transform`: squash to ``size x size``, or resize and centre-crop."""
+    from torchvision.transforms import v2
+
+    interpolation = v2.InterpolationMode(pre.interpolation)
+    if pre.resize == "squash":
+        return [v2.Resize((pre.size, pre.size), interpolation=interpolation, antialias=True)]
+    shorter = int(math.floor(pre.size / pre.crop_pct))
+    return [v2.Resize(shorter, interpolation=interpolation, antialias=True), v2.CenterCrop(pre.size)]
+
+
+def build_transform(pre: Preprocessing, augment: Augment | None = None, resized: bool = False) -> Callable[[Any], Any]:
     """A callable PIL image -> float tensor ``3 x size x size``, normalised by ``pre.mean`` / ``pre.std``.
 
     Grayscale input is replicated to three channels. Augmentation runs after resizing, on the 8-bit image.
@@ -124,17 +135,15 @@ def build_transform(pre: Preprocessing, augment: Augment | None = None) -> Calla
     Args:
         pre: resizing and normalisation.
         augment: training augmentation; None (or policy ``none`` without flips) for evaluation.
+        resized: the input is already the resized 8-bit image (from :mod:`cxrkit.data.decoded`).
     """
     import torch
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(pre.interpolation)
     steps: list[Any] = [v2.ToImage()]
-    if pre.resize == "squash":
-        steps.append(v2.Resize((pre.size, pre.size), interpolation=interpolation, antialias=True))
-    else:
-        shorter = int(math.floor(pre.size / pre.crop_pct))
-        steps += [v2.Resize(shorter, interpolation=interpolation, antialias=True), v2.CenterCrop(pre.size)]
+    if not resized:
+        steps += resize_steps(pre)
     steps += _augmentations(augment, pre.size, interpolation) if augment is not None else []
     steps += [v2.RGB(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
     return v2.Compose(steps)
@@ -161,6 +170,8 @@ def _augmentations(aug: Augment, size: int, interpolation: Any) -> list[Any]:
     from torchvision.transforms import v2
 
     steps: list[Any] = []
+    # affine warps of tensors support nearest and bilinear only: a bicubic backbone (timm's) warps bilinearly
+    warp = v2.InterpolationMode.BILINEAR if interpolation == v2.InterpolationMode.BICUBIC else interpolation
     if aug.policy != "none":
         k = 1.5 if aug.policy == "strong" else 1.0
         if aug.policy == "strong":
@@ -171,7 +182,7 @@ def _augmentations(aug: Augment, size: int, interpolation: Any) -> list[Any]:
                 degrees=aug.rotate * k,
                 translate=(min(aug.translate * k, 1.0),) * 2,
                 scale=(max(0.05, 1 - (1 - lo) * k), 1 + (hi - 1) * k),
-                interpolation=interpolation,
+                interpolation=warp,
             )
         )
         steps.append(v2.ColorJitter(brightness=aug.brightness * k, contrast=aug.contrast * k))

@@ -1,52 +1,165 @@
-"""Cached features for feature-extraction stages.
+"""Cached features for stages that train only part of the model.
 
 When a stage trains only the head and the inputs are not augmented, the frozen backbone (BatchNorm and Dropout in
 inference mode) gives the same features for an image in every epoch. So it runs once per image, its pooled
-output is kept in memory, and the head trains on it: the same computation, seconds per epoch instead of minutes.
+output is kept, and the head trains on it: the same computation, seconds per epoch instead of minutes. A partial
+stage keeps the input of a boundary module instead (see :mod:`cxrkit.train.prefix`), stored in the autocast
+precision (bf16 under bf16 autocast, which is what the layer computes in anyway) to halve its size.
+
+Features are written to ``<cache>/features/<key>.bin`` (``$CXR_CACHE_DIR``, default ``~/.cache/cxrkit``) as they
+are computed, so a cache larger than memory never has to fit in it: it is memory-mapped, and read into memory
+only when it fits comfortably. The key hashes everything the features depend on: the images (path, size,
+modification time), the preprocessing, the backbone's weights, where the features are taken, the precision and
+the library versions. Another run of the same recipe, or another ``cxr compare`` cell on the same frozen base,
+reuses them; a change to any of those makes a new key, never a stale hit. Files are renamed into place when
+complete, so an interrupted pass is never read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cxrkit.train.runtime import Runtime
 
+MEMORY_SHARE = 0.25  # features are read into memory when they take less than this share of the available memory
+_STORED = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.float16}  # bf16 as raw bits
+
 
 class FeatureDataset(Dataset):
     """Stored features with their targets, in the sample-dict format of :class:`cxrkit.data.dataset.ImageDataset`."""
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor):
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, mapped: bool = False):
         self.features, self.targets = features, targets
+        self.mapped = mapped  # read from a memory-mapped file, not held in memory
 
     def __len__(self) -> int:
         return len(self.features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self.features[index], "target": self.targets[index], "index": index}
 
 
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of ``module`` (names, values)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def features_key(weights: str, images_key: str, boundary: str | None, runtime: Runtime) -> str:
+    """What cached features depend on, hashed: the backbone's :func:`weights_digest`, the images and their
+    preprocessing (``images_key``), where the features are taken, and the numerics (precision, memory format,
+    library version)."""
+    text = json.dumps({"weights": weights, "images": images_key, "boundary": boundary, "precision": runtime.precision,
+                       "channels_last": runtime.channels_last, "torch": torch.__version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 4 * 2**30
+
+
+def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
+    """The stored features as a tensor: in memory when they fit comfortably, else memory-mapped."""
+    shape, stored = tuple(meta["shape"]), np.dtype(meta["stored"])
+    # copy-on-write: torch wants a writable array, and nothing may write to the file
+    array: np.ndarray = np.memmap(path, dtype=stored, mode="c", shape=shape)
+    mapped = array.nbytes >= MEMORY_SHARE * _available_memory()
+    if not mapped:
+        array = np.array(array)
+    features = torch.from_numpy(array)
+    if meta["dtype"] == "bfloat16":
+        features = features.view(torch.bfloat16)
+    targets = torch.from_numpy(np.load(path.with_suffix(".targets.npy")))
+    return FeatureDataset(features, targets, mapped)
+
+
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader: DataLoader, runtime: Runtime, progress: Any = None,
-                     description: str = "features") -> FeatureDataset:
-    """Run ``backbone`` in inference mode over ``loader`` (in order) and keep its outputs as fp32."""
-    was_training = backbone.training
-    backbone.eval()
+def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime, progress: Any = None,
+                     description: str = "features", boundary: str | None = None,
+                     store: Path | None = None) -> FeatureDataset:
+    """Run ``net`` in inference mode over ``loader`` (in order) and keep its outputs.
+
+    Args:
+        net: the backbone (its pooled outputs are kept as fp32), or the whole model with ``boundary``.
+        boundary: keep the input of this submodule of ``net`` instead, in the autocast dtype, and stop each
+            forward pass there.
+        store: write the features to ``store`` (``.bin``, ``.json`` and ``.targets.npy`` beside it) as they are
+            computed and return them from there; None to keep them in memory only.
+    """
+    from cxrkit.runs import atomic_write_json
+    from cxrkit.train.prefix import boundary_input
+
+    if store is not None and store.with_suffix(".json").is_file():
+        return _open(store, json.loads(store.with_suffix(".json").read_text()))
+    was_training = net.training
+    net.eval()
     task = progress.add_task(description, total=len(loader), rate="") if progress is not None else None
-    features, targets = [], []
-    for batch in loader:
-        with runtime.autocast():
-            out = backbone(runtime.to_device(batch["image"]))
-        features.append(out.float().cpu())
-        targets.append(batch["target"])
+    keep = runtime.amp_dtype if boundary is not None and runtime.amp_dtype is not None else torch.float32
+    n = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+    chunks: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    array: np.ndarray | None = None
+    tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp") if store is not None else None
+    row = 0
+    try:
+        for batch in loader:
+            images = runtime.to_device(batch["image"])
+            with runtime.autocast():
+                out = net(images) if boundary is None else boundary_input(net, boundary, images)
+            if out is None:
+                raise RuntimeError(f"{boundary} does not take a single tensor; it cannot be cached")
+            out = out.to(keep).cpu().contiguous()
+            if tmp is not None:
+                if array is None:
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    array = np.memmap(tmp, dtype=_STORED[keep], mode="w+", shape=(n, *out.shape[1:]))
+                bits = out.view(torch.int16) if keep == torch.bfloat16 else out
+                array[row : row + len(out)] = bits.numpy().view(_STORED[keep])
+            else:
+                chunks.append(out)
+            row += len(out)
+            targets.append(batch["target"])
+            if task is not None:
+                progress.update(task, advance=1)
+        all_targets = torch.cat(targets)
+        if tmp is None:
+            return FeatureDataset(torch.cat(chunks), all_targets)
+        if array is None:
+            raise RuntimeError("no images to cache features of")
+        array.flush()
+        shape = array.shape
+        del array
+        np.save(store.with_suffix(".targets.npy"), all_targets.numpy())
+        os.replace(tmp, store)
+        meta = {"shape": list(shape), "stored": np.dtype(_STORED[keep]).str, "dtype": str(keep).removeprefix("torch."),
+                "boundary": boundary, "images": n}
+        atomic_write_json(store.with_suffix(".json"), meta)  # written last: its presence marks a complete cache
+        return _open(store, meta)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if task is not None:
-            progress.update(task, advance=1)
-    if task is not None:
-        progress.remove_task(task)
-    backbone.train(was_training)
-    return FeatureDataset(torch.cat(features), torch.cat(targets))
+            progress.remove_task(task)
+        net.train(was_training)
 
 
 def feature_loader(dataset: FeatureDataset, batch_size: int, sampler: Any = None) -> DataLoader:

@@ -24,9 +24,10 @@ from cxrkit import pipeline
 from cxrkit.config import Recipe, StageConfig
 from cxrkit.models.freeze import apply_trainable, set_train_mode
 from cxrkit.runs import Run
-from cxrkit.train.features import extract_features, feature_loader
+from cxrkit.train.features import extract_features, feature_loader, features_key, weights_digest
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
+from cxrkit.train.prefix import ResumedModel, find_boundary
 from cxrkit.train.prepare import RunData, prepare_data
 from cxrkit.train.runtime import Runtime
 from cxrkit.train.sampling import EpochSampler, oversampling_weights
@@ -111,7 +112,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run: Run | None, runtime: Runtime, console: Console, resuming: bool = False):
         self.recipe, self.run, self.runtime, self.console = recipe, run, runtime, console
-        self.data = prepare_data(recipe, run, runtime)
+        self.data = prepare_data(recipe, run, runtime, console)
         spec = self.data.spec
         # a resumed run takes every weight from its checkpoint, so it needs no pretrained file
         self.model = pipeline.build_model(recipe.model, len(spec.labels), weights="none" if resuming else None)
@@ -134,7 +135,8 @@ class Trainer:
                                                    recipe.runtime.eval_batch_size, runtime)
         self.rows: list[dict[str, Any]] = run.read_metrics() if run else []
         self.best = Tracker(recipe.runtime.checkpoint_monitor)
-        self._features: tuple[Any, Any] | None = None
+        self._cache: tuple[str, Any, Any] | None = None  # (what is cached: "head" or a boundary, train, val)
+        self._resumed: ResumedModel | None = None
 
     def log(self, text: str) -> None:
         if self.runtime.is_main:
@@ -182,7 +184,7 @@ class Trainer:
             tracker, first_epoch = Tracker.from_state(resume["tracker"]), resume["stage_epoch"]
         patience = stage.early_stopping.patience
         with make_progress(self.console, runtime.is_main) as progress:
-            net, eval_net, train_loader, val_loader = self._stage_inputs(stage, progress)
+            net, eval_net, train_loader, val_loader = self._stage_inputs(stage, plan.cut, progress)
             for stage_epoch in range(first_epoch, stage.epochs):
                 if tracker.stopped:
                     break
@@ -205,32 +207,87 @@ class Trainer:
             self.log(f"early stopping: {tracker.monitor} has not improved for {patience} epochs")
         self._finish_stage(index, stage.early_stopping.restore_best and tracker.best is not None)
 
-    def _stage_inputs(self, stage: StageConfig, progress: Any) -> tuple[Any, Any, Any, Any]:
-        """(training net, evaluation net, train loader, val loader) of a stage: cached features for the head alone
-        when the backbone is frozen and inputs are not augmented, else images through the whole model."""
+    def _stage_inputs(self, stage: StageConfig, cut: str | None, progress: Any) -> tuple[Any, Any, Any, Any]:
+        """(training net, evaluation net, train loader, val loader) of a stage.
+
+        Without augmentation, the frozen part runs once per image: a head-only stage trains the head on cached
+        backbone features, and a partial stage (``top:N``, ``from:<name>``) trains the rest of the model on the
+        cached input of the boundary at or above its cut (see :mod:`cxrkit.train.prefix`). Otherwise images go
+        through the whole model every epoch.
+        """
         recipe, runtime = self.recipe, self.runtime
-        cacheable = stage.trainable == "head" and recipe.runtime.cache_features and not runtime.distributed
+        partial = stage.trainable != "head" and cut is not None
+        cacheable = (stage.trainable == "head" or partial) and recipe.runtime.cache_features and not runtime.distributed
         if cacheable and recipe.augment.policy != "none":
             self.log("feature cache off: augmentation changes the inputs every epoch")
-        if not cacheable or recipe.augment.policy != "none":
+            cacheable = False
+        self._resumed = None
+        resumed = self._find_boundary(cut) if cacheable and partial else None
+        key = resumed.boundary if resumed is not None else "head" if cacheable and not partial else None
+        if self._cache is not None and self._cache[0] != key:
+            self._cache = None  # another stage trained what the cache was computed from
+        if key is None:
             net = self.model
             if runtime.distributed:
                 ids = [runtime.device] if runtime.device.type == "cuda" else None
                 net = DistributedDataParallel(self.model, device_ids=ids)
             return net, self.model, self.train_loader, self.val_loader
-        if self._features is None:
-            train_plain = pipeline.make_loader(self.data.train, self.data.eval_transform,
-                                               recipe.runtime.eval_batch_size, runtime)
-            train = extract_features(self.model.backbone, train_plain, runtime, progress, "caching train features")
-            val = None
-            if self.val_loader is not None:
-                val = extract_features(self.model.backbone, self.val_loader, runtime, progress, "caching val features")
-            self._features = (train, val)
-            self.log(f"cached backbone features of {len(train)} training images; the head trains on them")
-        train, val = self._features
+        if self._cache is None:
+            self._cache = (key, *self._cache_inputs(None if key == "head" else key, progress))
+        _, train, val = self._cache
         batch = max(1, recipe.runtime.batch_size // runtime.world_size)
         val_loader = feature_loader(val, recipe.runtime.eval_batch_size) if val is not None else None
-        return self.model.head, self.model.head, feature_loader(train, batch, self.sampler), val_loader
+        self._resumed = resumed
+        net = self.model.head if resumed is None else resumed.net
+        return net, net, feature_loader(train, batch, self.sampler), val_loader
+
+    def _find_boundary(self, cut: str) -> ResumedModel | None:
+        """Where a partial stage can resume from cached activations, checked on a few training images."""
+        n = min(4, len(self.data.train))
+        if n == 0:
+            return None
+        probe = self.runtime.to_device(torch.stack([self.data.eval_transform(self.data.train.read(i))
+                                                    for i in range(n)]))
+        resumed = find_boundary(self.model, f"backbone.{cut}", probe)
+        if resumed is None:
+            self.log(f"feature cache off: this backbone's forward pass cannot be resumed at or above {cut}")
+        return resumed
+
+    def _cache_inputs(self, boundary: str | None, progress: Any) -> tuple[Any, Any]:
+        """Run the frozen part once over train and val: backbone features, or the input of ``boundary``."""
+        recipe, runtime = self.recipe, self.runtime
+        what = "backbone features" if boundary is None else f"the input of {boundary.removeprefix('backbone.')}"
+        net = self.model.backbone if boundary is None else self.model
+        train_plain = pipeline.make_loader(self.data.train, self.data.eval_transform, recipe.runtime.eval_batch_size,
+                                           runtime)
+        weights = weights_digest(self.model.backbone)
+        store = self._feature_store(self.data.train, boundary, weights)
+        reused = store is not None and store.with_suffix(".json").is_file()
+        train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store)
+        val = None
+        if self.val_loader is not None:
+            val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
+                                   self._feature_store(self.data.val, boundary, weights))
+        size = train.nbytes + (val.nbytes if val is not None else 0)
+        shape = "x".join(map(str, train.features.shape[1:]))
+        images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")
+        where = f", memory-mapped from {store.parent}" if train.mapped else ""
+        self.log(f"{'reused ' if reused else ''}cached {what} ({shape}, {size / 2**20:.0f} MiB{where}) of {images} "
+                 f"images; {'the head trains on them' if boundary is None else 'each epoch runs from there'}")
+        return train, val
+
+    def _feature_store(self, images: Any, boundary: str | None, weights: str) -> Any:
+        """Where the features of ``images`` are kept on disk (keyed by all they depend on), or None for memory."""
+        from cxrkit.data.decoded import cache_key, cache_root
+
+        folder = cache_root() / "features"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self.log(f"features stay in memory: {folder} is not writable ({err.strerror})")
+            return None
+        key = features_key(weights, cache_key(images.items, self.data.preprocessing), boundary, self.runtime)
+        return folder / f"{key}.bin"
 
     def _run_epoch(self, index: int, stage: StageConfig, stage_epoch: int, inputs: tuple[Any, Any, Any, Any],
                    optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:
@@ -240,6 +297,8 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         freeze_bn = stage.batchnorm == "frozen" or (stage.batchnorm == "auto" and self.recipe.model.weights != "none")
         set_train_mode(self.model, freeze_batchnorm=freeze_bn)
+        if self._resumed is not None:
+            self._resumed.sync()
         desc = f"{stage.name} {stage_epoch + 1}/{stage.epochs}"
         stats = train_one_epoch(net, train_loader, self.loss_fn, optimizer, self.runtime,
                                 self.data.spec.task, progress, desc)

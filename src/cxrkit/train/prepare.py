@@ -59,8 +59,12 @@ def _labels_json(spec: DatasetSpec) -> dict[str, Any]:
     return {**spec.to_dict(), "threshold": 0.5 if spec.task == "binary" else None}
 
 
-def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime) -> RunData:
-    """Load the recipe's data; a new run saves its split, a resumed run reuses the saved one."""
+def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any = None) -> RunData:
+    """Load the recipe's data; a new run saves its split, a resumed run reuses the saved one.
+
+    With ``runtime.cache_images`` (and one process), images are read through the decoded-image cache
+    (:mod:`cxrkit.data.decoded`), built on first use; ``console`` shows its progress and notes.
+    """
     from cxrkit.data.splits import load_splits, save_splits
 
     ds = pipeline.load_data(recipe.data)
@@ -72,7 +76,10 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime) -> RunData:
         raise CxrError("the training split is empty")
     pre = pipeline.resolve_preprocessing(recipe.model)
     augment = pipeline.augmentation(recipe.augment)
-    data = RunData(ds.spec, ds, splits, pre, build_transform(pre, augment), build_transform(pre, None))
+    source = _decoded(ds, pre, recipe, runtime, console)
+    resized = source is not ds
+    data = RunData(ds.spec, source, splits, pre, build_transform(pre, augment, resized),
+                   build_transform(pre, None, resized))
     if run is not None and runtime.is_main and not resumed:
         save_splits(run.file("splits.csv"), ds, splits)
         run.write_text("recipe.yaml", recipe.to_yaml())
@@ -84,3 +91,19 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime) -> RunData:
         })
         run.write_json("env.json", {**environment(), "runtime": runtime.describe()})
     return data
+
+
+def _decoded(ds: LabelledImages, pre: Preprocessing, recipe: Recipe, runtime: Runtime, console: Any) -> LabelledImages:
+    """``ds`` on the decoded-image cache when it is on and can be built, else ``ds`` itself."""
+    if not recipe.runtime.cache_images or runtime.distributed:
+        return ds
+    from cxrkit.data.decoded import decoded_images
+    from cxrkit.train.loop import make_progress
+
+    def log(text: str) -> None:
+        if console is not None and runtime.is_main:
+            console.print(text, highlight=False)
+
+    with make_progress(console, console is not None and runtime.is_main) as progress:
+        cached = decoded_images(ds, pre, runtime.workers, progress, log)
+    return cached if cached is not None else ds

@@ -1,0 +1,158 @@
+"""Decoded-image cache: each image decoded and resized once, kept as uint8 in a memory-mapped file.
+
+Training reads an image every epoch it is not served from cached features: with augmentation, or a stage that
+trains the whole model. Decoding a JPEG and resizing it costs more on a small CPU than the rest of the input
+pipeline, and the result is the same every time, because augmentation runs after resizing on the 8-bit image
+(see :func:`~cxrkit.data.transforms.build_transform`). So the resized 8-bit images are written once to
+``<cache>/decoded/<key>.u8`` (``N x size x size``), and the transforms skip the resize.
+
+The key hashes every image's path, size and modification time with the resizing settings, so a changed file, a
+new image or another input size makes a new cache, never a stale one. Files are written under a temporary name
+and renamed when complete, so an interrupted build is never read. Grayscale (mode ``L``) datasets only: a colour
+image turns the cache off for that dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrkit.data.base import Item, LabelledImages
+from cxrkit.data.transforms import Preprocessing
+from cxrkit.errors import CxrError
+
+VERSION = 1  # bump when the stored layout or the resize changes
+
+
+def cache_root() -> Path:
+    """``$CXR_CACHE_DIR``, else ``~/.cache/cxrkit``."""
+    return Path(os.environ.get("CXR_CACHE_DIR") or Path.home() / ".cache" / "cxrkit").expanduser()
+
+
+def cache_key(items: list[Item], pre: Preprocessing) -> str:
+    """A hash of the resizing settings and every image's source, size and modification time."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": VERSION, "size": pre.size, "resize": pre.resize, "crop_pct": pre.crop_pct,
+                         "interpolation": pre.interpolation}, sort_keys=True).encode())
+    for item in items:
+        try:
+            st = os.stat(item.source)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "-"  # not a file (an array inside a MedMNIST archive): the archive's own key is in the source
+        h.update(f"{item.source}\0{stamp}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class DecodedReader:
+    """A dataset reader that returns the cached uint8 image ``1 x size x size`` of an item."""
+
+    def __init__(self, path: Path, sources: list[str], size: int):
+        self.path, self.size = path, size
+        self.rows = {source: i for i, source in enumerate(sources)}
+        self._array: np.ndarray | None = None  # opened lazily, once per DataLoader worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __call__(self, item: Item) -> Any:
+        import torch
+        from torchvision import tv_tensors
+
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(len(self.rows), self.size, self.size))
+        return tv_tensors.Image(torch.from_numpy(np.array(self._array[self.rows[item.source]]))[None])
+
+
+def _resize_only(pre: Preprocessing) -> Any:
+    from torchvision.transforms import v2
+
+    from cxrkit.data.transforms import resize_steps
+
+    return v2.Compose([v2.ToImage(), *resize_steps(pre)])
+
+
+class _Resized:
+    """Dataset of ``(row, resized uint8 image)`` for the build, so workers decode in parallel."""
+
+    def __init__(self, ds: LabelledImages, pre: Preprocessing):
+        self.ds, self.transform = ds, _resize_only(pre)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        image = self.ds.read(index)
+        return index, self.transform(image) if image.mode == "L" else None
+
+
+def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, progress: Any = None,
+                   log: Any = print, root: Path | None = None) -> LabelledImages | None:
+    """``ds`` with a reader of cached resized images, building the cache when it is missing.
+
+    Returns:
+        The dataset on the cache, or None when it cannot be cached (colour images, no disk space); ``log``
+        gets a one-line reason.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    if len({item.source for item in ds.items}) != len(ds):
+        raise CxrError("the dataset lists the same image twice; the decoded-image cache needs unique sources")
+    folder = (root or cache_root()) / "decoded"
+    key = cache_key(ds.items, pre)
+    path, meta_path = folder / f"{key}.u8", folder / f"{key}.json"
+    sources = [item.source for item in ds.items]
+    shape = (len(ds), pre.size, pre.size)
+    if not (path.is_file() and meta_path.is_file() and path.stat().st_size == int(np.prod(shape))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as err:
+            log(f"decoded-image cache off: {folder} is not writable ({err.strerror})")
+            return None
+        need = int(np.prod(shape))
+        if need > free * 0.9:
+            log(f"decoded-image cache off: it needs {need / 2**20:.0f} MiB, {folder} has {free / 2**20:.0f} MiB free")
+            return None
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+            # its own generator: iterating a DataLoader draws a seed, and the build must not shift the global
+            # generator (model initialisation would then depend on whether the cache already existed)
+            loader = DataLoader(_Resized(ds, pre), batch_size=64, num_workers=workers, collate_fn=list,
+                                generator=torch.Generator())
+            task = progress.add_task("decoding images once", total=len(loader), rate="") if progress else None
+            for batch in loader:
+                for index, image in batch:
+                    if image is None:
+                        log(f"decoded-image cache off: {ds.items[index].source} is a colour image")
+                        tmp.unlink(missing_ok=True)
+                        return None
+                    array[index] = image[0].numpy()
+                if task is not None:
+                    progress.update(task, advance=1)
+            if task is not None:
+                progress.remove_task(task)
+            array.flush()
+            del array
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        from cxrkit.runs import atomic_write_json
+
+        atomic_write_json(meta_path, {"version": VERSION, "images": len(ds), "size": pre.size,
+                                      "preprocessing": pre.to_dict(), "first": sources[:1]})
+        log(f"decoded {len(ds)} images once into {path} ({need / 2**20:.0f} MiB)")
+    reader = DecodedReader(path, sources, pre.size)
+    return LabelledImages(ds.spec, list(ds.items), reader, list(ds.skipped))
+
+
+__all__ = ["DecodedReader", "cache_key", "cache_root", "decoded_images"]

@@ -1,0 +1,91 @@
+"""The decoded-image cache gives the model exactly the input it would get from the files, and is never stale."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from synth import kermany_folder
+
+from cxrkit.data.base import LabelledImages
+from cxrkit.data.decoded import cache_key, decoded_images
+from cxrkit.data.folder import load_folder
+from cxrkit.data.transforms import Augment, Preprocessing, build_transform
+
+SQUASH = Preprocessing(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+CROP = Preprocessing(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bicubic", resize="crop",
+                     crop_pct=0.875)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return kermany_folder(tmp_path / "xray", per_class=6, size=57)
+
+
+def _build(ds, pre, root, log=None):
+    notes = []
+    cached = decoded_images(ds, pre, workers=0, log=(log or notes.append), root=root)
+    return cached, notes
+
+
+@pytest.mark.parametrize("pre", [SQUASH, CROP], ids=["squash", "crop"])
+def test_cached_inputs_equal_the_inputs_from_the_files(folder, tmp_path, pre):
+    ds = load_folder(folder)
+    cached, notes = _build(ds, pre, tmp_path / "cache")
+    assert cached is not None and "decoded 12 images once" in notes[0]
+    plain, fast = build_transform(pre), build_transform(pre, resized=True)
+    for i in range(len(ds)):
+        assert torch.equal(fast(cached.read(i)), plain(ds.read(i)))
+    # augmentation runs after the resize, so a seeded augmented input is the same too
+    aug = Augment(policy="light", rotate=10, translate=0.1)
+    torch.manual_seed(1)
+    want = build_transform(pre, aug)(ds.read(3))
+    torch.manual_seed(1)
+    assert torch.equal(build_transform(pre, aug, resized=True)(cached.read(3)), want)
+    # subsets keep their rows
+    part = cached.subset([5, 1])
+    assert torch.equal(fast(part.read(0)), plain(ds.read(5)))
+
+
+def test_a_second_run_reuses_the_cache_and_a_changed_image_makes_a_new_one(folder, tmp_path):
+    ds = load_folder(folder)
+    _, first = _build(ds, SQUASH, tmp_path / "cache")
+    _, again = _build(load_folder(folder), SQUASH, tmp_path / "cache")
+    assert first and not again  # nothing decoded the second time
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.u8"))) == 1
+
+    before = cache_key(ds.items, SQUASH)
+    path = ds.items[0].source
+    Image.new("L", (57, 57), 255).save(path)
+    os.utime(path, ns=(1, 1))
+    changed = load_folder(folder)
+    assert cache_key(changed.items, SQUASH) != before
+    cached, notes = _build(changed, SQUASH, tmp_path / "cache")
+    assert notes and torch.equal(cached.read(0), torch.full((1, 32, 32), 255, dtype=torch.uint8))
+    # another input size is another cache
+    assert cache_key(ds.items, SQUASH) != cache_key(ds.items, CROP)
+
+
+def test_colour_images_turn_the_cache_off_with_a_reason(folder, tmp_path):
+    ds = load_folder(folder)
+    colour = LabelledImages(ds.spec, ds.items, lambda item: Image.open(item.source).convert("RGB"))
+    cached, notes = _build(colour, SQUASH, tmp_path / "cache")
+    assert cached is None and "is a colour image" in notes[0]
+    assert not list((tmp_path / "cache" / "decoded").glob("*"))
+
+
+def test_an_interrupted_build_leaves_nothing_to_read(folder, tmp_path):
+    ds = load_folder(folder)
+
+    def failing(item):
+        if item is ds.items[7]:
+            raise KeyboardInterrupt
+        return Image.open(item.source).convert("L")
+
+    with pytest.raises(KeyboardInterrupt):
+        _build(LabelledImages(ds.spec, ds.items, failing), SQUASH, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "decoded").glob("*"))
+    cached, notes = _build(ds, SQUASH, tmp_path / "cache")
+    assert cached is not None and notes
+    assert np.asarray(cached.read(7)).std() > 0
