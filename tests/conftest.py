@@ -10,3 +10,24 @@ def _private_cache(tmp_path_factory):
     mp.setenv("CXR_CACHE_DIR", str(tmp_path_factory.mktemp("cxr-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A binary run of a tiny random-weight mobilenet_v3_small at 48 px, trained one epoch per stage (shared, so
+    tests must not change it)."""
+    from pathlib import Path
+
+    from synth import kermany_folder
+    from typer.testing import CliRunner
+
+    from cxrkit.cli.main import app
+
+    data = kermany_folder(tmp_path_factory.mktemp("tiny-xray"), per_class=10, size=48)
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(data), "--out", str(tmp_path_factory.mktemp("tiny-runs")),
+        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48",
+        "--set", "runtime.batch_size=8", "--set", "runtime.workers=0",
+        "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"])
+    assert result.exit_code == 0, result.output
+    return Path(result.stdout.strip().splitlines()[-1])

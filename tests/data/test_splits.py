@@ -157,3 +157,12 @@ def test_splits_survive_a_moved_data_folder_and_a_relative_root(tmp_path, monkey
         assert all(np.array_equal(loaded[k], splits[k]) for k in ("train", "val", "test"))
     with pytest.raises(CxrError, match="3 sources missing"):
         load_splits(tmp_path / "s.csv", moved("/mnt/copy/data").subset(range(3, len(ds))))
+
+
+def test_a_tiny_balanced_dataset_splits_instead_of_failing_inside_scikit_learn():
+    """8 one-image patients per class: more folds than members per class used to raise sklearn's ValueError."""
+    items = [Item(f"/data/{label}{i}.png", f"{label}{i}", label, None) for label in (0, 1) for i in range(8)]
+    ds = LabelledImages(DatasetSpec("tiny", "binary", ("normal", "pneumonia")), items, lambda item: None)
+    splits = assign_splits(ds, ratios=(0.7, 0.1, 0.2), seed=0)
+    _check_partition(ds, splits)
+    assert all(len(splits[s]) > 0 for s in ("train", "val", "test"))

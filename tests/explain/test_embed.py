@@ -28,7 +28,8 @@ def run(tmp_path_factory):
     data = kermany_folder(tmp_path_factory.mktemp("xray"), per_class=24, size=48)
     out = tmp_path_factory.mktemp("runs")
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY,
-                                      "--set", "stages.0.epochs=3", "--set", "stages.1.epochs=1"])
+                                      "--set", "stages.0.epochs=3", "--set", "stages.0.lr=3e-3",
+                                      "--set", "stages.1.epochs=1"])
     assert result.exit_code == 0, result.output
     return Path(result.stdout.strip().splitlines()[-1])
 

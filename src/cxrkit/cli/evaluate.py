@@ -28,6 +28,7 @@ def evaluate(
     map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     batch_size: int = typer.Option(64, "--batch-size"),
+    engine: str = typer.Option("torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use) or auto"),
 ) -> None:
     """Evaluate a run; writes RUN/eval/<name>/metrics.json and predictions.csv."""
     from rich.console import Console
@@ -38,7 +39,7 @@ def evaluate(
     from cxrkit.serve.predictor import Predictor
 
     console = Console(stderr=True, soft_wrap=True)
-    predictor = Predictor(run, checkpoint=checkpoint)
+    predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
     metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
     where = f"{metrics['dataset']} {metrics['split']}"
     table = Table(title=f"{where}: {metrics['n']} images, {metrics['patients']} patients")

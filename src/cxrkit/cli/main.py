@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from cxrkit.cli import calibrate, compare, embed, evaluate, explain, models, predict, report, train
+from cxrkit.cli import calibrate, compare, embed, evaluate, explain, export, models, predict, report, serve, train
 from cxrkit.errors import CxrError
 
 app = typer.Typer(
@@ -27,6 +27,8 @@ app.command("compare")(compare.compare)
 app.command("models")(models.models)
 app.command("embed")(embed.embed)
 app.command("explain")(explain.explain)
+app.command("export")(export.export)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ def predict(
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     batch_size: int = typer.Option(32, "--batch-size"),
+    engine: str = typer.Option("torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use) or auto"),
 ) -> None:
     """Predict images; unreadable files are listed with the reason and make the exit status non-zero."""
     from cxrkit.errors import CxrError
@@ -27,7 +28,7 @@ def predict(
     paths = expand_inputs(inputs)
     if not paths:
         raise CxrError("no image found in " + " ".join(inputs))
-    predictor = Predictor(run, checkpoint=checkpoint)
+    predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
     results = list(predictor.predict_files(paths, batch_size))
     failed = [r for r in results if r.error]
     if format_ == "table" and output is None:
@@ -50,9 +51,7 @@ def _render(results: list, labels: list[str], format_: str) -> str:
 
     if format_ == "json":
         return json.dumps([r.to_dict() for r in results], indent=2) + "\n"
-    rows = [{"source": r.source, "label": r.label or "", **{f"p_{n}": r.probabilities.get(n, "") for n in labels},
-             "error": r.error or ""} for r in results]
-    return csv_text(rows, ["source", "label", *[f"p_{n}" for n in labels], "error"])
+    return csv_text([r.to_row(labels) for r in results])
 
 
 def _print_table(results: list, labels: list[str]) -> None:

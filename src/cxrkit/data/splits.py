@@ -121,10 +121,15 @@ def _take_fraction(
     n_groups = len(np.unique(groups[pool]))
     if n_groups < 2:
         raise CxrError(f"cannot split {len(pool)} images of {n_groups} patient(s): need at least 2 patients")
-    folds, take = _fold_counts(fraction, min(MAX_FOLDS, n_groups))
+    largest = int(np.unique(y[pool], return_counts=True)[1].max())  # folds beyond it cannot all get that class
+    folds, take = _fold_counts(fraction, min(MAX_FOLDS, n_groups, largest))
     strata = _merge_rare(y[pool], folds)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    taken = [pool[test] for _, test in splitter.split(np.zeros(len(pool)), strata, groups[pool])][:take]
+    try:
+        taken = [pool[test] for _, test in splitter.split(np.zeros(len(pool)), strata, groups[pool])][:take]
+    except ValueError as err:  # scikit-learn's word for a pool too small to stratify
+        raise CxrError(f"cannot split {len(pool)} images of {n_groups} patients into {folds} stratified folds: "
+                       f"{err}") from None
     taken_idx = np.concatenate(taken) if taken else pool[:0]
     return taken_idx, np.setdiff1d(pool, taken_idx)
 

@@ -104,7 +104,8 @@ def evaluate_run(
         "threshold_method": predictor.labels_info.get("threshold_method", "default"), "reliability": reliability,
     })
     metrics.update({
-        "run": predictor.run.name, "checkpoint": predictor.checkpoint, "dataset": ds_name, "split": split,
+        "run": predictor.run.name, "checkpoint": predictor.checkpoint, "engine": predictor.engine,
+        "dataset": ds_name, "split": split,
         "external": external, "data": str(data or predictor.recipe.data.root or predictor.recipe.data.name),
         "patients": len({it.patient for it in ds.items}), "label_map": label_map or {},
         "recipe": {"backbone": predictor.recipe.model.backbone, "weights": predictor.recipe.model.weights,

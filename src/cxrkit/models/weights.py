@@ -10,6 +10,7 @@ and must fit the library model exactly (``strict=True``), either the full ImageN
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "list_backbones",
     "load_state_dict_file",
     "preprocessing_of",
+    "weights_digest",
     "weights_search_dirs",
 ]
 
@@ -276,3 +278,12 @@ def _no_weights_message(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else "no details"
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer of ``module`` (names, values)."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -3,6 +3,7 @@ service, so all three preprocess, batch and threshold in exactly the same way.""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from cxrkit.config import load_recipe
 from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
 from cxrkit.errors import CxrError
+from cxrkit.models.weights import weights_digest
 from cxrkit.runs import Run
 from cxrkit.train.loop import make_progress, predict
 from cxrkit.train.losses import probabilities
@@ -24,21 +26,76 @@ from cxrkit.train.runtime import Runtime, setup_runtime
 
 @dataclass
 class Prediction:
-    """One image's result: a label with probabilities, or the reason it could not be read."""
+    """One image's result, the same fields in ``cxr predict`` output and the service's JSON.
+
+    Attributes:
+        source: the file (or upload) name.
+        label: the decision: the positive class at the threshold (binary), the most probable class (multi-class),
+            the labels over the threshold joined by ``|`` (multi-label); None when the image could not be read.
+        probabilities: calibrated probability per label.
+        threshold: the run's operating threshold (binary and multi-label; None for multi-class).
+        exceeded: whether the positive class (binary) or any label (multi-label) reached the threshold.
+        model: which model answered: run, backbone, checkpoint, weights checksum and engine.
+        timing_ms: decoding, the model's share of its batch, and their sum.
+        error: why the image could not be predicted (then the other fields are empty).
+    """
 
     source: str
     label: str | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
+    threshold: float | None = None
+    exceeded: bool | None = None
+    model: dict[str, str] = field(default_factory=dict)
+    timing_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "label": self.label, "probabilities": self.probabilities, "error": self.error}
+        return {"source": self.source, "label": self.label, "probabilities": self.probabilities,
+                "threshold": self.threshold, "exceeded": self.exceeded, "model": self.model,
+                "timing_ms": self.timing_ms, "error": self.error}
+
+    def to_row(self, labels: list[str]) -> dict[str, Any]:
+        """The same fields, flat, for CSV: ``p_<label>`` columns, ``model_<key>`` and ``ms_<stage>``."""
+        return {"source": self.source, "label": self.label or "",
+                **{f"p_{n}": self.probabilities.get(n, "") for n in labels},
+                "threshold": "" if self.threshold is None else self.threshold,
+                "exceeded": "" if self.exceeded is None else int(self.exceeded),
+                **{f"model_{k}": v for k, v in self.model.items()},
+                **{f"ms_{k}": self.timing_ms.get(k, "") for k in ("decode", "model", "total")},
+                "error": self.error or ""}
+
+
+ENGINES = ("torch", "onnx")
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto``: ONNX Runtime on a CPU without bf16 instructions (measured faster there for all four backbones of
+    ``bench/inference.py``), PyTorch where bf16 autocast or a GPU is available; other names pass through."""
+    if engine != "auto":
+        return engine
+    from cxrkit.train.runtime import cpu_supports_bf16
+
+    return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
 
 
 class Predictor:
-    """The model, labels and preprocessing of a run."""
+    """The model, labels and preprocessing of a run.
 
-    def __init__(self, run: str | Path | Run, checkpoint: str = "best", runtime: Runtime | None = None):
+    Args:
+        run: the run directory (or an open :class:`~cxrkit.runs.Run`).
+        checkpoint: ``best`` or ``last``.
+        runtime: where and how the PyTorch engine runs (default: the recipe's runtime settings).
+        engine: ``torch`` (bf16 autocast and channels_last where the CPU supports them), ``onnx`` (ONNX Runtime
+            on the CPU, fp32, from ``RUN/export/<checkpoint>.onnx``, exported on first use) or ``auto``
+            (:func:`resolve_engine`).
+        console: where the one-off ONNX export is announced (rich console; default: stderr).
+    """
+
+    def __init__(self, run: str | Path | Run, checkpoint: str = "best", runtime: Runtime | None = None,
+                 engine: str = "torch", console: Any = None):
+        if engine not in ("auto", *ENGINES):
+            raise CxrError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
+        engine = resolve_engine(engine)
         self.run = run if isinstance(run, Run) else Run.open(run)
         self.recipe = load_recipe(self.run.file("recipe.yaml"))
         self.labels_info = self.run.read_json("labels.json")
@@ -46,16 +103,67 @@ class Predictor:
         self.task: str = self.labels_info["task"]
         self.preprocessing = Preprocessing.from_dict(self.run.read_json("data.json")["preprocessing"])
         self.transform = build_transform(self.preprocessing, None)
-        self.runtime = runtime or setup_runtime(self.recipe.runtime.device, self.recipe.runtime.precision,
-                                                self.recipe.runtime.channels_last, self.recipe.runtime.threads)
+        settings = self.recipe.runtime
+        if engine == "onnx":  # ONNX Runtime computes in fp32 on the CPU; the torch side only feeds it batches
+            runtime = runtime or setup_runtime("cpu", "fp32", False, settings.threads)
+        self.runtime = runtime or setup_runtime(settings.device, settings.precision, settings.channels_last,
+                                                settings.threads)
         model = pipeline.build_model(self.recipe.model, len(self.labels), weights="none")
         model.load_state_dict(self.run.load_checkpoint(checkpoint)["model"])
-        self.model = self.runtime.prepare_model(model).eval()
         self.checkpoint = checkpoint
+        self.engine = engine
+        self.weights_sha256 = weights_digest(model)
+        if engine == "onnx":
+            from cxrkit.export.onnx import OnnxModel
+
+            self.model: torch.nn.Module = OnnxModel(self.onnx_file(model, console), torch.get_num_threads())
+        else:
+            self.model = self.runtime.prepare_model(model).eval()
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What an exported file carries so it can be used without cxrkit."""
+        from cxrkit import __version__
+
+        return {
+            "run": self.run.name, "backbone": self.recipe.model.backbone, "checkpoint": self.checkpoint,
+            "weights_sha256": self.weights_sha256, "labels": self.labels, "task": self.task,
+            "positive": self.labels_info.get("positive"), "preprocessing": self.preprocessing.to_dict(),
+            "threshold": self.threshold, "temperature": self.temperature, "cxrkit_version": __version__,
+        }
+
+    def onnx_file(self, model: torch.nn.Module, console: Any = None) -> Path:
+        """``RUN/export/<checkpoint>.onnx`` for these weights: reused when its weights checksum matches (metadata
+        refreshed if calibration changed since), exported otherwise."""
+        from cxrkit.export.onnx import export_onnx, read_metadata, update_metadata
+
+        path = self.run.path / "export" / f"{self.checkpoint}.onnx"
+        wanted = self.export_metadata()
+        if path.is_file():
+            try:
+                found = read_metadata(path)
+            except CxrError:  # a damaged export is rebuilt from the checkpoint, which is the source of truth
+                found = {}
+            if found.get("weights_sha256") == self.weights_sha256:
+                if found != wanted:
+                    update_metadata(path, wanted)
+                return path
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        console.print(f"exporting the {self.checkpoint} checkpoint to ONNX once: {path}")
+        return export_onnx(model, path, self.preprocessing.size, wanted)
 
     @property
     def threshold(self) -> float | None:
         return self.labels_info.get("threshold")
+
+    @property
+    def operating_threshold(self) -> float | None:
+        """The threshold decisions use: the run's, or 0.5 before calibration; None for multi-class (argmax)."""
+        if self.task == "multiclass":
+            return None
+        return self.threshold if self.threshold is not None else 0.5
 
     @property
     def temperature(self) -> float:
@@ -73,11 +181,10 @@ class Predictor:
     def decide(self, probs: np.ndarray) -> list[str]:
         """Labels from probabilities: the positive class at the run's threshold (binary), the most probable class
         (multi-class) or every label over its threshold joined by ``|`` (multi-label)."""
+        threshold = self.operating_threshold
         if self.task == "binary":
-            threshold = self.threshold if self.threshold is not None else 0.5
             return [self.labels[int(p[1] >= threshold)] for p in probs]
         if self.task == "multilabel":
-            threshold = self.threshold if self.threshold is not None else 0.5
             return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) or "none" for p in probs]
         return [self.labels[int(i)] for i in probs.argmax(1)]
 
@@ -101,27 +208,58 @@ class Predictor:
             logits = self.model(x)
         return self.calibrate(probabilities(self.task, logits).cpu().numpy())
 
+    @property
+    def model_id(self) -> dict[str, str]:
+        """Which model answers: run name, backbone, checkpoint, SHA-256 of the weights, engine."""
+        return {"run": self.run.name, "backbone": self.recipe.model.backbone, "checkpoint": self.checkpoint,
+                "weights_sha256": self.weights_sha256, "engine": self.engine}
+
+    def exceeded(self, probs: np.ndarray) -> list[bool | None]:
+        """Per image: the positive class (binary) or any label (multi-label) at or over the threshold."""
+        threshold = self.operating_threshold
+        if threshold is None:
+            return [None] * len(probs)
+        if self.task == "binary":
+            return [bool(p[1] >= threshold) for p in probs]
+        return [bool((p >= threshold).any()) for p in probs]
+
+    def predict_decoded(self, sources: list[str], images: list[Any], decode_ms: list[float]) -> list[Prediction]:
+        """Predictions for decoded images (one batch), with their timing."""
+        start = time.perf_counter()
+        probs = self.predict_images(images)
+        model_ms = (time.perf_counter() - start) * 1000 / max(1, len(images))
+        return [
+            Prediction(source, label, {n: round(float(q), 6) for n, q in zip(self.labels, p)},
+                       self.operating_threshold, over,
+                       self.model_id, {"decode": round(d, 2), "model": round(model_ms, 2),
+                                       "total": round(d + model_ms, 2)})
+            for source, p, label, over, d in zip(sources, probs, self.decide(probs), self.exceeded(probs), decode_ms)
+        ]
+
     def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
-        """Predict files in batches; unreadable files yield a :class:`Prediction` with ``error`` set."""
+        """Predict files in batches, in the order given; an unreadable file yields a :class:`Prediction` with
+        ``error`` set."""
         from cxrkit.data.images import read_image
 
-        batch: list[tuple[str, Any]] = []
+        pending: list[Prediction | tuple[str, Any, float]] = []  # in input order: failures and decoded images
+        decoded = 0
         for path in paths:
+            start = time.perf_counter()
             try:
-                batch.append((path, read_image(path)))
+                pending.append((path, read_image(path), (time.perf_counter() - start) * 1000))
+                decoded += 1
             except CxrError as err:
-                yield Prediction(path, error=str(err))
-                continue
-            if len(batch) == batch_size:
-                yield from self._finish(batch)
-                batch = []
-        if batch:
-            yield from self._finish(batch)
+                pending.append(Prediction(path, model=self.model_id, error=str(err)))
+            if decoded == batch_size:
+                yield from self._flush(pending)
+                pending, decoded = [], 0
+        yield from self._flush(pending)
 
-    def _finish(self, batch: list[tuple[str, Any]]) -> Iterator[Prediction]:
-        probs = self.predict_images([im for _, im in batch])
-        for (path, _), p, label in zip(batch, probs, self.decide(probs)):
-            yield Prediction(path, label, {n: round(float(q), 6) for n, q in zip(self.labels, p)})
+    def _flush(self, pending: list[Prediction | tuple[str, Any, float]]) -> Iterator[Prediction]:
+        images = [item for item in pending if not isinstance(item, Prediction)]
+        answers = iter(self.predict_decoded(*map(list, zip(*images))) if images else [])
+        for item in pending:
+            yield item if isinstance(item, Prediction) else next(answers)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:

@@ -51,15 +51,6 @@ class FeatureDataset(Dataset):
         return {"image": self.features[index], "target": self.targets[index], "index": index}
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A hash of every parameter and buffer of ``module`` (names, values)."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def features_key(weights: str, images_key: str, boundary: str | None, runtime: Runtime) -> str:
     """What cached features depend on, hashed: the backbone's :func:`weights_digest`, the images and their
     preprocessing (``images_key``), where the features are taken, and the numerics (precision, memory format,

@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from cxrkit import pipeline
 from cxrkit.config import Recipe, StageConfig
 from cxrkit.models.freeze import apply_trainable, set_train_mode
+from cxrkit.models.weights import weights_digest
 from cxrkit.runs import Run
-from cxrkit.train.features import extract_features, feature_loader, features_key, weights_digest
+from cxrkit.train.features import extract_features, feature_loader, features_key
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
 from cxrkit.train.prefix import ResumedModel, find_boundary

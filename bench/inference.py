@@ -1,0 +1,160 @@
+"""Inference speed per backbone: naive fp32 eager PyTorch vs cxrkit's path vs ONNX Runtime, at 224 px.
+
+For each backbone (a cxrkit classifier with a 2-class head; random weights, which do not change the speed):
+
+- ``naive``: what a typical script does: the model in fp32, ``model.eval()``, ``torch.no_grad()``, NCHW tensors.
+- ``cxrkit``: what ``cxr predict`` and ``cxr evaluate --engine torch`` run: the runtime resolved from the defaults
+  (bf16 autocast and channels_last where the CPU has AVX512-BF16/AMX, fp32 otherwise), under ``inference_mode``.
+- ``fp32-cl``: fp32 with channels_last (to show what the memory format alone does on this CPU).
+- ``onnx``: ``cxr predict --engine onnx``: the model exported by cxrkit and run by ONNX Runtime's CPU provider.
+
+Printed per backbone and mode: batch-1 latency (median of ``--latency-runs``) and batch-``--batch`` throughput
+(images/s over ``--throughput-batches`` batches, after one warm-up batch), the ratio to ``naive``, and the FLOP rate
+reached as a fraction of the CPU's peak. FLOPs per image are counted by ``torch.utils.flop_counter`` (a multiply-add
+is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the nominal ``cpu MHz`` of
+/proc/cpuinfo (no boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
+AVX2; AMD's AVX-512 also runs on 256-bit pipes) or x 16 lanes (Intel AVX-512); bf16 with AVX512-BF16 or AMX doubles
+the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane). Preprocessing is not timed (tensors in, logits out).
+
+    python bench/inference.py
+    python bench/inference.py --backbones mobilenet_v2 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BACKBONES = ("mobilenet_v2", "resnet18", "densenet121", "tf_efficientnet_lite0")
+MODES = ("naive", "cxrkit", "fp32-cl", "onnx")
+
+
+def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
+    """Peak GFLOP/s for fp32 and (where the CPU has it) bf16, and how they were computed."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    mhz = next((float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 0.0)
+    vendor = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
+    lanes = 16 if "avx512f" in flags and vendor == "GenuineIntel" else 8 if "avx2" in flags else 4
+    fp32_per_cycle = 2 * 2 * lanes
+    peaks = {"fp32": cores * mhz / 1000 * fp32_per_cycle}
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    if bf16:
+        peaks["bf16"] = 2 * peaks["fp32"]
+    how = (f"{cores} cores x {mhz:.0f} MHz x {fp32_per_cycle} fp32 FLOPs/cycle (2 FMA pipes x {lanes} lanes)"
+           + (", bf16 x2" if bf16 else ", no bf16 instructions"))
+    return peaks, how
+
+
+def flops_per_image(model: torch.nn.Module, size: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def _time(fn, x: torch.Tensor, runs: int) -> list[float]:
+    fn(x)  # warm-up: oneDNN primitive creation, ONNX Runtime allocation
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list[str]):
+    """``mode -> (callable on an NCHW float batch, precision)``, built as each mode's user would build it."""
+    import copy
+
+    from cxrkit.export.onnx import OnnxModel, export_onnx
+    from cxrkit.train.runtime import setup_runtime
+
+    out = {}
+    if "naive" in modes:
+        naive = copy.deepcopy(model).eval()
+
+        def run_naive(x):
+            with torch.no_grad():
+                return naive(x)
+
+        out["naive"] = (run_naive, "fp32")
+    if "cxrkit" in modes:
+        runtime = setup_runtime()
+        fast = runtime.prepare_model(copy.deepcopy(model)).eval()
+
+        def run_cxrkit(x):
+            with torch.inference_mode(), runtime.autocast():
+                return fast(runtime.to_device(x))
+
+        out["cxrkit"] = (run_cxrkit, runtime.precision + (", channels_last" if runtime.channels_last else ""))
+    if "fp32-cl" in modes:
+        cl = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+
+        def run_cl(x):
+            with torch.inference_mode():
+                return cl(x.contiguous(memory_format=torch.channels_last))
+
+        out["fp32-cl"] = (run_cl, "fp32, channels_last")
+    if "onnx" in modes:
+        path = export_onnx(model, tmp / f"{name}.onnx", size, {"backbone": name})
+        session = OnnxModel(path)
+        out["onnx"] = (session, "fp32 (ONNX Runtime)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--throughput-batches", type=int, default=3)
+    args = parser.parse_args()
+    if "naive" not in args.modes:
+        parser.error("--modes must include naive (the baseline of every ratio)")
+
+    from cxrkit.models.classifier import build_classifier
+    from cxrkit.train.runtime import setup_runtime
+
+    cores = len(os.sched_getaffinity(0))
+    peaks, how = cpu_peak_gflops(cores)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; "
+          f"cxrkit runtime here: {setup_runtime().describe()}")
+    print(f"peak: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())} ({how})")
+    print(f"{args.size} px; latency = median of {args.latency_runs} batch-1 calls; throughput = "
+          f"{args.throughput_batches} batches of {args.batch}\n")
+    header = f"{'backbone':<22} {'mode':<8} {'precision':<22} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} {'% peak':>7}"
+    print(header)
+    print("-" * len(header))
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.backbones:
+            model = build_classifier(name, 2, weights="none").eval()
+            flops = flops_per_image(model, args.size)
+            base = None
+            for mode, (fn, precision) in runners(name, model, args.size, Path(tmp), args.modes).items():
+                one = torch.randn(1, 3, args.size, args.size)
+                batch = torch.randn(args.batch, 3, args.size, args.size)
+                latency = statistics.median(_time(fn, one, args.latency_runs)) * 1000
+                rate = args.batch * args.throughput_batches / sum(_time(fn, batch, args.throughput_batches))
+                base = base or rate
+                peak = peaks["bf16"] if precision.startswith("bf16") else peaks["fp32"]
+                print(f"{name:<22} {mode:<8} {precision:<22} {latency:>8.1f} {rate:>8.1f} {rate / base:>8.2f} "
+                      f"{100 * rate * flops / 1e9 / peak:>6.1f}%", flush=True)
+            print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Exported models: ONNX files with their preprocessing metadata, usable without cxrkit."""

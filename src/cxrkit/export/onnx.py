@@ -1,0 +1,128 @@
+"""ONNX export of a run's model, and an ONNX Runtime session that stands in for the PyTorch model.
+
+The graph takes ``image``, a float32 batch ``[N, 3, H, W]`` that is already preprocessed (resized, scaled to [0, 1]
+and normalised with the mean and std in the metadata), and returns ``logits [N, labels]``. Everything needed to use
+the file without cxrkit travels in its ``metadata_props`` as JSON values under ``cxrkit.*`` keys: labels, task,
+preprocessing, threshold, temperature, the run and backbone, and the SHA-256 of the checkpoint it came from.
+
+Export uses ``torch.onnx.export(dynamo=True)``, PyTorch's supported exporter (the TorchScript one is deprecated),
+with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxrkit.errors import CxrError
+from cxrkit.runs import atomic_write_bytes
+
+INPUT = "image"
+OUTPUT = "logits"
+PREFIX = "cxrkit."
+
+
+def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[str, Any]) -> Path:
+    """Write ``model`` (fp32, eval mode) as ONNX with a dynamic batch dimension and ``metadata``; atomic.
+
+    Args:
+        model: the classifier; it is not modified (a float32 copy is exported).
+        path: the ``.onnx`` file to write.
+        size: input height and width.
+        metadata: JSON-serialisable values stored as ``cxrkit.<key>``.
+    """
+    import copy
+
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(2, 3, size, size)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), torch.no_grad():
+                torch.onnx.export(fp32, (example,), str(raw), input_names=[INPUT], output_names=[OUTPUT],
+                                  dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                  external_data=False, verbose=False)
+        except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
+            raise CxrError(f"{path}: the model cannot be exported to ONNX: {str(err).splitlines()[0]}") from err
+        proto = onnx.load(str(raw))
+    _set_metadata(proto, metadata)
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path
+
+
+def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    for key, value in sorted(metadata.items()):
+        proto.metadata_props.add(key=PREFIX + key, value=json.dumps(value))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``cxrkit.*`` metadata of an exported file, decoded (without loading the weights)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise CxrError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
+    return {p.key[len(PREFIX):]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith(PREFIX)}
+
+
+def update_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Replace the ``cxrkit.*`` metadata of an exported file in place (atomic), keeping the graph."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    _set_metadata(proto, metadata)
+    atomic_write_bytes(path, proto.SerializeToString())
+
+
+class OnnxModel(nn.Module):
+    """An ONNX Runtime CPU session behind the ``nn.Module`` call, so prediction loops need no second branch.
+
+    ``forward`` takes a preprocessed float batch (any memory format) and returns float32 logits on the CPU.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+            raise CxrError(f"{path}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None
+        self.path = Path(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: batch})[0])
+
+
+def max_difference(model: nn.Module, path: str | Path, size: int, batch: int = 4, seed: int = 0) -> float:
+    """Largest absolute difference between ONNX Runtime's logits and the fp32 PyTorch model's on random inputs."""
+    import copy
+
+    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = fp32(x)
+    return float((OnnxModel(path)(x) - expected).abs().max())

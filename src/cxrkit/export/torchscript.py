@@ -1,0 +1,44 @@
+"""TorchScript export: a traced fp32 model with the same ``cxrkit.json`` metadata as the ONNX file.
+
+``torch.jit`` is deprecated in PyTorch 2.14 in favour of ``torch.export``; TorchScript files still load in C++
+(libtorch) and in every PyTorch release that can read them, which is why deployments ask for them. The warnings
+of the tracer are kept out of the user's terminal; the format's status is stated in ``docs/deploy.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxrkit.runs import atomic_write_bytes
+
+METADATA_FILE = "cxrkit.json"
+
+
+def export_torchscript(model: nn.Module, path: str | Path, size: int, metadata: dict[str, Any]) -> Path:
+    """Trace ``model`` (fp32, eval) at ``size`` and save it with ``metadata`` as the extra file ``cxrkit.json``."""
+    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        traced = torch.jit.trace(fp32, torch.zeros(2, 3, size, size))
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The traced model and its metadata."""
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return module, json.loads(extra[METADATA_FILE] or "{}")

@@ -1,0 +1,77 @@
+"""``cxr predict`` over every bad or unusual input kind, folders and globs, and its output fields."""
+
+import csv
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from badinputs import CASES, write_cases
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    return write_cases(tmp_path_factory.mktemp("bad"))
+
+
+def test_every_case_in_a_folder_is_predicted_or_explained(tiny_run, cases):
+    folder = next(iter(cases.values())).parent
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(folder), "--format", "json"])
+    assert result.exit_code == 1  # some files failed
+    rows = {r["source"]: r for r in json.loads(result.stdout)}
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for case, (_, expected) in CASES.items():
+        row = rows[str(cases[case])]
+        if expected == "ok":
+            assert row["error"] is None and row["label"] in ("NORMAL", "PNEUMONIA"), case
+            assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        else:
+            assert row["label"] is None and re.search(expected, row["error"]), (case, row["error"])
+            assert any(re.search(expected, line) for line in errors), case
+    failed = sum(expected != "ok" for _, expected in CASES.values())
+    assert f"{failed} of {len(CASES)} files could not be predicted" in result.stderr
+    one, two = rows[str(cases["dicom-mono1"])], rows[str(cases["dicom-mono2"])]
+    assert one["probabilities"] == pytest.approx(two["probabilities"], abs=1e-6)
+
+
+def test_json_and_csv_carry_the_service_fields(tiny_run, cases):
+    path = str(cases["rgba-png"])
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), path, "--format", "json"])
+    (row,) = json.loads(result.stdout)
+    assert set(row) == {"source", "label", "probabilities", "threshold", "exceeded", "model", "timing_ms", "error"}
+    assert set(row["model"]) == {"run", "backbone", "checkpoint", "weights_sha256", "engine"}
+    assert row["exceeded"] == (row["probabilities"]["PNEUMONIA"] >= row["threshold"])
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), path, str(cases["text"]), "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["source"] for r in rows] == [path, str(cases["text"])]
+    assert rows[0]["model_weights_sha256"] == row["model"]["weights_sha256"] and rows[1]["error"]
+    assert float(rows[0]["p_PNEUMONIA"]) == pytest.approx(row["probabilities"]["PNEUMONIA"], abs=1e-6)
+
+
+def test_glob_patterns_and_an_unmatched_pattern(tiny_run, cases):
+    folder = cases["rgba-png"].parent
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(folder / "*.png"), "--format", "json"])
+    sources = {r["source"] for r in json.loads(result.stdout)}
+    assert sources == {str(p) for p in folder.glob("*.png")}
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(folder / "*.nothing")])
+    assert result.exit_code != 0 and "no file matches" in str(result.exception)
+
+
+def test_multiframe_dicom_is_refused_with_a_clear_message(tiny_run, tmp_path):
+    from data.helpers import write_dicom
+
+    frames = write_dicom(tmp_path / "cine.dcm", np.zeros((3, 16, 16), np.uint16), NumberOfFrames=3)
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(frames), "--format", "json"])
+    assert result.exit_code == 1
+    assert "cine.dcm: multi-frame DICOM (3 frames) is not supported" in result.stderr
+
+
+def test_an_existing_output_file_survives_a_run_that_cannot_start(tiny_run, tmp_path):
+    out = tmp_path / "predictions.csv"
+    out.write_text("earlier results\n")
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(tmp_path / "*.none"), "-o", str(out)])
+    assert result.exit_code != 0 and out.read_text() == "earlier results\n"

@@ -1,0 +1,96 @@
+"""``cxr export`` (ONNX, TorchScript) and ``cxr serve`` as a real server process on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+from cxrkit.export.onnx import read_metadata
+from cxrkit.export.torchscript import load_torchscript
+from cxrkit.serve.predictor import Predictor
+from cxrkit.train.runtime import setup_runtime
+
+CXR = [sys.executable, "-m", "cxrkit.cli.main"]
+
+
+@pytest.mark.parametrize("format_", ["onnx", "torchscript"])
+def test_export_writes_the_model_with_its_metadata(tiny_run, tmp_path, format_):
+    out = tmp_path / f"model.{format_}"
+    result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", format_, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert "max |exported - PyTorch| on 4 random inputs" in result.stderr
+    difference = float(result.stderr.split("inputs: ")[1].split()[0])
+    assert difference < 1e-4
+    predictor = Predictor(tiny_run, runtime=setup_runtime("cpu", "fp32", channels_last=False, workers=0))
+    if format_ == "onnx":
+        meta = read_metadata(out)
+    else:
+        module, meta = load_torchscript(out)
+        x = torch.randn(2, 3, 48, 48)
+        with torch.no_grad():
+            assert torch.allclose(module(x), predictor.model(x), atol=1e-5)
+    labels = json.loads((tiny_run / "labels.json").read_text())
+    assert meta["labels"] == labels["labels"] and meta["threshold"] == labels["threshold"]
+    assert meta["temperature"] == labels["temperature"] and meta["weights_sha256"] == predictor.weights_sha256
+    pre = json.loads((tiny_run / "data.json").read_text())["preprocessing"]
+    assert meta["preprocessing"]["mean"] == pre["mean"] and meta["preprocessing"]["size"] == 48
+
+
+def test_export_refuses_an_unknown_format(tiny_run):
+    result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", "tflite"])
+    assert result.exit_code != 0 and "not one of onnx, torchscript" in str(result.exception)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cxr_serve_runs_two_workers_with_an_api_key(tiny_run, tmp_path):
+    port = _free_port()
+    env_key = {"CXR_API_KEY": "k3y"}
+    proc = subprocess.Popen([*CXR, "serve", str(tiny_run), "--port", str(port), "--workers", "2",
+                             "--engine", "torch", "--log-level", "warning"],
+                            env={**os.environ, **env_key}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(base + "/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "cxr serve did not come up"
+            time.sleep(0.3)
+        image = tmp_path / "x.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 50), dtype=np.uint8)).save(image)
+        files = {"file": (image.name, image.read_bytes(), "image/png")}
+        assert httpx.post(base + "/v1/predict", files=files).status_code == 401
+        answer = httpx.post(base + "/v1/predict", files=files, headers={"X-API-Key": "k3y"})
+        assert answer.status_code == 200 and answer.json()["model"]["engine"] == "torch"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert "serving" in proc.stderr.read()
+
+
+def test_serve_refuses_bad_options_in_one_line(tiny_run, tmp_path):
+    proc = subprocess.run([*CXR, "serve", str(tmp_path / "missing-run")], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing-run" in proc.stderr
+    proc = subprocess.run([*CXR, "serve", str(tiny_run), "--workers", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--workers must be at least 1" in proc.stderr

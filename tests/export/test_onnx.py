@@ -1,0 +1,101 @@
+"""ONNX export of a trained run and the ``--engine onnx`` path of predict and evaluate."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+from cxrkit.export.onnx import read_metadata
+from cxrkit.serve.predictor import Predictor
+from cxrkit.train.runtime import setup_runtime
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run, tmp_path_factory):
+    """A copy of the shared tiny run: these tests write exports into it and change its calibration."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("copy") / tiny_run.name))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (56, 48), dtype=np.uint8)).save(folder / f"x{i}.png")
+    return folder
+
+
+def _images(data):
+    return sorted(str(p) for p in data.glob("*.png"))
+
+
+def test_onnx_engine_gives_the_fp32_torch_probabilities_and_carries_the_metadata(run, data):
+    fp32 = setup_runtime("cpu", "fp32", channels_last=False, workers=0)
+    torch_side = list(Predictor(run, runtime=fp32).predict_files(_images(data)))
+    onnx = Predictor(run, engine="onnx")
+    onnx_side = list(onnx.predict_files(_images(data)))
+    assert [p.label for p in onnx_side] == [p.label for p in torch_side]
+    for a, b in zip(onnx_side, torch_side):
+        assert list(a.probabilities.values()) == pytest.approx(list(b.probabilities.values()), abs=1e-4)
+    meta = read_metadata(run / "export" / "best.onnx")
+    labels = json.loads((run / "labels.json").read_text())
+    assert meta["labels"] == labels["labels"] == onnx.labels
+    assert meta["threshold"] == labels["threshold"] and meta["temperature"] == labels["temperature"]
+    assert meta["weights_sha256"] == onnx.weights_sha256 and len(meta["weights_sha256"]) == 64
+    assert meta["preprocessing"]["size"] == 48 and len(meta["preprocessing"]["mean"]) == 3
+    assert meta["backbone"] == "mobilenet_v3_small" and meta["run"] == run.name
+
+
+def test_the_export_is_reused_refreshed_after_calibration_and_rebuilt_for_other_weights(run, data, capsys):
+    Predictor(run, engine="onnx")
+    path = run / "export" / "best.onnx"
+    capsys.readouterr()
+    stamp = path.stat().st_mtime_ns
+    Predictor(run, engine="onnx")
+    assert path.stat().st_mtime_ns == stamp and "exporting" not in capsys.readouterr().err  # reused as it is
+
+    labels_file = run / "labels.json"
+    original = labels_file.read_text()
+    try:
+        labels = json.loads(original)
+        labels["temperature"] = 2.5
+        labels_file.write_text(json.dumps(labels))
+        Predictor(run, engine="onnx")
+        assert read_metadata(path)["temperature"] == 2.5  # metadata follows a new calibration, graph kept
+        assert "exporting" not in capsys.readouterr().err
+    finally:
+        labels_file.write_text(original)
+
+    last = Predictor(run, checkpoint="last", engine="onnx")  # the other checkpoint has its own file
+    assert (run / "export" / "last.onnx").is_file() and last.weights_sha256 == read_metadata(
+        run / "export" / "last.onnx")["weights_sha256"]
+
+    path.write_bytes(path.read_bytes()[:1000])  # a damaged export is rebuilt, not trusted
+    again = Predictor(run, engine="onnx")
+    assert read_metadata(path)["weights_sha256"] == again.weights_sha256
+    assert np.isfinite(next(iter(again.predict_files(_images(data)[:1]))).probabilities["NORMAL"])
+
+
+def test_evaluate_with_the_onnx_engine_matches_torch_in_fp32(run):
+    metrics = {}
+    for engine in ("torch", "onnx"):
+        result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val", "--name", engine,
+                                          "--engine", engine])
+        assert result.exit_code == 0, result.output
+        metrics[engine] = json.loads((run / "eval" / engine / "metrics.json").read_text())
+    assert metrics["onnx"]["engine"] == "onnx" and metrics["torch"]["engine"] == "torch"
+    assert metrics["onnx"]["n"] == metrics["torch"]["n"]
+    # the torch engine may run in bf16 where the CPU has it; ONNX Runtime is fp32
+    tolerance = 1e-4 if setup_runtime().precision == "fp32" else 0.05
+    assert metrics["onnx"]["auc"] == pytest.approx(metrics["torch"]["auc"], abs=tolerance)
+
+
+def test_an_unknown_engine_is_a_one_line_error(run, data):
+    result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0], "--engine", "tensorrt"])
+    assert result.exit_code != 0
+    assert "engine 'tensorrt' is not one of auto, torch, onnx" in str(result.exception) + result.output
