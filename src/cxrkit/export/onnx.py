@@ -3,7 +3,7 @@
 The graph takes ``image``, a float32 batch ``[N, 3, H, W]`` that is already preprocessed (resized, scaled to [0, 1]
 and normalised with the mean and std in the metadata), and returns ``logits [N, labels]``. Everything needed to use
 the file without cxrkit travels in its ``metadata_props`` as JSON values under ``cxrkit.*`` keys: labels, task,
-preprocessing, threshold, temperature, the run and backbone, and the SHA-256 of the checkpoint it came from.
+preprocessing, threshold, temperature, the run and backbone, and the SHA-256 of the weights it holds.
 
 Export uses ``torch.onnx.export(dynamo=True)``, PyTorch's supported exporter (the TorchScript one is deprecated),
 with a dynamic batch dimension.
@@ -29,6 +29,13 @@ OUTPUT = "logits"
 PREFIX = "cxrkit."
 
 
+def fp32_copy(model: nn.Module) -> nn.Module:
+    """A float32, eval-mode, contiguous-format copy of ``model`` (what every export and check runs on)."""
+    import copy
+
+    return copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+
+
 def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[str, Any]) -> Path:
     """Write ``model`` (fp32, eval mode) as ONNX with a dynamic batch dimension and ``metadata``; atomic.
 
@@ -38,13 +45,11 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
         size: input height and width.
         metadata: JSON-serialisable values stored as ``cxrkit.<key>``.
     """
-    import copy
-
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    fp32 = fp32_copy(model)
     example = torch.zeros(2, 3, size, size)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "model.onnx"
@@ -119,9 +124,7 @@ class OnnxModel(nn.Module):
 
 def max_difference(model: nn.Module, path: str | Path, size: int, batch: int = 4, seed: int = 0) -> float:
     """Largest absolute difference between ONNX Runtime's logits and the fp32 PyTorch model's on random inputs."""
-    import copy
-
-    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    fp32 = fp32_copy(model)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = fp32(x)

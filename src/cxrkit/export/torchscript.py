@@ -7,7 +7,6 @@ of the tracer are kept out of the user's terminal; the format's status is stated
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import warnings
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxrkit.export.onnx import fp32_copy
 from cxrkit.runs import atomic_write_bytes
 
 METADATA_FILE = "cxrkit.json"
@@ -24,7 +24,7 @@ METADATA_FILE = "cxrkit.json"
 
 def export_torchscript(model: nn.Module, path: str | Path, size: int, metadata: dict[str, Any]) -> Path:
     """Trace ``model`` (fp32, eval) at ``size`` and save it with ``metadata`` as the extra file ``cxrkit.json``."""
-    fp32 = copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
+    fp32 = fp32_copy(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

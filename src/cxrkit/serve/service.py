@@ -11,7 +11,7 @@ import numpy as np
 from cxrkit.errors import CxrError
 from cxrkit.serve.app import RequestError, ServeSettings
 from cxrkit.serve.batcher import MicroBatcher
-from cxrkit.serve.predictor import Prediction, Predictor, resolve_engine
+from cxrkit.serve.predictor import Prediction, Predictor
 
 SUPPORTED = "PNG, JPEG, TIFF, WebP, BMP, GIF, JPEG 2000 or DICOM"
 NAME_LIMIT = 200
@@ -32,7 +32,7 @@ class Service:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.predictor = Predictor(settings.run, settings.checkpoint, engine=resolve_engine(settings.engine))
+        self.predictor = Predictor(settings.run, settings.checkpoint, engine=settings.engine)
         self.batcher: MicroBatcher[tuple[str, Any, float], Prediction] = MicroBatcher(
             self._predict_batch, settings.max_batch, settings.batch_window_ms)
         self._cam_predictor: Predictor | None = None
