@@ -19,8 +19,6 @@ def export(
 ) -> None:
     """Export the model (fp32) with labels, input size, mean/std, threshold and temperature in the file, and check
     that the exported model gives PyTorch's outputs."""
-    import torch
-
     from cxrkit.errors import CxrError
     from cxrkit.serve.predictor import Predictor
     from cxrkit.train.runtime import setup_runtime
@@ -32,19 +30,19 @@ def export(
     size = predictor.preprocessing.size
     suffix = ".onnx" if format_ == "onnx" else ".torchscript.pt"
     path = output or predictor.run.path / "export" / f"{checkpoint}{suffix}"
+    from cxrkit.export import max_difference
+
     if format_ == "onnx":
-        from cxrkit.export.onnx import export_onnx, max_difference
+        from cxrkit.export.onnx import OnnxModel, export_onnx
 
         export_onnx(predictor.model, path, size, metadata)
-        difference = max_difference(predictor.model, path, size)
+        exported = OnnxModel(path)
     else:
         from cxrkit.export.torchscript import export_torchscript, load_torchscript
 
         export_torchscript(predictor.model, path, size, metadata)
-        module, _ = load_torchscript(path)
-        x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            difference = float((module(x) - predictor.model(x)).abs().max())
+        exported, _ = load_torchscript(path)
+    difference = max_difference(predictor.model, exported, size)
     typer.echo(f"{format_}: {path.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
                f"3x{size}x{size}; max |exported - PyTorch| on 4 random inputs: {difference:.2e}", err=True)
     if difference > 1e-4:

@@ -40,7 +40,7 @@ def serve(
         raise CxrError(f"--engine {engine!r} is not auto, torch or onnx")
     path = Run.open(run).path.resolve()
     resolved = resolve_engine(engine)
-    if resolved == "onnx":  # export once here, so that workers do not race to write the same file
+    if resolved == "onnx" and workers > 1:  # export once here, so that workers do not race to write one file
         from cxrkit.serve.predictor import Predictor
 
         Predictor(path, checkpoint, engine="onnx")

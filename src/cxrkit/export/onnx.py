@@ -22,18 +22,12 @@ import torch
 from torch import nn
 
 from cxrkit.errors import CxrError
+from cxrkit.export import fp32_copy
 from cxrkit.runs import atomic_write_bytes
 
 INPUT = "image"
 OUTPUT = "logits"
 PREFIX = "cxrkit."
-
-
-def fp32_copy(model: nn.Module) -> nn.Module:
-    """A float32, eval-mode, contiguous-format copy of ``model`` (what every export and check runs on)."""
-    import copy
-
-    return copy.deepcopy(model).float().eval().to(memory_format=torch.contiguous_format)
 
 
 def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[str, Any]) -> Path:
@@ -121,11 +115,3 @@ class OnnxModel(nn.Module):
         batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run([OUTPUT], {INPUT: batch})[0])
 
-
-def max_difference(model: nn.Module, path: str | Path, size: int, batch: int = 4, seed: int = 0) -> float:
-    """Largest absolute difference between ONNX Runtime's logits and the fp32 PyTorch model's on random inputs."""
-    fp32 = fp32_copy(model)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = fp32(x)
-    return float((OnnxModel(path)(x) - expected).abs().max())

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrkit.export.onnx import fp32_copy
+from cxrkit.export import fp32_copy
 from cxrkit.runs import atomic_write_bytes
 
 METADATA_FILE = "cxrkit.json"

@@ -33,7 +33,6 @@ from cxrkit.errors import CxrError
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS_ENV = "CXR_SERVE_SETTINGS"
-API_KEY_ENV = "CXR_API_KEY"
 _log = logging.getLogger("cxrkit.serve")
 
 
@@ -94,7 +93,6 @@ def create_app(settings: ServeSettings) -> Any:
 
     app = FastAPI(title="cxrkit prediction service", version=__version__, lifespan=lifespan,
                   description="Chest X-ray classification from a cxrkit run. A research tool, not a diagnosis.")
-    app.state.settings = settings
     app.add_middleware(UploadLimit, max_bytes=int(settings.max_upload_mb * 1024 * 1024))
 
     @app.middleware("http")

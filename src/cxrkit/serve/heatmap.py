@@ -38,7 +38,7 @@ def heatmap_layers(image: Image.Image, heatmap: np.ndarray, box: tuple[float, fl
 
     scale = min(1.0, max_side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    shown = image.convert("L").resize(size, Image.Resampling.LANCZOS).convert("RGBA")
+    grey = image.convert("L").resize(size, Image.Resampling.LANCZOS)
     colours = (colormaps["jet"](np.clip(heatmap, 0, 1)) * 255).astype(np.uint8)  # [h, w, 4], alpha 255
     left, top, right, bottom = (round(v * scale) for v in box)
     layer = Image.new("RGBA", size, (0, 0, 0, 0))
@@ -47,8 +47,8 @@ def heatmap_layers(image: Image.Image, heatmap: np.ndarray, box: tuple[float, fl
         layer.paste(patch, (left, top))
     faded = layer.copy()
     faded.putalpha(Image.fromarray((np.asarray(layer)[..., 3] * opacity).astype(np.uint8), "L"))
-    overlay = Image.alpha_composite(shown, faded).convert("RGB")
-    return {"image": _png(shown.convert("L")), "map": _png(layer), "overlay": _png(overlay)}
+    overlay = Image.alpha_composite(grey.convert("RGBA"), faded).convert("RGB")
+    return {"image": _png(grey), "map": _png(layer), "overlay": _png(overlay)}
 
 
 def as_base64(layers: dict[str, bytes]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,7 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "label": self.label, "probabilities": self.probabilities,
-                "threshold": self.threshold, "exceeded": self.exceeded, "model": self.model,
-                "timing_ms": self.timing_ms, "error": self.error}
+        return asdict(self)
 
     def to_row(self, labels: list[str]) -> dict[str, Any]:
         """The same fields, flat, for CSV: ``p_<label>`` columns, ``model_<key>`` and ``ms_<stage>``."""
@@ -223,17 +221,17 @@ class Predictor:
             return [bool(p[1] >= threshold) for p in probs]
         return [bool((p >= threshold).any()) for p in probs]
 
-    def predict_decoded(self, sources: list[str], images: list[Any], decode_ms: list[float]) -> list[Prediction]:
-        """Predictions for decoded images (one batch), with their timing."""
+    def predict_decoded(self, items: list[tuple[str, Any, float]]) -> list[Prediction]:
+        """Predictions for decoded images (one batch of ``(source, image, decode_ms)``), with their timing."""
         start = time.perf_counter()
-        probs = self.predict_images(images)
-        model_ms = (time.perf_counter() - start) * 1000 / max(1, len(images))
+        probs = self.predict_images([image for _, image, _ in items])
+        model_ms = (time.perf_counter() - start) * 1000 / max(1, len(items))
         return [
             Prediction(source, label, {n: round(float(q), 6) for n, q in zip(self.labels, p)},
                        self.operating_threshold, over,
                        self.model_id, {"decode": round(d, 2), "model": round(model_ms, 2),
                                        "total": round(d + model_ms, 2)})
-            for source, p, label, over, d in zip(sources, probs, self.decide(probs), self.exceeded(probs), decode_ms)
+            for (source, _, d), p, label, over in zip(items, probs, self.decide(probs), self.exceeded(probs))
         ]
 
     def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
@@ -257,7 +255,7 @@ class Predictor:
 
     def _flush(self, pending: list[Prediction | tuple[str, Any, float]]) -> Iterator[Prediction]:
         images = [item for item in pending if not isinstance(item, Prediction)]
-        answers = iter(self.predict_decoded(*map(list, zip(*images))) if images else [])
+        answers = iter(self.predict_decoded(images) if images else [])
         for item in pending:
             yield item if isinstance(item, Prediction) else next(answers)
 

@@ -34,7 +34,7 @@ class Service:
         self.settings = settings
         self.predictor = Predictor(settings.run, settings.checkpoint, engine=settings.engine)
         self.batcher: MicroBatcher[tuple[str, Any, float], Prediction] = MicroBatcher(
-            self._predict_batch, settings.max_batch, settings.batch_window_ms)
+            self.predictor.predict_decoded, settings.max_batch, settings.batch_window_ms)
         self._cam_predictor: Predictor | None = None
         self._warm_up()
         self.started = time.time()
@@ -65,9 +65,6 @@ class Service:
                                     "not the file name")
         return decode_image_bytes(data, name, self.settings.max_pixels)
 
-    def _predict_batch(self, items: list[tuple[str, Any, float]]) -> list[Prediction]:
-        names, images, decode_ms = (list(column) for column in zip(*items))
-        return self.predictor.predict_decoded(names, images, decode_ms)
 
     async def predict(self, name: str | None, data: bytes, heatmap: bool = False) -> dict[str, Any]:
         """One upload's answer (raises :class:`RequestError` or :class:`CxrError` for a bad image)."""
