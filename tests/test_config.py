@@ -30,6 +30,7 @@ def test_override_can_append_a_stage():
         ("stages.0.trainable=top14", "top:N"),
         ("stages.0.optimizer=lbfgs", "adam"),
         ("runtime.precision=int4", "runtime.precision"),
+        ("runtime.cache_engine=tensorrt", "auto, torch, onnx"),
         ("loss.class_weights=heavy", "balanced"),
         ("novalue", "key=value"),
     ],

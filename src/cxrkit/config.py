@@ -137,6 +137,7 @@ class RuntimeConfig:
     threads: int | None = None
     checkpoint_monitor: str = "val_loss"
     cache_features: bool = True
+    cache_engine: str = "auto"
     cache_images: bool = True
 
 
@@ -225,6 +226,7 @@ def _validate(recipe: Recipe) -> None:
         raise CxrError("recipe has no stages")
     checks: list[tuple[str, Any, tuple[str, ...]]] = [
         ("runtime.precision", recipe.runtime.precision, ("auto", "bf16", "fp16", "fp32")),
+        ("runtime.cache_engine", recipe.runtime.cache_engine, ("auto", "torch", "onnx")),
         ("runtime.checkpoint_monitor", recipe.runtime.checkpoint_monitor, MONITORS),
         ("loss.sampling", recipe.loss.sampling, ("none", "oversample")),
         ("model.resize", recipe.model.resize, ("squash", "crop")),

@@ -148,18 +148,23 @@ def test_ddp_two_cpu_processes_on_gloo(data, tmp_path):
     assert total_train > 0
 
 
+def _losses(data, out, sets):
+    """Train the tiny recipe with ``sets`` (``key=value`` overrides) into ``out``: its train and val loss of every
+    epoch, and its log."""
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY,
+                                      *[arg for kv in sets for arg in ("--set", kv)]])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return [float(r[key]) for r in rows for key in ("train_loss", "val_loss")], result.stderr
+
+
 def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_path):
     """A frozen backbone gives the same features every epoch, so training on cached features must match."""
     losses, logs = {}, {}
     for cache in ("true", "false"):
-        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
-                                          "--set", "stages.0.epochs=2", "--set", "runtime.precision=fp32",
-                                          "--set", f"runtime.cache_features={cache}"])
-        assert result.exit_code == 0, result.output
-        run = Path(result.stdout.strip().splitlines()[-1])
-        logs[cache] = result.stderr
-        rows = csv.DictReader((run / "metrics.csv").open())
-        losses[cache] = [float(r[key]) for r in rows for key in ("train_loss", "val_loss")]
+        losses[cache], logs[cache] = _losses(data, tmp_path / cache, ["stages.0.epochs=2", "runtime.precision=fp32",
+                                                                     f"runtime.cache_features={cache}"])
     assert "cached backbone features" in logs["true"] and "cached backbone features" not in logs["false"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
@@ -194,21 +199,29 @@ def test_resuming_a_finished_run_changes_nothing(trained):
 ])
 def test_cached_activations_train_exactly_as_the_full_model_does(data, tmp_path, stages):
     losses, logs = {}, {}
-    sets = [arg for kv in stages for arg in ("--set", kv)]
     for cache in ("true", "false"):
-        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
-                                          *sets, "--set", "runtime.precision=fp32",
-                                          "--set", f"runtime.cache_features={cache}"])
-        assert result.exit_code == 0, result.output
-        run = Path(result.stdout.strip().splitlines()[-1])
-        logs[cache] = result.stderr
-        rows = list(csv.DictReader((run / "metrics.csv").open()))
-        assert len(rows) == sum(int(kv.split("=")[1]) for kv in stages if ".epochs=" in kv)
-        losses[cache] = [float(r[key]) for r in rows for key in ("train_loss", "val_loss")]
+        losses[cache], logs[cache] = _losses(data, tmp_path / cache, [*stages, "runtime.precision=fp32",
+                                                                     f"runtime.cache_features={cache}"])
+        assert len(losses[cache]) == 2 * sum(int(kv.split("=")[1]) for kv in stages if ".epochs=" in kv)
     if "stages.1.trainable=top:2:blocks" in stages:
         assert "cached the input of features." in logs["true"]
     assert "cached backbone features" not in logs["false"] and "cached the input" not in logs["false"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_onnx_runtime_caching_trains_as_pytorch_caching_does(data, tmp_path, monkeypatch):
+    """Head stage, then the top blocks from a boundary inside the backbone: features cached by ONNX Runtime give
+    the losses of features cached by PyTorch (to fp32 rounding)."""
+    sets = ["stages.0.epochs=1", "stages.1.trainable=top:2:blocks", "stages.1.epochs=2", "stages.1.lr=1e-3",
+            "runtime.precision=fp32"]
+    losses, logs = {}, {}
+    for engine in ("onnx", "torch"):
+        monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / engine / "cache"))  # each engine computes its own
+        losses[engine], logs[engine] = _losses(data, tmp_path / engine, [*sets, f"runtime.cache_engine={engine}"])
+    assert len(losses["onnx"]) == 2 * 3
+    assert logs["onnx"].count("feature caching uses ONNX Runtime") == 2  # one export per cached stage
+    assert "cached the input of features." in logs["onnx"] and "ONNX" not in logs["torch"]
+    assert losses["onnx"] == pytest.approx(losses["torch"], rel=1e-4)
 
 
 def test_decoded_image_cache_trains_exactly_as_decoding_every_epoch(data, tmp_path, monkeypatch):

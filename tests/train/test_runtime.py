@@ -47,6 +47,17 @@ def test_precision_auto_follows_the_cpu():
     assert setup_runtime("cpu", "fp32").amp_dtype is None
 
 
+def test_bf16_forced_on_a_cpu_without_bf16_instructions_says_so(monkeypatch):
+    from cxrkit.train import runtime
+
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda native=native: native)
+        described = setup_runtime("cpu", "bf16").describe()
+        assert described.startswith("cpu bf16")
+        assert ("no bf16 instructions" in described) is not native
+    assert "no bf16" not in setup_runtime("cpu", "fp32").describe()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to restrict to 1")
 def test_threads_follow_a_restricted_cpu_affinity():
     """``taskset -c 0 cxr ...``: one core allowed, so one thread, not one per core of the machine."""

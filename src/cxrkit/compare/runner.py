@@ -26,8 +26,8 @@ from cxrkit.runs import Run, atomic_write_json
 
 # recipe keys that do not change what a cell means: a cell run with other values is still the same cell
 _EXECUTION_KEYS = ("name", "description", "out", "runtime.workers", "runtime.threads", "runtime.device",
-                   "runtime.precision", "runtime.eval_batch_size", "runtime.cache_features", "runtime.cache_images",
-                   "runtime.channels_last")
+                   "runtime.precision", "runtime.eval_batch_size", "runtime.cache_features", "runtime.cache_engine",
+                   "runtime.cache_images", "runtime.channels_last")
 
 
 @dataclass

@@ -43,23 +43,30 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fp32 = fp32_copy(model)
-    example = torch.zeros(2, 3, size, size)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        raw = Path(tmp) / "model.onnx"
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log), torch.no_grad():
-                torch.onnx.export(fp32, (example,), str(raw), input_names=[INPUT], output_names=[OUTPUT],
-                                  dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
-                                  external_data=False, verbose=False)
-        except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
-            raise CxrError(f"{path}: the model cannot be exported to ONNX: {str(err).splitlines()[0]}") from err
-        proto = onnx.load(str(raw))
+    proto = export_graph(fp32_copy(model), size, OUTPUT, path)
     _set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
+
+
+def export_graph(module: nn.Module, size: int, output: str, name: str | Path) -> Any:
+    """``module`` (already fp32 and in eval mode) as an ONNX ``ModelProto`` with input ``image`` (dynamic batch)
+    and one output named ``output``; ``name`` is what an error message names."""
+    import onnx
+
+    example = torch.zeros(2, 3, size, size)
+    with tempfile.TemporaryDirectory(prefix="cxrkit-export-") as tmp:
+        raw = Path(tmp) / "model.onnx"
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log), torch.no_grad():
+                torch.onnx.export(module, (example,), str(raw), input_names=[INPUT], output_names=[output],
+                                  dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
+                                  external_data=False, verbose=False)
+        except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
+            raise CxrError(f"{name}: the model cannot be exported to ONNX: {str(err).splitlines()[0]}") from err
+        return onnx.load(str(raw))
 
 
 def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
@@ -97,7 +104,8 @@ class OnnxModel(nn.Module):
     ``forward`` takes a preprocessed float batch (any memory format) and returns float32 logits on the CPU.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, output: str = OUTPUT):
+        """``path`` is an ``.onnx`` file or a serialised model; ``output`` the graph output returned."""
         super().__init__()
         import onnxruntime as ort
 
@@ -106,12 +114,15 @@ class OnnxModel(nn.Module):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            source = path if isinstance(path, bytes) else str(path)
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own exception types
-            raise CxrError(f"{path}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None
-        self.path = Path(path)
+            name = "the exported model" if isinstance(path, bytes) else path
+            raise CxrError(f"{name}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None
+        self.path = None if isinstance(path, bytes) else Path(path)
+        self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: batch})[0])
+        return torch.from_numpy(self.session.run([self.output], {INPUT: batch})[0])
 

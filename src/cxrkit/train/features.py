@@ -11,7 +11,9 @@ are computed, so a cache larger than memory never has to fit in it: it is memory
 only when it fits comfortably. The key hashes everything the features depend on: the images (path, size,
 modification time), the preprocessing, the backbone's weights, where the features are taken, the precision and
 the library versions. Another run of the same recipe, or another ``cxr compare`` cell on the same frozen base,
-reuses them; a change to any of those makes a new key, never a stale hit. Files are renamed into place when
+reuses them; a change to any of those makes a new key, never a stale hit. The engine that computed them (PyTorch,
+or ONNX Runtime on CPUs computing in fp32: :mod:`cxrkit.train.onnx_cache`) is not part of the key, because both
+compute the same fp32 function and the first batch is checked. Files are renamed into place when
 complete, so an interrupted pass is never read.
 """
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cxrkit.train.onnx_cache import OnnxFrozen
 from cxrkit.train.runtime import Runtime
 
 MEMORY_SHARE = 0.25  # features are read into memory when they take less than this share of the available memory
@@ -86,7 +89,7 @@ def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
 @torch.no_grad()
 def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime, progress: Any = None,
                      description: str = "features", boundary: str | None = None,
-                     store: Path | None = None) -> FeatureDataset:
+                     store: Path | None = None, engine: OnnxFrozen | None = None) -> FeatureDataset:
     """Run ``net`` in inference mode over ``loader`` (in order) and keep its outputs.
 
     Args:
@@ -95,6 +98,8 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
             forward pass there.
         store: write the features to ``store`` (``.bin``, ``.json`` and ``.targets.npy`` beside it) as they are
             computed and return them from there; None to keep them in memory only.
+        engine: ONNX Runtime running the same frozen part (see :mod:`cxrkit.train.onnx_cache`); PyTorch computes
+            any batch it returns None for.
     """
     from cxrkit.runs import atomic_write_json
     from cxrkit.train.prefix import boundary_input
@@ -112,10 +117,14 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
     tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp") if store is not None else None
     row = 0
     try:
+        if engine is not None:
+            engine.prepare(progress)
         for batch in loader:
-            images = runtime.to_device(batch["image"])
-            with runtime.autocast():
-                out = net(images) if boundary is None else boundary_input(net, boundary, images)
+            out = engine(batch["image"]) if engine is not None else None
+            if out is None:
+                images = runtime.to_device(batch["image"])
+                with runtime.autocast():
+                    out = net(images) if boundary is None else boundary_input(net, boundary, images)
             if out is None:
                 raise RuntimeError(f"{boundary} does not take a single tensor; it cannot be cached")
             out = out.to(keep).cpu().contiguous()

@@ -28,6 +28,7 @@ from cxrkit.runs import Run
 from cxrkit.train.features import extract_features, feature_loader, features_key
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
+from cxrkit.train.onnx_cache import OnnxFrozen, choose_engine
 from cxrkit.train.prefix import ResumedModel, find_boundary
 from cxrkit.train.prepare import RunData, prepare_data
 from cxrkit.train.runtime import Runtime
@@ -263,12 +264,16 @@ class Trainer:
                                            runtime)
         weights = weights_digest(self.model.backbone)
         store = self._feature_store(self.data.train, boundary, weights)
+        val_store = self._feature_store(self.data.val, boundary, weights) if self.val_loader is not None else None
         reused = store is not None and store.with_suffix(".json").is_file()
-        train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store)
+        passes = [(self.data.train, store)] + ([(self.data.val, val_store)] if self.val_loader is not None else [])
+        engine = self._cache_engine(net, boundary, passes)
+        train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store,
+                                 engine)
         val = None
         if self.val_loader is not None:
             val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
-                                   self._feature_store(self.data.val, boundary, weights))
+                                   val_store, engine)
         size = train.nbytes + (val.nbytes if val is not None else 0)
         shape = "x".join(map(str, train.features.shape[1:]))
         images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")
@@ -276,6 +281,20 @@ class Trainer:
         self.log(f"{'reused ' if reused else ''}cached {what} ({shape}, {size / 2**20:.0f} MiB{where}) of {images} "
                  f"images; {'the head trains on them' if boundary is None else 'each epoch runs from there'}")
         return train, val
+
+    def _cache_engine(self, net: torch.nn.Module, boundary: str | None, passes: list[tuple[Any, Any]]) -> Any:
+        """ONNX Runtime for the caching passes (see :mod:`cxrkit.train.onnx_cache`), or None for PyTorch.
+
+        ``passes`` are ``(images, store)`` pairs; images whose store is complete are not computed again."""
+        pending = sum(len(images) for images, store in passes
+                      if store is None or not store.with_suffix(".json").is_file())
+        if not pending:
+            return None
+        engine, why = choose_engine(self.recipe.runtime.cache_engine, self.runtime, pending)
+        if engine == "torch":
+            return None
+        self.log(f"feature caching uses ONNX Runtime: {why}")
+        return OnnxFrozen(net, boundary, self.data.preprocessing.size, self.log)
 
     def _feature_store(self, images: Any, boundary: str | None, weights: str) -> Any:
         """Where the features of ``images`` are kept on disk (keyed by all they depend on), or None for memory."""

@@ -84,7 +84,10 @@ class Runtime:
     def describe(self) -> str:
         ddp = f", {self.world_size} processes" if self.distributed else ""
         layout = ", channels_last" if self.channels_last else ""
-        return f"{self.device.type} {self.precision}{layout}, {torch.get_num_threads()} threads{ddp}"
+        precision = self.precision
+        if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and not cpu_supports_bf16():
+            precision += " (this CPU has no bf16 instructions; precision auto would use fp32)"
+        return f"{self.device.type} {precision}{layout}, {torch.get_num_threads()} threads{ddp}"
 
 
 def _resolve_device(name: str) -> torch.device:
