@@ -119,7 +119,6 @@ class OnnxModel(nn.Module):
         except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             name = "the exported model" if isinstance(path, bytes) else path
             raise CxrError(f"{name}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None
-        self.path = None if isinstance(path, bytes) else Path(path)
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
