@@ -7,6 +7,9 @@ For each backbone (a cxrkit classifier with a 2-class head; random weights, whic
   (bf16 autocast and channels_last where the CPU has AVX512-BF16/AMX, fp32 otherwise), under ``inference_mode``.
 - ``fp32-cl``: fp32 with channels_last (to show what the memory format alone does on this CPU).
 - ``onnx``: ``cxr predict --engine onnx``: the model exported by cxrkit and run by ONNX Runtime's CPU provider.
+- ``int8``: ``cxr predict --engine onnx-int8``: that export quantized by cxrkit (:mod:`cxrkit.export.quantize`),
+  with activation ranges from 32 random inputs here (the ranges change the values, not the speed; a run uses its
+  training images). int8 changes the outputs: this measures speed only.
 
 Printed per backbone and mode: batch-1 latency (median of ``--latency-runs``) and batch-``--batch`` throughput
 (images/s over ``--throughput-batches`` batches, after one warm-up batch), the ratio to ``naive``, and the FLOP rate
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 BACKBONES = ("mobilenet_v2", "resnet18", "densenet121", "tf_efficientnet_lite0")
-MODES = ("naive", "cxrkit", "fp32-cl", "onnx")
+MODES = ("naive", "cxrkit", "fp32-cl", "onnx", "int8")
 
 
 def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
@@ -105,10 +108,19 @@ def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list
                 return cl(x.contiguous(memory_format=torch.channels_last))
 
         out["fp32-cl"] = (run_cl, "fp32, channels_last")
-    if "onnx" in modes:
+    if "onnx" in modes or "int8" in modes:
         path = export_onnx(model, tmp / f"{name}.onnx", size, {"backbone": name})
-        session = OnnxModel(path)
-        out["onnx"] = (session, "fp32 (ONNX Runtime)")
+        if "onnx" in modes:
+            out["onnx"] = (OnnxModel(path), "fp32 (ONNX Runtime)")
+        if "int8" in modes:
+            from cxrkit.export.quantize import quantize_int8
+
+            generator = torch.Generator().manual_seed(1)
+            batches = [torch.randn(8, 3, size, size, generator=generator).numpy() for _ in range(4)]
+            start = time.perf_counter()
+            int8 = quantize_int8(path, tmp / f"{name}.int8.onnx", iter(batches), len(batches), {"backbone": name})
+            print(f"{'':<22} int8 quantization took {time.perf_counter() - start:.1f} s", flush=True)
+            out["int8"] = (OnnxModel(int8), "int8 (ONNX Runtime)")
     return out
 
 
@@ -150,8 +162,10 @@ def main() -> None:
                 rate = args.batch * args.throughput_batches / sum(_time(fn, batch, args.throughput_batches))
                 base = base or rate
                 peak = peaks["bf16"] if precision.startswith("bf16") else peaks["fp32"]
+                # no int8 peak is stated: its multiply-adds take several instructions on AVX2 (and fewer with VNNI)
+                share = "-" if precision.startswith("int8") else f"{100 * rate * flops / 1e9 / peak:.1f}%"
                 print(f"{name:<22} {mode:<8} {precision:<22} {latency:>8.1f} {rate:>8.1f} {rate / base:>8.2f} "
-                      f"{100 * rate * flops / 1e9 / peak:>6.1f}%", flush=True)
+                      f"{share:>7}", flush=True)
             print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image")
     sys.stdout.flush()
 

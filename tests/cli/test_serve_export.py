@@ -49,7 +49,7 @@ def test_export_writes_the_model_with_its_metadata(tiny_run, tmp_path, format_):
 
 def test_export_refuses_an_unknown_format(tiny_run):
     result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", "tflite"])
-    assert result.exit_code != 0 and "not one of onnx, torchscript" in str(result.exception)
+    assert result.exit_code != 0 and "not one of onnx, onnx-int8, torchscript" in str(result.exception)
 
 
 def _free_port() -> int:

@@ -1,33 +1,15 @@
 """ONNX export of a trained run and the ``--engine onnx`` path of predict and evaluate."""
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
 from cxrkit.export.onnx import read_metadata
 from cxrkit.serve.predictor import Predictor
 from cxrkit.train.runtime import setup_runtime
-
-
-@pytest.fixture(scope="module")
-def run(tiny_run, tmp_path_factory):
-    """A copy of the shared tiny run: these tests write exports into it and change its calibration."""
-    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("copy") / tiny_run.name))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (56, 48), dtype=np.uint8)).save(folder / f"x{i}.png")
-    return folder
 
 
 def _images(data):

@@ -28,7 +28,9 @@ def evaluate(
     map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     batch_size: int = typer.Option(64, "--batch-size"),
-    engine: str = typer.Option("torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use) or auto"),
+    engine: str = typer.Option(
+        "torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use), onnx-int8 (ONNX Runtime in int8; "
+                                  "quantized on first use with ranges from training images) or auto"),
 ) -> None:
     """Evaluate a run; writes RUN/eval/<name>/metrics.json and predictions.csv."""
     from rich.console import Console

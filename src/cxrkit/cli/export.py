@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-FORMATS = ("onnx", "torchscript")
+if TYPE_CHECKING:
+    from cxrkit.serve.predictor import Predictor
+
+FORMATS = ("onnx", "onnx-int8", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".int8.onnx", "torchscript": ".torchscript.pt"}
 
 
 def export(
     run: Path = typer.Argument(..., help="Run directory"),
-    format_: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
+    format_: str = typer.Option("onnx", "--format", "-f", help="onnx, onnx-int8 (ONNX with int8 weights and "
+                                "activations, for ONNX Runtime) or torchscript"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     output: Optional[Path] = typer.Option(
-        None, "--output", "-o", help="File to write (default RUN/export/<checkpoint>.onnx or .torchscript.pt)"),
+        None, "--output", "-o", help="File to write (default RUN/export/<checkpoint>.onnx, .int8.onnx or "
+                                     ".torchscript.pt)"),
+    calibration_images: int = typer.Option(
+        256, "--calibration-images", help="onnx-int8: training images whose activations set the int8 ranges"),
 ) -> None:
-    """Export the model (fp32) with labels, input size, mean/std, threshold and temperature in the file, and check
-    that the exported model gives PyTorch's outputs."""
+    """Export the model with labels, input size, mean/std, threshold and temperature in the file, and check it.
+
+    onnx and torchscript hold the fp32 model and must give PyTorch's outputs (to 1e-4). onnx-int8 is quantized
+    with ranges from training images and gets its own temperature and threshold, fitted on the validation split as
+    the run's were; its decisions on the validation images are compared with the fp32 model's."""
     from cxrkit.errors import CxrError
     from cxrkit.serve.predictor import Predictor
     from cxrkit.train.runtime import setup_runtime
@@ -28,8 +39,11 @@ def export(
     predictor = Predictor(run, checkpoint, runtime=setup_runtime("cpu", "fp32", channels_last=False, workers=0))
     metadata = predictor.export_metadata()
     size = predictor.preprocessing.size
-    suffix = ".onnx" if format_ == "onnx" else ".torchscript.pt"
-    path = output or predictor.run.path / "export" / f"{checkpoint}{suffix}"
+    path = output or predictor.run.path / "export" / f"{checkpoint}{SUFFIXES[format_]}"
+    if format_ == "onnx-int8":
+        _export_int8(predictor, path, calibration_images)
+        print(path)
+        return
     from cxrkit.export import max_difference
 
     if format_ == "onnx":
@@ -48,3 +62,32 @@ def export(
     if difference > 1e-4:
         raise CxrError(f"{path}: the exported model differs from PyTorch by {difference:.2e} (over 1e-4)")
     print(path)
+
+
+def _export_int8(predictor: Predictor, path: Path, images: int) -> None:
+    """Quantize to ``path``, fit its calibration, and compare its decisions with fp32 PyTorch's on the validation
+    split (a run without one is exported unchecked, with a note)."""
+    import numpy as np
+    from rich.console import Console
+
+    from cxrkit.errors import CxrError
+    from cxrkit.eval.evaluate import select_data
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        val = select_data(predictor, None, "val")[0]
+    except CxrError as err:
+        val, note = None, f"not compared with fp32: {err}"
+    fp32 = predictor.predict_dataset(val, console=console) if val is not None else None
+    decided = predictor.decide(fp32) if fp32 is not None else []  # with the run's fp32 threshold
+    predictor.int8_file(predictor.model, console, images=images, path=path)
+    predictor.use_onnx(path, console)
+    if fp32 is not None:
+        int8 = predictor.predict_dataset(val, console=console)
+        agree = sum(a == b for a, b in zip(decided, predictor.decide(int8)))
+        note = (f"on the {len(int8)} validation images, int8 and fp32 decide the same for {agree} "
+                f"({agree / len(int8):.1%}); largest probability difference {float(np.abs(int8 - fp32).max()):.3f}")
+    threshold = "none" if predictor.threshold is None else f"{predictor.threshold:.4f}"
+    size = predictor.preprocessing.size
+    typer.echo(f"onnx-int8: {path.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
+               f"3x{size}x{size}, temperature {predictor.temperature:.3f}, threshold {threshold}; {note}", err=True)

@@ -16,7 +16,9 @@ def predict(
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     batch_size: int = typer.Option(32, "--batch-size"),
-    engine: str = typer.Option("torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use) or auto"),
+    engine: str = typer.Option(
+        "torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use), onnx-int8 (ONNX Runtime in int8; "
+                                  "quantized on first use with ranges from training images) or auto"),
 ) -> None:
     """Predict images; unreadable files are listed with the reason and make the exit status non-zero."""
     from cxrkit.errors import CxrError

@@ -14,7 +14,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)"),
     port: int = typer.Option(8000, "--port"),
     workers: int = typer.Option(1, "--workers", help="Processes, each with its own copy of the model"),
-    engine: str = typer.Option("auto", "--engine", help="auto (ONNX Runtime on CPUs without bf16), torch or onnx"),
+    engine: str = typer.Option("auto", "--engine",
+                                help="auto (ONNX Runtime on CPUs without bf16), torch, onnx or onnx-int8"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CXR_API_KEY",
                                           help="Require this key (X-API-Key or Bearer) on every endpoint but health"),
@@ -37,13 +38,13 @@ def serve(
     if workers < 1:
         raise CxrError(f"--workers must be at least 1, not {workers}")
     if engine not in ("auto", *ENGINES):
-        raise CxrError(f"--engine {engine!r} is not auto, torch or onnx")
+        raise CxrError(f"--engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
     path = Run.open(run).path.resolve()
     resolved = resolve_engine(engine)
-    if resolved == "onnx" and workers > 1:  # export once here, so that workers do not race to write one file
+    if resolved != "torch" and workers > 1:  # export once here, so that workers do not race to write one file
         from cxrkit.serve.predictor import Predictor
 
-        Predictor(path, checkpoint, engine="onnx")
+        Predictor(path, checkpoint, engine=resolved)
     threads = max(1, usable_cores() // workers) if workers > 1 else None
     settings = ServeSettings(str(path), checkpoint, resolved, api_key, max_upload_mb, timeout_s=timeout,
                              max_files=max_files, max_batch=max_batch, batch_window_ms=batch_window_ms,

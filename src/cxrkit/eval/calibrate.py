@@ -31,6 +31,20 @@ def calibrate_run(
     Returns:
         The updated ``labels.json`` content.
     """
+    info = {**predictor.labels_info,
+            **fit_calibration(predictor, method, target_sensitivity, temperature, console, strict_threshold)}
+    predictor.run.write_json("labels.json", info)
+    predictor.labels_info = info
+    return info
+
+
+def fit_calibration(
+    predictor: Predictor, method: str = "youden", target_sensitivity: float | None = None,
+    temperature: bool = True, console: Any = None, strict_threshold: bool = True,
+) -> dict[str, Any]:
+    """What :func:`calibrate_run` fits, for ``predictor``'s model and engine, without writing anything:
+    ``temperature``, ``calibrated_on``, ``calibration_images``, ``val_ece_before``, ``val_ece_after`` and, for a
+    binary task, ``threshold`` and ``threshold_method``."""
     from cxrkit.eval.calibration import apply_temperature, expected_calibration_error, fit_temperature
     from cxrkit.eval.evaluate import mapped_targets, select_data
     from cxrkit.eval.metrics import choose_threshold
@@ -39,7 +53,6 @@ def calibrate_run(
         method = "sensitivity"
     if method == "sensitivity" and target_sensitivity is None:
         raise CxrError("threshold method 'sensitivity' needs a target sensitivity, e.g. --target-sensitivity 0.95")
-    info = dict(predictor.labels_info)
     try:
         ds, _, _, _ = select_data(predictor, None, "val")
     except CxrError:
@@ -48,11 +61,11 @@ def calibrate_run(
     raw = predictor.predict_dataset(ds, console=console, calibrated=False)
     t = fit_temperature(predictor.task, targets, raw) if temperature else 1.0
     probs = apply_temperature(predictor.task, raw, t)
-    info.update({
+    info: dict[str, Any] = {
         "temperature": float(t), "calibrated_on": "val", "calibration_images": len(ds),
         "val_ece_before": expected_calibration_error(predictor.task, targets, raw),
         "val_ece_after": expected_calibration_error(predictor.task, targets, probs),
-    })
+    }
     if predictor.task == "binary":
         try:
             threshold = choose_threshold(targets, probs[:, 1], method=method, target_sensitivity=target_sensitivity)
@@ -63,6 +76,4 @@ def calibrate_run(
         else:
             info["threshold"] = float(threshold)
             info["threshold_method"] = (f"sensitivity>={target_sensitivity:g}" if method == "sensitivity" else method)
-    predictor.run.write_json("labels.json", info)
-    predictor.labels_info = info
     return info

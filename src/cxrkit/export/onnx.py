@@ -44,7 +44,7 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = export_graph(fp32_copy(model), size, OUTPUT, path)
-    _set_metadata(proto, metadata)
+    set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
@@ -69,7 +69,7 @@ def export_graph(module: nn.Module, size: int, output: str, name: str | Path) ->
         return onnx.load(str(raw))
 
 
-def _set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
+def set_metadata(proto: Any, metadata: dict[str, Any]) -> None:
     kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
     del proto.metadata_props[:]
     for key, value in kept:
@@ -94,7 +94,7 @@ def update_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    _set_metadata(proto, metadata)
+    set_metadata(proto, metadata)
     atomic_write_bytes(path, proto.SerializeToString())
 
 

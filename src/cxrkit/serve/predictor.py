@@ -63,17 +63,24 @@ class Prediction:
                 "error": self.error or ""}
 
 
-ENGINES = ("torch", "onnx")
+ENGINES = ("torch", "onnx", "onnx-int8")
 
 
 def resolve_engine(engine: str) -> str:
     """``auto``: ONNX Runtime on a CPU without bf16 instructions (measured faster there for all four backbones of
-    ``bench/inference.py``), PyTorch where bf16 autocast or a GPU is available; other names pass through."""
+    ``bench/inference.py``), PyTorch where bf16 autocast or a GPU is available; other names pass through. ``auto``
+    never picks ``onnx-int8``: int8 changes the numbers, so it is the user's choice."""
     if engine != "auto":
         return engine
     from cxrkit.train.runtime import cpu_supports_bf16
 
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 class Predictor:
@@ -84,8 +91,10 @@ class Predictor:
         checkpoint: ``best`` or ``last``.
         runtime: where and how the PyTorch engine runs (default: the recipe's runtime settings).
         engine: ``torch`` (bf16 autocast and channels_last where the CPU supports them), ``onnx`` (ONNX Runtime
-            on the CPU, fp32, from ``RUN/export/<checkpoint>.onnx``, exported on first use) or ``auto``
-            (:func:`resolve_engine`).
+            on the CPU, fp32, from ``RUN/export/<checkpoint>.onnx``, exported on first use), ``onnx-int8``
+            (ONNX Runtime with int8 weights and activations, from ``RUN/export/<checkpoint>.int8.onnx``, quantized
+            on first use with ranges from the run's training images; see :mod:`cxrkit.export.quantize`) or
+            ``auto`` (:func:`resolve_engine`).
         console: where the one-off ONNX export is announced (rich console; default: stderr).
     """
 
@@ -102,7 +111,7 @@ class Predictor:
         self.preprocessing = Preprocessing.from_dict(self.run.read_json("data.json")["preprocessing"])
         self.transform = build_transform(self.preprocessing, None)
         settings = self.recipe.runtime
-        if engine == "onnx":  # ONNX Runtime computes in fp32 on the CPU; the torch side only feeds it batches
+        if engine != "torch":  # ONNX Runtime runs on the CPU; the torch side only feeds it fp32 batches
             runtime = runtime or setup_runtime("cpu", "fp32", False, settings.threads)
         self.runtime = runtime or setup_runtime(settings.device, settings.precision, settings.channels_last,
                                                 settings.threads)
@@ -111,12 +120,22 @@ class Predictor:
         self.checkpoint = checkpoint
         self.engine = engine
         self.weights_sha256 = weights_digest(model)
-        if engine == "onnx":
-            from cxrkit.export.onnx import OnnxModel
-
-            self.model: torch.nn.Module = OnnxModel(self.onnx_file(model, console), torch.get_num_threads())
-        else:
+        self.model: torch.nn.Module
+        if engine == "torch":
             self.model = self.runtime.prepare_model(model).eval()
+        else:
+            self.use_onnx(self.onnx_file(model, console) if engine == "onnx" else self.int8_file(model, console),
+                          console)
+
+    def use_onnx(self, path: Path, console: Any = None) -> None:
+        """Answer from now on with ``path``, an ONNX export of these weights, run by ONNX Runtime; an int8 file
+        (``engine`` becomes ``onnx-int8``) brings its own temperature and threshold."""
+        from cxrkit.export.onnx import OnnxModel, read_metadata
+
+        self.model = OnnxModel(path, torch.get_num_threads())
+        self.engine = "onnx-int8" if "quantization" in read_metadata(path) else "onnx"
+        if self.engine == "onnx-int8":
+            self._use_int8_calibration(path, console)
 
     def export_metadata(self) -> dict[str, Any]:
         """What an exported file carries so it can be used without cxrkit."""
@@ -132,25 +151,108 @@ class Predictor:
     def onnx_file(self, model: torch.nn.Module, console: Any = None) -> Path:
         """``RUN/export/<checkpoint>.onnx`` for these weights: reused when its weights checksum matches (metadata
         refreshed if calibration changed since), exported otherwise."""
-        from cxrkit.export.onnx import export_onnx, read_metadata, update_metadata
+        from cxrkit.export.onnx import export_onnx
 
         path = self.run.path / "export" / f"{self.checkpoint}.onnx"
-        wanted = self.export_metadata()
-        if path.is_file():
-            try:
-                found = read_metadata(path)
-            except CxrError:  # a damaged export is rebuilt from the checkpoint, which is the source of truth
-                found = {}
-            if found.get("weights_sha256") == self.weights_sha256:
-                if found != wanted:
-                    update_metadata(path, wanted)
-                return path
-        if console is None:
-            from rich.console import Console
-
-            console = Console(stderr=True)
+        if self._reusable(path):
+            return path
+        console = console or _stderr_console()
         console.print(f"exporting the {self.checkpoint} checkpoint to ONNX once: {path}")
-        return export_onnx(model, path, self.preprocessing.size, wanted)
+        return export_onnx(model, path, self.preprocessing.size, self.export_metadata())
+
+    def int8_file(self, model: torch.nn.Module, console: Any = None, images: int | None = None,
+                  path: Path | None = None) -> Path:
+        """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
+        (metadata refreshed if calibration changed since), else quantized from :meth:`onnx_file` with ranges
+        measured on ``images`` training images (default :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`).
+        Given ``path`` or ``images``, it is always quantized afresh, to ``path``."""
+        from cxrkit.export.quantize import CALIBRATION_IMAGES, quantize_int8
+
+        fresh = path is not None or images is not None
+        path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
+        if not fresh and self._reusable(path):
+            return path
+        source = self.onnx_file(model, console)
+        console = console or _stderr_console()
+        images = images or CALIBRATION_IMAGES
+        if images < 1:
+            raise CxrError(f"int8 calibration needs at least 1 image, not {images}")
+        once = "" if fresh else " once"
+        console.print(f"quantizing the {self.checkpoint} checkpoint to int8{once}, with ranges from up to {images} "
+                      f"training images: {path}")
+        metadata = {**self.export_metadata(), "quantization": {"range_split": "train"}}
+        batches, count = self._calibration_batches(images, console)
+        return quantize_int8(source, path, batches, count, metadata)
+
+    def _reusable(self, path: Path) -> bool:
+        """Whether an exported file holds these weights; its metadata is brought up to date (a new calibration
+        changes the threshold and temperature, not the graph). How an int8 file was quantized is kept."""
+        from cxrkit.export.onnx import read_metadata, update_metadata
+
+        if not path.is_file():
+            return False
+        try:
+            found = read_metadata(path)
+        except CxrError:  # a damaged export is rebuilt from the checkpoint, which is the source of truth
+            return False
+        if found.get("weights_sha256") != self.weights_sha256:
+            return False
+        wanted = self.export_metadata()
+        if "quantization" in found:  # an int8 file keeps its own calibration (see _use_int8_calibration)
+            wanted.update({key: found.get(key) for key in ("quantization", "threshold", "temperature")})
+        if found != wanted:
+            update_metadata(path, wanted)
+        return True
+
+    def _use_int8_calibration(self, path: Path, console: Any) -> None:
+        """Give the int8 model its own temperature and threshold, fitted on the validation split as the run's were
+        (same threshold rule; a temperature only if the run has one), since int8 moves the probabilities a little.
+        They are kept in the file's metadata with the run's calibration they follow, and refitted when the run is
+        calibrated again (``cxr calibrate``)."""
+        from cxrkit.eval.calibrate import fit_calibration
+        from cxrkit.export.onnx import read_metadata, update_metadata
+
+        follows = {key: self.labels_info.get(key) for key in ("calibrated_on", "temperature", "threshold",
+                                                               "threshold_method")}
+        found = read_metadata(path)
+        quantization = found.get("quantization", {})
+        own = quantization.get("calibration")
+        if not isinstance(own, dict) or own.get("follows") != follows:
+            own = {"temperature": 1.0, "threshold": follows["threshold"],
+                   "threshold_method": follows["threshold_method"]}
+            if follows["calibrated_on"]:
+                (console or _stderr_console()).print("fitting the int8 model's temperature and threshold on the "
+                                                     "validation split, as the run's were fitted")
+                method = str(follows["threshold_method"] or "youden")
+                target = float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
+                own = fit_calibration(self, "sensitivity" if target else "youden", target,
+                                      temperature=float(follows["temperature"] or 1.0) != 1.0, console=console,
+                                      strict_threshold=False)
+            own["follows"] = follows
+            update_metadata(path, {**found, "threshold": own.get("threshold"), "temperature": own["temperature"],
+                                   "quantization": {**quantization, "calibration": own}})
+        self.labels_info = {**self.labels_info, **{key: value for key, value in own.items() if key != "follows"}}
+
+    def _calibration_batches(self, images: int, console: Any) -> tuple[Iterator[np.ndarray], int]:
+        """Preprocessed float batches of ``images`` training images drawn at random (seed 0), shown as progress,
+        and how many batches there are."""
+        from cxrkit.eval.evaluate import select_data
+
+        try:
+            train, *_ = select_data(self, None, "train")
+        except CxrError as err:
+            raise CxrError(f"int8 calibration reads the run's training images: {err}") from None
+        chosen = np.sort(np.random.default_rng(0).choice(len(train), min(images, len(train)), replace=False))
+        loader = pipeline.make_loader(train.subset(chosen), self.transform, 16, self.runtime)
+
+        def batches() -> Iterator[np.ndarray]:
+            with make_progress(console) as progress:
+                task = progress.add_task("int8 calibration", total=len(loader), rate="")
+                for batch in loader:
+                    yield batch["image"].float().numpy()
+                    progress.advance(task)
+
+        return batches(), len(loader)
 
     @property
     def threshold(self) -> float | None:

@@ -1,0 +1,163 @@
+"""int8 quantization: ``--engine onnx-int8`` for predict, evaluate and serve, and ``cxr export -f onnx-int8``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrkit.cli.main import app
+from cxrkit.errors import CxrError
+from cxrkit.export.onnx import read_metadata
+from cxrkit.export.quantize import quantize_int8
+from cxrkit.serve.app import ServeSettings, create_app
+from cxrkit.serve.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def images(data):
+    return sorted(str(p) for p in data.glob("*.png"))
+
+
+def _op_types(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _train_size(run: Path) -> int:
+    import csv
+
+    with open(run / "splits.csv") as f:
+        return sum(row["split"] == "train" for row in csv.DictReader(f))
+
+
+def test_the_int8_engine_quantizes_once_with_its_own_calibration_and_answers_like_fp32(run, images, capsys):
+    int8 = Predictor(run, engine="onnx-int8")
+    path = run / "export" / "best.int8.onnx"
+    assert int8.engine == "onnx-int8" and int8.model_id["engine"] == "onnx-int8"
+    assert "quantizing the best checkpoint to int8 once" in capsys.readouterr().err
+    ops = _op_types(path)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # a quantized graph, not the fp32 one renamed
+    int8_weights = [t for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 10
+    assert path.stat().st_size < 0.5 * (run / "export" / "best.onnx").stat().st_size
+
+    meta = read_metadata(path)
+    labels = json.loads((run / "labels.json").read_text())
+    quantization = meta["quantization"]
+    assert quantization["format"] == "QDQ" and quantization["range_split"] == "train"
+    assert quantization["range_images"] == min(256, _train_size(run))
+    calibration = quantization["calibration"]
+    assert calibration["follows"] == {key: labels.get(key) for key in ("calibrated_on", "temperature", "threshold",
+                                                                       "threshold_method")}
+    assert calibration["threshold_method"] == labels["threshold_method"] and calibration["calibrated_on"] == "val"
+    # the file's own threshold and temperature are what the engine uses and what it carries for other consumers
+    assert meta["threshold"] == int8.threshold == calibration["threshold"]
+    assert meta["temperature"] == int8.temperature == calibration["temperature"]
+    assert meta["weights_sha256"] == int8.weights_sha256
+
+    fp32 = Predictor(run, engine="onnx")
+    raw8, raw32 = (p.model(p.runtime.to_device(_batch(p, images))).numpy() for p in (int8, fp32))
+    assert not np.array_equal(raw8, raw32)  # int8 arithmetic, not the fp32 graph
+    scale = np.abs(raw32).max()
+    assert np.abs(raw8 - raw32).max() < 0.25 * scale  # close to fp32's logits
+
+    capsys.readouterr()
+    stamp = path.stat().st_mtime_ns
+    Predictor(run, engine="onnx-int8")  # reused as it is: no new quantization, no new fit
+    assert path.stat().st_mtime_ns == stamp and "quantizing" not in capsys.readouterr().err
+
+
+def _batch(predictor, images):
+    import torch
+
+    return torch.stack([predictor.transform(Image.open(p).convert("RGB")) for p in images])
+
+
+def test_a_new_run_calibration_is_followed_without_quantizing_again(run):
+    first = Predictor(run, engine="onnx-int8")
+    assert first.temperature != 1.0  # the run has a fitted temperature, so the int8 model got its own
+    path = run / "export" / "best.int8.onnx"
+    graph = onnx.load(str(path)).graph.SerializeToString()
+    labels_file = run / "labels.json"
+    original = labels_file.read_text()
+    try:
+        labels = json.loads(original)
+        labels["temperature"] = 1.0  # as `cxr calibrate --no-temperature` leaves it
+        labels_file.write_text(json.dumps(labels))
+        again = Predictor(run, engine="onnx-int8")
+        calibration = read_metadata(path)["quantization"]["calibration"]
+        assert calibration["follows"]["temperature"] == 1.0
+        assert again.temperature == calibration["temperature"] == read_metadata(path)["temperature"] == 1.0
+        assert onnx.load(str(path)).graph.SerializeToString() == graph  # same int8 weights and ranges
+    finally:
+        labels_file.write_text(original)
+    assert Predictor(run, engine="onnx-int8").temperature == first.temperature  # back with the run's calibration
+
+
+def test_evaluate_and_predict_with_the_int8_engine(run, images):
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "train", "--name", "int8",
+                                      "--engine", "onnx-int8"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "eval" / "int8" / "metrics.json").read_text())
+    assert metrics["engine"] == "onnx-int8" and metrics["n"] > 0 and 0 <= metrics["auc"] <= 1
+    result = CliRunner().invoke(app, ["predict", str(run), *images[:3], "--engine", "onnx-int8", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert len(rows) == 3 and all(row["model"]["engine"] == "onnx-int8" for row in rows)
+    threshold = read_metadata(run / "export" / "best.int8.onnx")["threshold"]
+    assert all(row["threshold"] == threshold for row in rows)
+    assert all(sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-4) for row in rows)
+
+
+def test_the_service_answers_with_the_int8_engine(run, images):
+    with TestClient(create_app(ServeSettings(str(run), engine="onnx-int8"))) as client:
+        assert client.get("/v1/health").json()["engine"] == "onnx-int8"
+        answer = client.post("/v1/predict", files={"file": ("x.png", Path(images[0]).read_bytes(), "image/png")})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"]["engine"] == "onnx-int8"
+
+
+def test_cxr_export_onnx_int8_writes_a_self_contained_file_and_compares_it_with_fp32(run, tmp_path):
+    out = tmp_path / "model.int8.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(out),
+                                      "--calibration-images", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(out)
+    assert "validation images, int8 and fp32 decide the same for" in result.stderr
+    meta = read_metadata(out)
+    assert meta["quantization"]["range_images"] == 4 and meta["labels"] == ["NORMAL", "PNEUMONIA"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # no cxrkit needed to run it
+    logits = session.run(None, {"image": np.zeros((3, 3, 48, 48), np.float32)})[0]
+    assert logits.shape == (3, 2) and np.isfinite(logits).all()
+
+
+def test_int8_without_the_training_images_is_a_one_line_error(run, tmp_path):
+    moved = Path(shutil.copytree(run, tmp_path / run.name))
+    shutil.rmtree(moved / "export")
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["data"]["root"] = str(tmp_path / "gone")
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["evaluate", str(moved), "--engine", "onnx-int8"])
+    assert result.exit_code != 0
+    message = str(result.exception)
+    assert message.startswith("int8 calibration reads the run's training images:") and "gone" in message
+    assert len(message.splitlines()) == 1
+    assert not (moved / "export" / "best.int8.onnx").exists()
+
+
+def test_quantize_int8_refuses_no_images_and_a_file_that_is_not_a_model(tmp_path):
+    with pytest.raises(CxrError, match="needs calibration images"):
+        quantize_int8(tmp_path / "none.onnx", tmp_path / "out.onnx", iter([]), 0, {})
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    batches = iter([np.zeros((2, 3, 8, 8), np.float32)])
+    with pytest.raises(CxrError, match="cannot quantize this model to int8") as err:
+        quantize_int8(junk, tmp_path / "out.onnx", batches, 1, {})
+    assert str(tmp_path / "out.onnx") in str(err.value) and not (tmp_path / "out.onnx").exists()
