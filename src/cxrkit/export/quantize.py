@@ -8,11 +8,11 @@ output and ``cxrkit.*`` metadata, plus ``cxrkit.quantization`` saying how it was
 
 Settings are fixed rather than tuned: QDQ format (what ONNX Runtime fuses into integer kernels), per-channel
 weights, and weights held to 7 bits (``reduce_range``), which ONNX Runtime recommends for x86 CPUs without VNNI,
-where the 8-bit multiply can saturate; the file then gives the same results on CPUs with and without VNNI.
+where the 8-bit multiply can saturate.
 
 int8 changes the numbers, so it is never chosen automatically: check the run with
 ``cxr evaluate RUN --split val --engine onnx-int8`` against ``--engine onnx``. ``bench/inference.py`` measures
-where it is faster; it is not everywhere (DenseNet-121's concatenations cost as much as int8 saves).
+where it is faster; it is not everywhere (on machine B, DenseNet-121 gained little over fp32 ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class _Batches:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Hold back the quantizer's warnings on the root logger (e.g. one per un-fused BatchNormalization in
-    DenseNet, whose 1-D weights get one scale instead of one per channel); errors still show."""
+    """Hold back the quantizer's warnings on the root logger (e.g. an "Axis 1 is out-of-range" line for each of
+    DenseNet's BatchNormalization weights, which are not folded into a convolution); errors still show."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
