@@ -146,7 +146,7 @@ def main() -> None:
         size = statistics.mean(len(d) for _, d in uploads) / 1024
         print(f"run {run.name}; {len(uploads)} distinct uploads, mean {size:.0f} KiB; {args.requests} requests from "
               f"{args.clients} clients; {os.cpu_count()} cores; loopback")
-        print(f"{'engine':<7} {'ok':>5} {'errors':>6} {'wall s':>7} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
+        print(f"{'engine':<9} {'ok':>5} {'errors':>6} {'wall s':>7} {'req/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
               f"{'p99 ms':>7} {'max ms':>7} {'calls':>6} {'img/call':>8}")
         for engine in args.engines:
             port = _free_port()
@@ -160,7 +160,7 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=60)
             ms = [v * 1000 for v in latencies]
-            print(f"{health['engine']:<7} {len(ms) - len(errors):>5} {len(errors):>6} {wall:>7.1f} "
+            print(f"{health['engine']:<9} {len(ms) - len(errors):>5} {len(errors):>6} {wall:>7.1f} "
                   f"{len(ms) / wall:>6.1f} {_percentile(ms, 50):>7.0f} {_percentile(ms, 95):>7.0f} "
                   f"{_percentile(ms, 99):>7.0f} {max(ms):>7.0f} {health['batches']:>6} "
                   f"{health['images'] / max(1, health['batches']):>8.1f}", flush=True)
