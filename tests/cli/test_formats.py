@@ -10,25 +10,42 @@ from synth import kermany_folder, nih_csv
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
+from cxrkit.export.onnx import read_metadata
 
 TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=32",
         "--set", "runtime.batch_size=8", "--set", "runtime.workers=0", "--epochs", "1"]
 
 
-def _train_and_evaluate(tmp_path: Path, *args: str, split: str = "test") -> dict:
+def _train(tmp_path: Path, *args: str) -> Path:
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "runs"), *TINY, *args])
     assert result.exit_code == 0, result.output
-    run = Path(result.stdout.strip().splitlines()[-1])
-    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", split])
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def _evaluate(run: Path, split: str = "test", engine: str = "torch") -> dict:
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", split, "--engine", engine, "--name", engine])
     assert result.exit_code == 0, result.output
     return json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
 
 
-def test_multilabel_nih_csv(tmp_path):
-    metrics = _train_and_evaluate(tmp_path, "--data", str(nih_csv(tmp_path / "nih")), "--task", "multilabel")
+def _train_and_evaluate(tmp_path: Path, *args: str, split: str = "test") -> dict:
+    return _evaluate(_train(tmp_path, *args), split)
+
+
+def test_multilabel_nih_csv_with_the_torch_and_int8_engines(tmp_path):
+    run = _train(tmp_path, "--data", str(nih_csv(tmp_path / "nih")), "--task", "multilabel")
+    metrics = _evaluate(run)
     assert metrics["task"] == "multilabel"
     assert len(metrics["labels"]) == 14
     assert set(metrics["auc_per_label"]) == set(metrics["labels"])
+    int8 = _evaluate(run, engine="onnx-int8")  # quantized, with its own temperature for a multi-label head
+    assert int8["engine"] == "onnx-int8" and int8["labels"] == metrics["labels"] and int8["n"] == metrics["n"]
+    assert set(int8["auc_per_label"]) == set(metrics["labels"])
+    # a multi-label threshold is not refitted: the int8 file carries the run's, as the fp32 file does
+    labels = json.loads((run / "labels.json").read_text())
+    assert int8["threshold"] == metrics["threshold"]
+    assert read_metadata(run / "export" / "best.int8.onnx")["threshold"] == labels["threshold"]
+    assert read_metadata(run / "export" / "best.int8.onnx")["quantization"]["calibration"]["calibrated_on"] == "val"
 
 
 def test_medmnist_npz_with_its_own_splits(tmp_path):

@@ -228,8 +228,9 @@ class Predictor:
                 own = fit_calibration(self, "sensitivity" if target else "youden", target,
                                       temperature=float(follows["temperature"] or 1.0) != 1.0, console=console,
                                       strict_threshold=False)
+                own.setdefault("threshold", follows["threshold"])  # only a binary threshold is fitted
             own["follows"] = follows
-            update_metadata(path, {**found, "threshold": own.get("threshold"), "temperature": own["temperature"],
+            update_metadata(path, {**found, "threshold": own["threshold"], "temperature": own["temperature"],
                                    "quantization": {**quantization, "calibration": own}})
         self.labels_info = {**self.labels_info, **{key: value for key, value in own.items() if key != "follows"}}
 
