@@ -37,14 +37,15 @@ def export(
     if format_ not in FORMATS:
         raise CxrError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
     predictor = Predictor(run, checkpoint, runtime=setup_runtime("cpu", "fp32", channels_last=False, workers=0))
-    metadata = predictor.export_metadata()
-    size = predictor.preprocessing.size
     path = output or predictor.run.path / "export" / f"{checkpoint}{SUFFIXES[format_]}"
     if format_ == "onnx-int8":
         _export_int8(predictor, path, calibration_images)
         print(path)
         return
     from cxrkit.export import max_difference
+
+    metadata = predictor.export_metadata()
+    size = predictor.preprocessing.size
 
     if format_ == "onnx":
         from cxrkit.export.onnx import OnnxModel, export_onnx

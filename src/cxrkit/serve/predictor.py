@@ -133,9 +133,10 @@ class Predictor:
         from cxrkit.export.onnx import OnnxModel, read_metadata
 
         self.model = OnnxModel(path, torch.get_num_threads())
-        self.engine = "onnx-int8" if "quantization" in read_metadata(path) else "onnx"
+        found = read_metadata(path)
+        self.engine = "onnx-int8" if "quantization" in found else "onnx"
         if self.engine == "onnx-int8":
-            self._use_int8_calibration(path, console)
+            self._use_int8_calibration(path, found, console)
 
     def export_metadata(self) -> dict[str, Any]:
         """What an exported file carries so it can be used without cxrkit."""
@@ -204,17 +205,16 @@ class Predictor:
             update_metadata(path, wanted)
         return True
 
-    def _use_int8_calibration(self, path: Path, console: Any) -> None:
+    def _use_int8_calibration(self, path: Path, found: dict[str, Any], console: Any) -> None:
         """Give the int8 model its own temperature and threshold, fitted on the validation split as the run's were
         (same threshold rule; a temperature only if the run has one), since int8 moves the probabilities a little.
         They are kept in the file's metadata with the run's calibration they follow, and refitted when the run is
-        calibrated again (``cxr calibrate``)."""
+        calibrated again (``cxr calibrate``). ``found`` is the file's metadata."""
         from cxrkit.eval.calibrate import fit_calibration
-        from cxrkit.export.onnx import read_metadata, update_metadata
+        from cxrkit.export.onnx import update_metadata
 
         follows = {key: self.labels_info.get(key) for key in ("calibrated_on", "temperature", "threshold",
                                                                "threshold_method")}
-        found = read_metadata(path)
         quantization = found.get("quantization", {})
         own = quantization.get("calibration")
         if not isinstance(own, dict) or own.get("follows") != follows:
