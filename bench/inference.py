@@ -9,7 +9,8 @@ For each backbone (a cxrkit classifier with a 2-class head; random weights, whic
 - ``onnx``: ``cxr predict --engine onnx``: the model exported by cxrkit and run by ONNX Runtime's CPU provider.
 - ``int8``: ``cxr predict --engine onnx-int8``: that export quantized by cxrkit (:mod:`cxrkit.export.quantize`),
   with activation ranges from 32 random inputs here (the ranges change the values, not the speed; a run uses its
-  training images). int8 changes the outputs: this measures speed only.
+  training images). int8 changes the outputs: this measures speed only. ``--fp32-convs 0 10`` adds a row per count
+  of leading convolutions kept in fp32 (``cxr export -f onnx-int8 --fp32-convs N``).
 
 Printed per backbone and mode: batch-1 latency (median of ``--latency-runs``) and batch-``--batch`` throughput
 (images/s over ``--throughput-batches`` batches, after one warm-up batch), the ratio to ``naive``, and the FLOP rate
@@ -21,6 +22,7 @@ the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane). Preprocessing 
 
     python bench/inference.py
     python bench/inference.py --backbones mobilenet_v2 --batch 16
+    python bench/inference.py --modes naive onnx int8 --fp32-convs 0 6 10
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _time(fn, x: torch.Tensor, runs: int) -> list[float]:
     return times
 
 
-def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list[str]):
+def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list[str], fp32_convs: list[int]):
     """``mode -> (callable on an NCHW float batch, precision)``, built as each mode's user would build it."""
     import copy
 
@@ -117,10 +119,13 @@ def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list
 
             generator = torch.Generator().manual_seed(1)
             batches = [torch.randn(8, 3, size, size, generator=generator).numpy() for _ in range(4)]
-            start = time.perf_counter()
-            int8 = quantize_int8(path, tmp / f"{name}.int8.onnx", iter(batches), len(batches), {"backbone": name})
-            print(f"{'':<22} int8 quantization took {time.perf_counter() - start:.1f} s", flush=True)
-            out["int8"] = (OnnxModel(int8), "int8 (ONNX Runtime)")
+            for kept in fp32_convs:
+                start = time.perf_counter()
+                int8 = quantize_int8(path, tmp / f"{name}.int8-{kept}.onnx", iter(batches), len(batches),
+                                     {"backbone": name}, fp32_convs=kept)
+                print(f"{'':<22} int8 quantization took {time.perf_counter() - start:.1f} s", flush=True)
+                out[f"int8 f{kept}" if kept else "int8"] = (
+                    OnnxModel(int8), f"int8, first {kept} convs fp32" if kept else "int8 (ONNX Runtime)")
     return out
 
 
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--throughput-batches", type=int, default=3)
+    parser.add_argument("--fp32-convs", nargs="+", type=int, default=[0],
+                        help="int8 mode: leading convolutions kept in fp32, one row per count")
     args = parser.parse_args()
     if "naive" not in args.modes:
         parser.error("--modes must include naive (the baseline of every ratio)")
@@ -155,7 +162,8 @@ def main() -> None:
             model = build_classifier(name, 2, weights="none").eval()
             flops = flops_per_image(model, args.size)
             base = None
-            for mode, (fn, precision) in runners(name, model, args.size, Path(tmp), args.modes).items():
+            for mode, (fn, precision) in runners(name, model, args.size, Path(tmp), args.modes,
+                                                     args.fp32_convs).items():
                 one = torch.randn(1, 3, args.size, args.size)
                 batch = torch.randn(args.batch, 3, args.size, args.size)
                 latency = statistics.median(_time(fn, one, args.latency_runs)) * 1000

@@ -161,3 +161,60 @@ def test_quantize_int8_refuses_no_images_and_a_file_that_is_not_a_model(tmp_path
     with pytest.raises(CxrError, match="cannot quantize this model to int8") as err:
         quantize_int8(junk, tmp_path / "out.onnx", batches, 1, {})
     assert str(tmp_path / "out.onnx") in str(err.value) and not (tmp_path / "out.onnx").exists()
+
+
+def _convs_with_int8_weights(path: Path) -> list[bool]:
+    """For each Conv node in graph order: whether its weights come through a DequantizeLinear (int8) or are fp32."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    return [node.input[1] in dequantized for node in graph.node if node.op_type == "Conv"]
+
+
+def test_cxr_export_keeps_the_first_convolutions_in_fp32_when_asked(run, tmp_path):
+    out = tmp_path / "kept.int8.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(out),
+                                      "--calibration-images", "4", "--fp32-convs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the first 3 convolutions kept in fp32" in result.stderr
+    int8_weights = _convs_with_int8_weights(out)
+    assert int8_weights[:3] == [False] * 3  # the stem stays fp32
+    assert all(int8_weights[3:]) and len(int8_weights) > 10  # every later convolution is int8
+    assert read_metadata(out)["quantization"]["fp32_convs"] == 3
+
+    Predictor(run, engine="onnx-int8")  # the default file, quantized with none kept
+    assert all(_convs_with_int8_weights(run / "export" / "best.int8.onnx"))
+    assert read_metadata(run / "export" / "best.int8.onnx")["quantization"]["fp32_convs"] == 0
+
+
+@pytest.mark.parametrize("kept, message", [(-1, "cannot be negative (-1)"),
+                                           (10_000, "cannot keep the first 10000 convolutions in fp32; the model has")])
+def test_an_impossible_number_of_fp32_convolutions_is_a_one_line_error(run, tmp_path, kept, message):
+    out = tmp_path / "bad.int8.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(out),
+                                      "--calibration-images", "4", "--fp32-convs", str(kept)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, CxrError) and message in str(result.exception)
+    assert str(out) in str(result.exception) and not out.exists()
+
+
+def test_quantize_int8_can_keep_every_convolution_in_fp32(run, tmp_path):
+    predictor = Predictor(run, engine="onnx")
+    source = run / "export" / "best.onnx"
+    total = len(_convs_with_int8_weights(source))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((2, 3, 48, 48)).astype(np.float32) for _ in range(2)]
+    every = quantize_int8(source, tmp_path / "all.onnx", iter(batches), 2, {"run": predictor.run.name},
+                          fp32_convs=total)
+    assert not any(_convs_with_int8_weights(every))
+
+
+@pytest.mark.parametrize("low, hinted", [(1.01, True), (0.0, False)])
+def test_cxr_export_suggests_fp32_convolutions_only_when_int8_disagrees_too_often(run, tmp_path, monkeypatch, low,
+                                                                                   hinted):
+    import cxrkit.cli.export
+
+    monkeypatch.setattr(cxrkit.cli.export, "LOW_AGREEMENT", low)  # 1.01: any agreement is too low; 0: none is
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(tmp_path / "m.int8.onnx"),
+                                      "--calibration-images", "4"])
+    assert result.exit_code == 0, result.output
+    assert ("keeping the first convolutions in fp32 (--fp32-convs, now 0)" in result.stderr) is hinted

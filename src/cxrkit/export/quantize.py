@@ -8,7 +8,9 @@ output and ``cxrkit.*`` metadata, plus ``cxrkit.quantization`` saying how it was
 
 Settings are fixed rather than tuned: QDQ format (what ONNX Runtime fuses into integer kernels), per-channel
 weights, and weights held to 7 bits (``reduce_range``), which ONNX Runtime recommends for x86 CPUs without VNNI,
-where the 8-bit multiply can saturate.
+where the 8-bit multiply can saturate. One choice is left to the user, ``fp32_convs``: how many of the first
+convolutions stay in fp32. Most of int8's error comes from the early, high-resolution layers, so keeping a few
+of them in fp32 buys back accuracy for part of the speed (measured in ``docs/performance.md``).
 
 int8 changes the numbers, so it is never chosen automatically: check the run with
 ``cxr evaluate RUN --split val --engine onnx-int8`` against ``--engine onnx``. ``bench/inference.py`` measures
@@ -36,7 +38,8 @@ CALIBRATION_IMAGES = 256
 SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
             "activation_ranges": "minmax"}
 """What every int8 file records about how it was quantized (with ``range_images``, how many images set the
-activation ranges, and ``range_split``, where they came from)."""
+activation ranges, ``range_split``, where they came from, and ``fp32_convs``, how many leading convolutions stayed
+in fp32)."""
 
 
 class _Batches:
@@ -78,8 +81,18 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
+def _first_convs(model_path: Path, count: int, path: Path) -> list[str]:
+    """The names of the first ``count`` Conv nodes of the graph, in its (topological, so forward) order."""
+    import onnx
+
+    convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
+    if count > len(convs):
+        raise CxrError(f"{path}: cannot keep the first {count} convolutions in fp32; the model has {len(convs)}")
+    return convs[:count]
+
+
 def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.ndarray], count: int,
-                  metadata: dict[str, Any]) -> Path:
+                  metadata: dict[str, Any], fp32_convs: int = 0) -> Path:
     """Write the int8 version of the fp32 ONNX file ``source`` to ``path`` (atomic).
 
     Args:
@@ -88,9 +101,11 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
         batches: preprocessed calibration images, float32 ``[N, 3, H, W]``; consumed once.
         count: how many batches ``batches`` yields.
         metadata: the ``cxrkit.*`` metadata of the new file (``quantization`` is filled in here).
+        fp32_convs: how many of the first convolutions (in graph order) stay in fp32; 0 quantizes all.
 
     Raises:
-        CxrError: no calibration images, or ONNX Runtime cannot quantize the graph.
+        CxrError: no calibration images, ``fp32_convs`` negative or more than the model's convolutions, or ONNX
+            Runtime cannot quantize the graph.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -99,16 +114,19 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
     path = Path(path)
     if count < 1:
         raise CxrError(f"{path}: int8 quantization needs calibration images and got none")
+    if fp32_convs < 0:
+        raise CxrError(f"{path}: the number of convolutions kept in fp32 cannot be negative ({fp32_convs})")
     reader = _Batches(batches, count)
     with tempfile.TemporaryDirectory(prefix="cxrkit-int8-") as tmp, _quiet():
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         try:
             # shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            excluded = _first_convs(prepared, fp32_convs, path)
             quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=True, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"CalibStridedMinMax": 1})
+                            nodes_to_exclude=excluded, extra_options={"CalibStridedMinMax": 1})
         except CxrError:
             raise
         except Exception as err:  # noqa: BLE001 - the quantizer raises many types; all mean "cannot quantize"
@@ -116,7 +134,7 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
         proto = onnx.load(str(quantized))
     set_metadata(proto, {**metadata, "quantization": {**SETTINGS, **metadata.get("quantization", {}),
-                                                       "range_images": reader.seen}})
+                                                       "range_images": reader.seen, "fp32_convs": fp32_convs}})
     onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, proto.SerializeToString())

@@ -162,14 +162,15 @@ class Predictor:
         return export_onnx(model, path, self.preprocessing.size, self.export_metadata())
 
     def int8_file(self, model: torch.nn.Module, console: Any = None, images: int | None = None,
-                  path: Path | None = None) -> Path:
+                  path: Path | None = None, fp32_convs: int | None = None) -> Path:
         """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
         (metadata refreshed if calibration changed since), else quantized from :meth:`onnx_file` with ranges
-        measured on ``images`` training images (default :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`).
-        Given ``path`` or ``images``, it is always quantized afresh, to ``path``."""
+        measured on ``images`` training images (default :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and
+        the first ``fp32_convs`` convolutions left in fp32 (default none). Given ``path``, ``images`` or
+        ``fp32_convs``, it is always quantized afresh, to ``path``."""
         from cxrkit.export.quantize import CALIBRATION_IMAGES, quantize_int8
 
-        fresh = path is not None or images is not None
+        fresh = path is not None or images is not None or fp32_convs is not None
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
         if not fresh and self._reusable(path):
             return path
@@ -179,11 +180,12 @@ class Predictor:
         if images < 1:
             raise CxrError(f"int8 calibration needs at least 1 image, not {images}")
         once = "" if fresh else " once"
+        kept = f", the first {fp32_convs} convolutions kept in fp32" if fp32_convs else ""
         console.print(f"quantizing the {self.checkpoint} checkpoint to int8{once}, with ranges from up to {images} "
-                      f"training images: {path}")
+                      f"training images{kept}: {path}")
         metadata = {**self.export_metadata(), "quantization": {"range_split": "train"}}
         batches, count = self._calibration_batches(images, console)
-        return quantize_int8(source, path, batches, count, metadata)
+        return quantize_int8(source, path, batches, count, metadata, fp32_convs or 0)
 
     def _reusable(self, path: Path) -> bool:
         """Whether an exported file holds these weights; its metadata is brought up to date (a new calibration
