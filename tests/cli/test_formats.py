@@ -1,5 +1,6 @@
 """Every data format and head type through train -> evaluate, on tiny synthetic data."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def test_multilabel_nih_csv_with_the_torch_and_int8_engines(tmp_path):
     assert int8["threshold"] == metrics["threshold"]
     assert read_metadata(run / "export" / "best.int8.onnx")["threshold"] == labels["threshold"]
     assert read_metadata(run / "export" / "best.int8.onnx")["quantization"]["calibration"]["calibrated_on"] == "val"
+
+    # cxr export counts agreement per finding too: a whole set of 14 findings rarely matches exactly
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(tmp_path / "m.int8.onnx"),
+                                      "--calibration-images", "4"])
+    assert result.exit_code == 0, result.output
+    with open(run / "splits.csv") as f:
+        val = sum(row["split"] == "val" for row in csv.DictReader(f))
+    assert f"of {val * 14} image-finding decisions (" in result.stderr
 
 
 def test_medmnist_npz_with_its_own_splits(tmp_path):

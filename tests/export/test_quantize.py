@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
 from cxrkit.errors import CxrError
-from cxrkit.export.onnx import read_metadata
+from cxrkit.export.onnx import read_metadata, update_metadata
 from cxrkit.export.quantize import quantize_int8
 from cxrkit.serve.app import ServeSettings, create_app
 from cxrkit.serve.predictor import Predictor
@@ -218,3 +218,19 @@ def test_cxr_export_suggests_fp32_convolutions_only_when_int8_disagrees_too_ofte
                                       "--calibration-images", "4"])
     assert result.exit_code == 0, result.output
     assert ("keeping the first convolutions in fp32 (--fp32-convs, now 0)" in result.stderr) is hinted
+
+
+def test_int8_quantized_again_for_new_weights_keeps_the_fp32_convolutions(run):
+    path = run / "export" / "best.int8.onnx"
+    try:
+        result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "--calibration-images", "4",
+                                          "--fp32-convs", "2"])
+        assert result.exit_code == 0, result.output
+        update_metadata(path, {**read_metadata(path), "weights_sha256": "0" * 64})  # as if the weights had changed
+        Predictor(run, engine="onnx-int8")
+        meta = read_metadata(path)
+        assert meta["weights_sha256"] != "0" * 64  # quantized again for the run's weights
+        assert meta["quantization"]["fp32_convs"] == 2 and _convs_with_int8_weights(path)[:3] == [False, False, True]
+        assert meta["quantization"]["range_images"] == min(256, _train_size(run))  # the default, not the 4 above
+    finally:
+        path.unlink(missing_ok=True)  # later tests quantize the default file themselves

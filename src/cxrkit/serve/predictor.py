@@ -77,6 +77,18 @@ def resolve_engine(engine: str) -> str:
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
 
 
+def _kept_fp32_convs(path: Path) -> int | None:
+    """How many leading convolutions an earlier int8 file at ``path`` kept in fp32 (None: no readable file)."""
+    from cxrkit.export.onnx import read_metadata
+
+    if not path.is_file():
+        return None
+    try:
+        return int(read_metadata(path).get("quantization", {}).get("fp32_convs") or 0)
+    except (CxrError, TypeError, ValueError):  # a damaged file or foreign metadata: quantize as by default
+        return None
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -166,14 +178,16 @@ class Predictor:
         """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
         (metadata refreshed if calibration changed since), else quantized from :meth:`onnx_file` with ranges
         measured on ``images`` training images (default :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and
-        the first ``fp32_convs`` convolutions left in fp32 (default none). Given ``path``, ``images`` or
-        ``fp32_convs``, it is always quantized afresh, to ``path``."""
+        the first ``fp32_convs`` convolutions left in fp32 (default: as many as the earlier file there kept, else
+        none). Given ``path``, ``images`` or ``fp32_convs``, it is always quantized afresh, to ``path``."""
         from cxrkit.export.quantize import CALIBRATION_IMAGES, quantize_int8
 
         fresh = path is not None or images is not None or fp32_convs is not None
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
-        if not fresh and self._reusable(path):
-            return path
+        if not fresh:
+            if self._reusable(path):
+                return path
+            fp32_convs = _kept_fp32_convs(path)  # new weights: the user's choice of fp32 convolutions still holds
         source = self.onnx_file(model, console)
         console = console or _stderr_console()
         images = images or CALIBRATION_IMAGES
