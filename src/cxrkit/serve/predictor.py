@@ -84,9 +84,11 @@ def _kept_fp32_convs(path: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        return int(read_metadata(path).get("quantization", {}).get("fp32_convs") or 0)
-    except (CxrError, TypeError, ValueError):  # a damaged file or foreign metadata: quantize as by default
+        quantization = read_metadata(path).get("quantization")
+    except CxrError:  # a damaged file: quantize as by default
         return None
+    kept = quantization.get("fp32_convs") if isinstance(quantization, dict) else None
+    return kept if isinstance(kept, int) and kept >= 0 else None
 
 
 def _stderr_console() -> Any:
