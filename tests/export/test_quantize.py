@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -234,3 +235,87 @@ def test_int8_quantized_again_for_new_weights_keeps_the_fp32_convolutions(run):
         assert meta["quantization"]["range_images"] == min(256, _train_size(run))  # the default, not the 4 above
     finally:
         path.unlink(missing_ok=True)  # later tests quantize the default file themselves
+
+
+class _PreActivation(torch.nn.Module):
+    """DenseNet's pattern in small: a BatchNormalization after a concatenation, so no convolution to fold into,
+    then ReLU and a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.norm = torch.nn.BatchNorm2d(16)
+        self.conv = torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 2)
+        generator = torch.Generator().manual_seed(0)
+        for norm in (self.stem[1], self.norm):  # statistics far from identity, as after training
+            size = norm.num_features
+            norm.running_mean.copy_(torch.randn(size, generator=generator))
+            norm.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            norm.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            norm.bias.data.copy_(torch.randn(size, generator=generator))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, torch.nn.functional.max_pool2d(x, 3, 1, 1)], 1)
+        x = self.conv(torch.relu(self.norm(x)))
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def preactivation(tmp_path_factory):
+    """The fp32 export of :class:`_PreActivation` at 32 px, and calibration batches like its inputs."""
+    from cxrkit.export.onnx import export_onnx
+
+    path = export_onnx(_PreActivation().eval(), tmp_path_factory.mktemp("preact") / "m.onnx", 32, {})
+    rng = np.random.default_rng(0)
+    return path, [rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+
+
+def _conv_groups(path: Path) -> list[int]:
+    graph = onnx.load(str(path)).graph
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    return [next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1) for node in convs]
+
+
+def test_a_batchnorm_after_no_convolution_is_quantized_as_a_depthwise_convolution(preactivation, tmp_path):
+    source, batches = preactivation
+    assert "BatchNormalization" in _op_types(source)
+    out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
+    assert "BatchNormalization" not in _op_types(out)
+    assert _conv_groups(out) == [1, 16, 1]  # stem (its BatchNorm folded), the rewritten BatchNorm, conv
+    assert all(_convs_with_int8_weights(out))
+    assert read_metadata(out)["quantization"]["batchnorm"] == "depthwise 1x1 convolution where not folded"
+    x = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    fp32 = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.abs(int8 - fp32).max() < 0.05 * np.abs(fp32).max()
+
+
+def test_the_rewritten_batchnorm_computes_what_the_batchnorm_did(preactivation, tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from cxrkit.export.quantize import _batchnorm_as_convs
+
+    source, _ = preactivation
+    quant_pre_process(str(source), str(tmp_path / "prepared.onnx"), skip_symbolic_shape=True)
+    proto = onnx.load(str(tmp_path / "prepared.onnx"))
+    assert _batchnorm_as_convs(proto.graph) == 1
+    assert _batchnorm_as_convs(proto.graph) == 0  # nothing left to rewrite
+    onnx.checker.check_model(proto)
+    assert not any("running_" in tensor.name for tensor in proto.graph.initializer)  # the statistics are gone
+    x = np.random.default_rng(2).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    before = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x})[0]
+    np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("kept, fp32", [(1, [True, True, False]), (2, [True, True, True])])
+def test_fp32_convolutions_count_the_model_s_own_and_keep_a_rewritten_batchnorm_inside_the_stem(
+        preactivation, tmp_path, kept, fp32):
+    source, batches = preactivation
+    out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {}, fp32_convs=kept)
+    assert [not int8 for int8 in _convs_with_int8_weights(out)] == fp32
+    with pytest.raises(CxrError, match="cannot keep the first 3 convolutions in fp32; the model has 2"):
+        quantize_int8(source, tmp_path / "x.onnx", iter(batches), len(batches), {}, fp32_convs=3)

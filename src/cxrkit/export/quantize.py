@@ -8,13 +8,16 @@ output and ``cxrkit.*`` metadata, plus ``cxrkit.quantization`` saying how it was
 
 Settings are fixed rather than tuned: QDQ format (what ONNX Runtime fuses into integer kernels), per-channel
 weights, and weights held to 7 bits (``reduce_range``), which ONNX Runtime recommends for x86 CPUs without VNNI,
-where the 8-bit multiply can saturate. One choice is left to the user, ``fp32_convs``: how many of the first
+where the 8-bit multiply can saturate. A BatchNormalization that does not follow a convolution (DenseNet's
+pre-activation ``norm1``, which ONNX Runtime cannot fold into one) is first rewritten as the equal depthwise 1x1
+convolution, so it runs in int8 too instead of between a DequantizeLinear and a QuantizeLinear in fp32, with
+layout transposes around it. One choice is left to the user, ``fp32_convs``: how many of the first
 convolutions stay in fp32. Most of int8's error comes from the early, high-resolution layers, so keeping a few
 of them in fp32 buys back accuracy for part of the speed (measured in ``docs/performance.md``).
 
 int8 changes the numbers, so it is never chosen automatically: check the run with
 ``cxr evaluate RUN --split val --engine onnx-int8`` against ``--engine onnx``. ``bench/inference.py`` measures
-where it is faster; it is not everywhere (on machine B, DenseNet-121 gained little over fp32 ONNX Runtime).
+where it is faster; it is not everywhere.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ CALIBRATION_IMAGES = 256
 """Default number of training images whose activations set the int8 ranges."""
 
 SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
-            "activation_ranges": "minmax"}
+            "activation_ranges": "minmax", "batchnorm": "depthwise 1x1 convolution where not folded"}
 """What every int8 file records about how it was quantized (with ``range_images``, how many images set the
 activation ranges, ``range_split``, where they came from, and ``fp32_convs``, how many leading convolutions stayed
 in fp32)."""
@@ -70,8 +73,8 @@ class _Batches:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Hold back the quantizer's warnings on the root logger (e.g. an "Axis 1 is out-of-range" line for each of
-    DenseNet's BatchNormalization weights, which are not folded into a convolution); errors still show."""
+    """Hold back the quantizer's warnings on the root logger (it notes, for instance, each node it leaves in fp32);
+    errors still show."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
@@ -81,14 +84,60 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _first_convs(model_path: Path, count: int, path: Path) -> list[str]:
-    """The names of the first ``count`` Conv nodes of the graph, in its (topological, so forward) order."""
-    import onnx
+def _batchnorm_as_convs(graph: Any) -> int:
+    """Rewrite each 4-D inference BatchNormalization of ``graph`` (one whose statistics are initializers) as the
+    depthwise 1x1 Conv that computes the same: weight ``scale / sqrt(var + eps)``, bias ``B - mean * weight``.
 
-    convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
-    if count > len(convs):
-        raise CxrError(f"{path}: cannot keep the first {count} convolutions in fp32; the model has {len(convs)}")
-    return convs[:count]
+    ONNX Runtime folds a BatchNormalization that follows a convolution into it; the ones left are those that
+    follow something else (DenseNet's concatenations). Left as they are, the quantizer wraps each in fp32 between
+    a DequantizeLinear and a QuantizeLinear, and ONNX Runtime adds layout transposes around it; as convolutions
+    they run in int8 with the rest (a 1x1 depthwise weight is one value per channel, which per-channel int8 holds
+    exactly). The node keeps its name. Returns how many were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in [*graph.value_info, *graph.input]}
+    nodes, replaced, statistics = [], [], set()
+    for node in graph.node:
+        nodes.append(node)
+        if (node.op_type != "BatchNormalization" or len(node.output) != 1 or ranks.get(node.input[0]) != 4
+                or not all(name in initializers for name in node.input[1:5])):
+            continue
+        epsilon = next((attribute.f for attribute in node.attribute if attribute.name == "epsilon"), 1e-5)
+        scale, shift, mean, var = (numpy_helper.to_array(initializers[name]).astype(np.float64)
+                                   for name in node.input[1:5])
+        weight = scale / np.sqrt(var + epsilon)
+        name = node.name or f"{node.output[0]}.batchnorm"  # tensor names are unique in a graph; node names may be ""
+        tensors = [numpy_helper.from_array(weight.reshape(-1, 1, 1, 1).astype(np.float32), f"{name}.weight"),
+                   numpy_helper.from_array((shift - mean * weight).astype(np.float32), f"{name}.bias")]
+        graph.initializer.extend(tensors)
+        nodes[-1] = helper.make_node("Conv", [node.input[0], *(t.name for t in tensors)], list(node.output),
+                                     name=name, group=len(weight), kernel_shape=[1, 1])
+        replaced.append(name)
+        statistics.update(node.input[1:5])
+    if not replaced:
+        return 0
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used or tensor.name not in statistics]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return len(replaced)
+
+
+def _first_convs(graph: Any, own: list[str], count: int, path: Path) -> list[str]:
+    """The Conv nodes of ``graph`` that stay fp32 when the first ``count`` of the model's own convolutions (``own``,
+    in graph order, before BatchNormalizations became convolutions) do: those and every rewritten BatchNormalization
+    before the next own convolution, so the fp32 stem has no int8 step inside it (and ``count = len(own)`` keeps
+    every convolution fp32)."""
+    if count > len(own):
+        raise CxrError(f"{path}: cannot keep the first {count} convolutions in fp32; the model has {len(own)}")
+    if count == 0:
+        return []
+    convs = [node.name for node in graph.node if node.op_type == "Conv"]
+    return convs if count == len(own) else convs[:convs.index(own[count])]
 
 
 def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.ndarray], count: int,
@@ -101,7 +150,7 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
         batches: preprocessed calibration images, float32 ``[N, 3, H, W]``; consumed once.
         count: how many batches ``batches`` yields.
         metadata: the ``cxrkit.*`` metadata of the new file (``quantization`` is filled in here).
-        fp32_convs: how many of the first convolutions (in graph order) stay in fp32; 0 quantizes all.
+        fp32_convs: how many of the model's first convolutions (in graph order) stay in fp32; 0 quantizes all.
 
     Raises:
         CxrError: no calibration images, ``fp32_convs`` negative or more than the model's convolutions, or ONNX
@@ -122,7 +171,11 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
         try:
             # shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            excluded = _first_convs(prepared, fp32_convs, path)
+            graph_proto = onnx.load(str(prepared))
+            own = [node.name for node in graph_proto.graph.node if node.op_type == "Conv"]
+            if _batchnorm_as_convs(graph_proto.graph):
+                onnx.save(graph_proto, str(prepared))
+            excluded = _first_convs(graph_proto.graph, own, fp32_convs, path)
             quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             reduce_range=True, calibrate_method=CalibrationMethod.MinMax,

@@ -1,0 +1,90 @@
+"""Where ONNX Runtime spends its time on an ONNX model: the share of each operator type, from its own profiler.
+
+For each model file given (a cxrkit export such as ``RUN/export/best.onnx`` or ``best.int8.onnx``, or any model with
+one image input), this runs batches of random images in ONNX Runtime's CPU provider as cxrkit's engines run it (all
+graph optimizations, ``--threads`` intra-op threads), prints the throughput of unprofiled batches, then profiles
+``--runs`` more batches and prints the kernel time per operator type of the graph ONNX Runtime actually ran (after
+its fusions: ``QLinearConv`` is a quantized convolution with its DequantizeLinear and QuantizeLinear fused in).
+Operators that are not the network's own work (``Transpose``, ``QuantizeLinear``, ``DequantizeLinear``, or an fp32
+``BatchNormalization`` in an int8 graph) show where a graph loses time.
+
+    python bench/onnx_profile.py RUN/export/best.onnx RUN/export/best.int8.onnx
+    python bench/onnx_profile.py model.onnx --batch 1 --size 224
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def session(path: Path, threads: int, profile_dir: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if profile_dir:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(profile_dir) / "ort")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_times(profile: str) -> tuple[collections.Counter, dict[str, int]]:
+    """Microseconds and number of nodes per operator type from an ONNX Runtime profile (Chrome trace JSON)."""
+    with open(profile) as f:
+        events = json.load(f)
+    times, names = collections.Counter(), collections.defaultdict(set)
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            times[op] += event["dur"]
+            names[op].add(event["name"])
+    return times, {op: len(found) for op, found in names.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224, help="height and width where the model's are not fixed")
+    parser.add_argument("--runs", type=int, default=2, help="batches timed, and batches profiled")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    for path in args.models:
+        if not path.is_file():
+            parser.error(f"{path}: no such file")
+        plain = session(path, args.threads)
+        spec = plain.get_inputs()[0]
+        height, width = (d if isinstance(d, int) else args.size for d in spec.shape[2:4])
+        feed = {spec.name: rng.standard_normal((args.batch, 3, height, width)).astype(np.float32)}
+        plain.run(None, feed)  # warm-up
+        start = time.perf_counter()
+        for _ in range(args.runs):
+            plain.run(None, feed)
+        rate = args.batch * args.runs / (time.perf_counter() - start)
+        with tempfile.TemporaryDirectory() as tmp:
+            profiled = session(path, args.threads, tmp)
+            for _ in range(args.runs):
+                profiled.run(None, feed)
+            times, nodes = kernel_times(profiled.end_profiling())
+        total = sum(times.values())
+        print(f"\n{path}: {height}x{width} px, batch {args.batch}, {args.threads} threads: {rate:.1f} img/s "
+              f"unprofiled; kernel time {total / args.runs / 1e3:.1f} ms per batch")
+        print(f"{'operator':<28} {'ms/batch':>9} {'share':>7} {'nodes':>6}")
+        for op, spent in times.most_common():
+            print(f"{op:<28} {spent / args.runs / 1e3:>9.1f} {100 * spent / total:>6.1f}% {nodes[op]:>6}")
+
+
+if __name__ == "__main__":
+    main()
