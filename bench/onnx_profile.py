@@ -1,12 +1,13 @@
 """Where ONNX Runtime spends its time on an ONNX model: the share of each operator type, from its own profiler.
 
 For each model file given (a cxrkit export such as ``RUN/export/best.onnx`` or ``best.int8.onnx``, or any model with
-one image input), this runs batches of random images in ONNX Runtime's CPU provider as cxrkit's engines run it (all
-graph optimizations, ``--threads`` intra-op threads), prints the throughput of unprofiled batches, then profiles
-``--runs`` more batches and prints the kernel time per operator type of the graph ONNX Runtime actually ran (after
-its fusions: ``QLinearConv`` is a quantized convolution with its DequantizeLinear and QuantizeLinear fused in).
-Operators that are not the network's own work (``Transpose``, ``QuantizeLinear``, ``DequantizeLinear``, or an fp32
-``BatchNormalization`` in an int8 graph) show where a graph loses time.
+one image input), this runs batches of random images in ONNX Runtime's CPU provider with the session options of
+cxrkit's engines (:func:`cxrkit.export.onnx.session_options`, ``--threads`` intra-op threads), prints the
+throughput of unprofiled batches, then profiles ``--runs`` more batches and prints the kernel time per operator type
+of the graph ONNX Runtime actually ran (after its fusions: ``QLinearConv`` is a quantized convolution with its
+DequantizeLinear and QuantizeLinear fused in). Operators that are not the network's own work (``Transpose``,
+``QuantizeLinear``, ``DequantizeLinear``, or an fp32 ``BatchNormalization`` in an int8 graph) show where a graph
+loses time.
 
     python bench/onnx_profile.py RUN/export/best.onnx RUN/export/best.int8.onnx
     python bench/onnx_profile.py model.onnx --batch 1 --size 224
@@ -26,11 +27,12 @@ import numpy as np
 
 
 def session(path: Path, threads: int, profile_dir: str | None = None):
+    """An ONNX Runtime session with the options of cxrkit's engines, profiling into ``profile_dir`` if given."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from cxrkit.export.onnx import session_options
+
+    options = session_options(threads)
     options.log_severity_level = 3
     if profile_dir:
         options.enable_profiling = True

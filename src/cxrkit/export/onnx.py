@@ -98,6 +98,18 @@ def update_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
     atomic_write_bytes(path, proto.SerializeToString())
 
 
+def session_options(threads: int | None = None) -> Any:
+    """The ONNX Runtime session options of cxrkit's engines: ``threads`` intra-op threads (default: torch's), one
+    inter-op thread, every graph optimization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
 class OnnxModel(nn.Module):
     """An ONNX Runtime CPU session behind the ``nn.Module`` call, so prediction loops need no second branch.
 
@@ -109,13 +121,9 @@ class OnnxModel(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             source = path if isinstance(path, bytes) else str(path)
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             name = "the exported model" if isinstance(path, bytes) else path
             raise CxrError(f"{name}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None

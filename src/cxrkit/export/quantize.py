@@ -98,7 +98,7 @@ def _batchnorm_as_convs(graph: Any) -> int:
 
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in [*graph.value_info, *graph.input]}
-    nodes, replaced, statistics = [], [], set()
+    nodes, rewritten, statistics = [], 0, set()
     for node in graph.node:
         nodes.append(node)
         if (node.op_type != "BatchNormalization" or len(node.output) != 1 or ranks.get(node.input[0]) != 4
@@ -114,9 +114,9 @@ def _batchnorm_as_convs(graph: Any) -> int:
         graph.initializer.extend(tensors)
         nodes[-1] = helper.make_node("Conv", [node.input[0], *(t.name for t in tensors)], list(node.output),
                                      name=name, group=len(weight), kernel_shape=[1, 1])
-        replaced.append(name)
+        rewritten += 1
         statistics.update(node.input[1:5])
-    if not replaced:
+    if not rewritten:
         return 0
     del graph.node[:]
     graph.node.extend(nodes)
@@ -124,7 +124,7 @@ def _batchnorm_as_convs(graph: Any) -> int:
     kept = [tensor for tensor in graph.initializer if tensor.name in used or tensor.name not in statistics]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    return len(replaced)
+    return rewritten
 
 
 def _first_convs(graph: Any, own: list[str], count: int, path: Path) -> list[str]:
