@@ -2,9 +2,10 @@
 
 For each model file given (a cxrkit export such as ``RUN/export/best.onnx`` or ``best.int8.onnx``, or any model with
 one image input), this runs batches of random images in ONNX Runtime's CPU provider with the session options of
-cxrkit's engines (:func:`cxrkit.export.onnx.session_options`, ``--threads`` intra-op threads), prints the
-throughput of unprofiled batches, then profiles ``--runs`` more batches and prints the kernel time per operator type
-of the graph ONNX Runtime actually ran (after its fusions: ``QLinearConv`` is a quantized convolution with its
+cxrkit's engines (:func:`cxrkit.export.onnx.session_options`, ``--threads`` intra-op threads), prints the throughput
+of unprofiled batches (the median of ``--rounds`` rounds in which the models take turns, so that two files compare
+fairly on a shared host), then profiles ``--runs`` more batches and prints the kernel time per operator type of the
+graph ONNX Runtime actually ran (after its fusions: ``QLinearConv`` is a quantized convolution with its
 DequantizeLinear and QuantizeLinear fused in). Operators that are not the network's own work (``Transpose``,
 ``QuantizeLinear``, ``DequantizeLinear``, or an fp32 ``BatchNormalization`` in an int8 graph) show where a graph
 loses time.
@@ -19,6 +20,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,35 +60,43 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224, help="height and width where the model's are not fixed")
-    parser.add_argument("--runs", type=int, default=2, help="batches timed, and batches profiled")
+    parser.add_argument("--runs", type=int, default=2, help="batches timed per round, and batches profiled")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; the models take turns in each")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
+    plain, feeds, sizes = {}, {}, {}
     for path in args.models:
         if not path.is_file():
             parser.error(f"{path}: no such file")
-        plain = session(path, args.threads)
-        spec = plain.get_inputs()[0]
-        height, width = (d if isinstance(d, int) else args.size for d in spec.shape[2:4])
-        feed = {spec.name: rng.standard_normal((args.batch, 3, height, width)).astype(np.float32)}
-        plain.run(None, feed)  # warm-up
-        start = time.perf_counter()
-        for _ in range(args.runs):
-            plain.run(None, feed)
-        rate = args.batch * args.runs / (time.perf_counter() - start)
+        plain[path] = session(path, args.threads)
+        spec = plain[path].get_inputs()[0]
+        sizes[path] = tuple(d if isinstance(d, int) else args.size for d in spec.shape[2:4])
+        feeds[path] = {spec.name: rng.standard_normal((args.batch, 3, *sizes[path])).astype(np.float32)}
+        plain[path].run(None, feeds[path])  # warm-up
+    # the models take turns, round after round, so that a slower spell of a shared host falls on all of them
+    rates = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        for path in args.models:
+            start = time.perf_counter()
+            for _ in range(args.runs):
+                plain[path].run(None, feeds[path])
+            rates[path].append(args.batch * args.runs / (time.perf_counter() - start))
+    for path in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             profiled = session(path, args.threads, tmp)
             for _ in range(args.runs):
-                profiled.run(None, feed)
+                profiled.run(None, feeds[path])
             times, nodes = kernel_times(profiled.end_profiling())
         total = sum(times.values())
-        print(f"\n{path}: {height}x{width} px, batch {args.batch}, {args.threads} threads: {rate:.1f} img/s "
-              f"unprofiled; kernel time {total / args.runs / 1e3:.1f} ms per batch")
+        height, width = sizes[path]
+        print(f"\n{path}: {height}x{width} px, batch {args.batch}, {args.threads} threads: "
+              f"{statistics.median(rates[path]):.1f} img/s unprofiled (median of {args.rounds} rounds, "
+              f"{min(rates[path]):.1f}-{max(rates[path]):.1f}); kernel time {total / args.runs / 1e3:.1f} ms per batch")
         print(f"{'operator':<28} {'ms/batch':>9} {'share':>7} {'nodes':>6}")
         for op, spent in times.most_common():
             print(f"{op:<28} {spent / args.runs / 1e3:>9.1f} {100 * spent / total:>6.1f}% {nodes[op]:>6}")
-
 
 if __name__ == "__main__":
     main()

@@ -237,16 +237,38 @@ def test_int8_quantized_again_for_new_weights_keeps_the_fp32_convolutions(run):
         path.unlink(missing_ok=True)  # later tests quantize the default file themselves
 
 
+def test_an_int8_file_made_with_earlier_settings_is_quantized_again(run, capsys):
+    path = run / "export" / "best.int8.onnx"
+    try:
+        result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "--calibration-images", "4",
+                                          "--fp32-convs", "1"])
+        assert result.exit_code == 0, result.output
+        meta = read_metadata(path)
+        earlier = {key: value for key, value in meta["quantization"].items() if key != "concatenations"}
+        update_metadata(path, {**meta, "quantization": earlier})  # as written before concatenations shared ranges
+        capsys.readouterr()
+        Predictor(run, engine="onnx-int8")
+        assert "quantized with an earlier version's int8 settings" in capsys.readouterr().err
+        quantization = read_metadata(path)["quantization"]
+        assert quantization["concatenations"] == "one range per concatenated group" and quantization["fp32_convs"] == 1
+        assert quantization["range_images"] == min(256, _train_size(run))
+        stamp = path.stat().st_mtime_ns
+        Predictor(run, engine="onnx-int8")  # now current: used as it is
+        assert path.stat().st_mtime_ns == stamp and "earlier" not in capsys.readouterr().err
+    finally:
+        path.unlink(missing_ok=True)
+
+
 class _PreActivation(torch.nn.Module):
     """DenseNet's pattern in small: a BatchNormalization after a concatenation, so no convolution to fold into,
-    then ReLU and a convolution."""
+    then ReLU and a convolution whose output is concatenated to the features before it (a dense layer)."""
 
     def __init__(self):
         super().__init__()
         self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
         self.norm = torch.nn.BatchNorm2d(16)
         self.conv = torch.nn.Conv2d(16, 8, 3, padding=1)
-        self.head = torch.nn.Linear(8, 2)
+        self.head = torch.nn.Linear(24, 2)
         generator = torch.Generator().manual_seed(0)
         for norm in (self.stem[1], self.norm):  # statistics far from identity, as after training
             size = norm.num_features
@@ -258,8 +280,8 @@ class _PreActivation(torch.nn.Module):
     def forward(self, x):
         x = self.stem(x)
         x = torch.cat([x, torch.nn.functional.max_pool2d(x, 3, 1, 1)], 1)
-        x = self.conv(torch.relu(self.norm(x)))
-        return self.head(torch.relu(x).mean((2, 3)))
+        x = torch.cat([x, self.conv(torch.relu(self.norm(x)))], 1)
+        return self.head(x.mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +337,37 @@ def test_fp32_convolutions_count_the_model_s_own_and_keep_a_rewritten_batchnorm_
     assert [not int8 for int8 in _convs_with_int8_weights(out)] == fp32
     with pytest.raises(CxrError, match="cannot keep the first 3 convolutions in fp32; the model has 2"):
         quantize_int8(source, tmp_path / "x.onnx", iter(batches), len(batches), {}, fp32_convs=3)
+
+
+def _concat_quantization(path: Path) -> list[tuple[list[tuple[float, int]], tuple[float, int]]]:
+    """For each Concat of an int8 graph: the (scale, zero point) of each input's DequantizeLinear and of the
+    QuantizeLinear of its output."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    consumers = {name: node for node in graph.node for name in node.input}
+
+    def parameters(node):
+        return float(values[node.input[1]]), int(values[node.input[2]])
+
+    return [([parameters(producers[name]) for name in node.input], parameters(consumers[node.output[0]]))
+            for node in graph.node if node.op_type == "Concat"]
+
+
+def test_tensors_that_meet_in_a_concatenation_share_one_range_but_a_relu_keeps_its_own(preactivation, tmp_path):
+    source, batches = preactivation
+    out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
+    assert read_metadata(out)["quantization"]["concatenations"] == "one range per concatenated group"
+    (stem, pooled), first = _concat_quantization(out)[0]
+    dense_inputs, dense_output = _concat_quantization(out)[1]
+    # the dense layer's concatenation: the features before it, the new convolution's output and the result share
+    # one scale and zero point (ONNX Runtime copies bytes), and that range holds the negative convolution outputs
+    assert dense_inputs == [dense_output, dense_output] and dense_output == first and first[1] > 0
+    # the stem's ReLU output and its max-pooling keep the ReLU's own range, zero point 0: ONNX Runtime removed
+    # the ReLU and clips at that bound, which the shared range (below 0) would undo
+    assert stem == pooled and stem[1] == 0 and stem != first
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
+    assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()

@@ -10,10 +10,12 @@ Settings are fixed rather than tuned: QDQ format (what ONNX Runtime fuses into i
 weights, and weights held to 7 bits (``reduce_range``), which ONNX Runtime recommends for x86 CPUs without VNNI,
 where the 8-bit multiply can saturate. A BatchNormalization that does not follow a convolution (DenseNet's
 pre-activation ``norm1``, which ONNX Runtime cannot fold into one) is first rewritten as the equal depthwise 1x1
-convolution, so it runs in int8 too instead of between a DequantizeLinear and a QuantizeLinear in fp32, with
-layout transposes around it. One choice is left to the user, ``fp32_convs``: how many of the first
-convolutions stay in fp32. Most of int8's error comes from the early, high-resolution layers, so keeping a few
-of them in fp32 buys back accuracy for part of the speed (measured in ``docs/performance.md``).
+convolution, so it runs in int8 too instead of between a DequantizeLinear and a QuantizeLinear in fp32, with layout
+transposes around it. The tensors that meet in concatenations (DenseNet's dense blocks) share one activation range,
+so that ONNX Runtime concatenates their bytes instead of requantizing every input. One choice is left to the user,
+``fp32_convs``: how many of the first convolutions stay in fp32. Most of int8's error comes from the early,
+high-resolution layers, so keeping a few of them in fp32 buys back accuracy for part of the speed (measured in
+``docs/performance.md``).
 
 int8 changes the numbers, so it is never chosen automatically: check the run with
 ``cxr evaluate RUN --split val --engine onnx-int8`` against ``--engine onnx``. ``bench/inference.py`` measures
@@ -39,7 +41,8 @@ CALIBRATION_IMAGES = 256
 """Default number of training images whose activations set the int8 ranges."""
 
 SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
-            "activation_ranges": "minmax", "batchnorm": "depthwise 1x1 convolution where not folded"}
+            "activation_ranges": "minmax", "batchnorm": "depthwise 1x1 convolution where not folded",
+            "concatenations": "one range per concatenated group"}
 """What every int8 file records about how it was quantized (with ``range_images``, how many images set the
 activation ranges, ``range_split``, where they came from, and ``fp32_convs``, how many leading convolutions stayed
 in fp32)."""
@@ -127,6 +130,53 @@ def _batchnorm_as_convs(graph: Any) -> int:
     return rewritten
 
 
+def _shared_concat_ranges(graph: Any, ranges: Any) -> dict[str, list[dict[str, np.float32]]]:
+    """One activation range for every tensor that meets in a concatenation, as ONNX Runtime quantization
+    overrides (``TensorQuantOverrides``): ``{tensor: [{"rmin": ..., "rmax": ...}]}``.
+
+    A concatenation whose inputs all have its output's scale and zero point is a plain copy of bytes in ONNX
+    Runtime's ``QLinearConcat``; with scales of their own, each input is requantized element by element. DenseNet
+    concatenates every earlier layer's features before each layer, so each layer's output is an input to every
+    later concatenation of its block: the tensors that must share a range are whole groups (connected through
+    concatenations), and each group gets the union of its members' calibrated ranges (``ranges``, ONNX Runtime's
+    ``TensorsData``). A pooling output is quantized with its input's parameters, so the group takes in that input
+    too. A ReLU (or Clip) output is left out with whatever pools it: ONNX Runtime removes the ReLU and lets the
+    quantization's lower bound of 0 do its clipping, which a range widened below 0 would undo. Returns ``{}`` where
+    the graph has no concatenation.
+    """
+    producers = {output: node for node in graph.node for output in node.output}
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    def source(name: str) -> str | None:
+        """The tensor whose quantization ``name`` shares (itself, or a pooling's input), None if a ReLU's."""
+        producer = producers.get(name)
+        if producer is not None and producer.op_type in ("MaxPool", "AveragePool"):
+            return source(producer.input[0])
+        return None if producer is not None and producer.op_type in ("Relu", "Clip") else name
+
+    for node in graph.node:
+        for name in node.input if node.op_type == "Concat" else ():
+            if (shared := source(name)) is not None:
+                for member in (name, shared):
+                    parent[root(member)] = root(node.output[0])
+    groups: dict[str, list[str]] = {}
+    for name in parent:
+        groups.setdefault(root(name), []).append(name)
+    overrides = {}
+    for members in groups.values():
+        known = [ranges.data[name].range_value for name in members if name in ranges.data]
+        if not known:
+            continue
+        low, high = np.float32(min(low for low, _ in known)), np.float32(max(high for _, high in known))
+        overrides.update({name: [{"rmin": low, "rmax": high}] for name in members if name in ranges.data})
+    return overrides
+
+
 def _first_convs(graph: Any, own: list[str], count: int, path: Path) -> list[str]:
     """The Conv nodes of ``graph`` that stay fp32 when the first ``count`` of the model's own convolutions (``own``,
     in graph order, before BatchNormalizations became convolutions) do: those and every rewritten BatchNormalization
@@ -157,7 +207,7 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
             Runtime cannot quantize the graph.
     """
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, load_tensors_data, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     path = Path(path)
@@ -175,11 +225,17 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
             own = [node.name for node in graph_proto.graph.node if node.op_type == "Conv"]
             if _batchnorm_as_convs(graph_proto.graph):
                 onnx.save(graph_proto, str(prepared))
-            excluded = _first_convs(graph_proto.graph, own, fp32_convs, path)
-            quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            reduce_range=True, calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=excluded, extra_options={"CalibStridedMinMax": 1})
+            options = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8,
+                       "weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": True,
+                       "calibrate_method": CalibrationMethod.MinMax,
+                       "calibration_cache_path": Path(tmp) / "ranges.json",
+                       "nodes_to_exclude": _first_convs(graph_proto.graph, own, fp32_convs, path)}
+            quantize_static(str(prepared), str(quantized), reader, **options, extra_options={"CalibStridedMinMax": 1})
+            shared = _shared_concat_ranges(graph_proto.graph, load_tensors_data(options["calibration_cache_path"]))
+            if shared:
+                # again from the cached ranges (no second calibration), with one range per concatenated group
+                quantize_static(str(prepared), str(quantized), None, **options,
+                                extra_options={"TensorQuantOverrides": shared})
         except CxrError:
             raise
         except Exception as err:  # noqa: BLE001 - the quantizer raises many types; all mean "cannot quantize"

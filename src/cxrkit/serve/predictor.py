@@ -91,6 +91,16 @@ def _kept_fp32_convs(path: Path) -> int | None:
     return kept if isinstance(kept, int) and kept >= 0 else None
 
 
+def _quantized_as_now(path: Path) -> bool:
+    """Whether the int8 file at ``path`` was made with this cxrkit's quantization settings
+    (:data:`~cxrkit.export.quantize.SETTINGS`); one made by an earlier version, before a change of them, is not."""
+    from cxrkit.export.onnx import read_metadata
+    from cxrkit.export.quantize import SETTINGS
+
+    quantization = read_metadata(path).get("quantization")
+    return isinstance(quantization, dict) and all(quantization.get(key) == value for key, value in SETTINGS.items())
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -178,20 +188,23 @@ class Predictor:
     def int8_file(self, model: torch.nn.Module, console: Any = None, images: int | None = None,
                   path: Path | None = None, fp32_convs: int | None = None) -> Path:
         """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
-        (metadata refreshed if calibration changed since), else quantized from :meth:`onnx_file` with ranges
-        measured on ``images`` training images (default :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and
-        the first ``fp32_convs`` convolutions left in fp32 (default: as many as the earlier file there kept, else
-        none). Given ``path``, ``images`` or ``fp32_convs``, it is always quantized afresh, to ``path``."""
+        (metadata refreshed if calibration changed since) and it was quantized with this cxrkit's settings, else
+        quantized from :meth:`onnx_file` with ranges measured on ``images`` training images (default
+        :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and the first ``fp32_convs`` convolutions left in fp32
+        (default: as many as the earlier file there kept, else none). Given ``path``, ``images`` or ``fp32_convs``,
+        it is always quantized afresh, to ``path``."""
         from cxrkit.export.quantize import CALIBRATION_IMAGES, quantize_int8
 
         fresh = path is not None or images is not None or fp32_convs is not None
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
+        console = console or _stderr_console()
         if not fresh:
             if self._reusable(path):
-                return path
-            fp32_convs = _kept_fp32_convs(path)  # new weights: the user's choice of fp32 convolutions still holds
+                if _quantized_as_now(path):
+                    return path
+                console.print(f"{path} was quantized with an earlier version's int8 settings")
+            fp32_convs = _kept_fp32_convs(path)  # new weights or settings: the choice of fp32 convolutions holds
         source = self.onnx_file(model, console)
-        console = console or _stderr_console()
         images = images or CALIBRATION_IMAGES
         if images < 1:
             raise CxrError(f"int8 calibration needs at least 1 image, not {images}")
