@@ -160,7 +160,9 @@ def _shared_concat_ranges(graph: Any, ranges: Any) -> dict[str, list[dict[str, n
         return None if producer is not None and producer.op_type in ("Relu", "Clip") else name
 
     for node in graph.node:
-        for name in node.input if node.op_type == "Concat" else ():
+        if node.op_type != "Concat":
+            continue
+        for name in node.input:
             if (shared := source(name)) is not None:
                 for member in (name, shared):
                     parent[root(member)] = root(node.output[0])

@@ -77,28 +77,18 @@ def resolve_engine(engine: str) -> str:
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
 
 
-def _kept_fp32_convs(path: Path) -> int | None:
-    """How many leading convolutions an earlier int8 file at ``path`` kept in fp32 (None: no readable file)."""
+def _earlier_quantization(path: Path) -> dict[str, Any]:
+    """The ``quantization`` metadata of an int8 file already at ``path``: how it was made (``{}`` when there is no
+    readable file)."""
     from cxrkit.export.onnx import read_metadata
 
     if not path.is_file():
-        return None
+        return {}
     try:
         quantization = read_metadata(path).get("quantization")
     except CxrError:  # a damaged file: quantize as by default
-        return None
-    kept = quantization.get("fp32_convs") if isinstance(quantization, dict) else None
-    return kept if isinstance(kept, int) and kept >= 0 else None
-
-
-def _quantized_as_now(path: Path) -> bool:
-    """Whether the int8 file at ``path`` was made with this cxrkit's quantization settings
-    (:data:`~cxrkit.export.quantize.SETTINGS`); one made by an earlier version, before a change of them, is not."""
-    from cxrkit.export.onnx import read_metadata
-    from cxrkit.export.quantize import SETTINGS
-
-    quantization = read_metadata(path).get("quantization")
-    return isinstance(quantization, dict) and all(quantization.get(key) == value for key, value in SETTINGS.items())
+        return {}
+    return quantization if isinstance(quantization, dict) else {}
 
 
 def _stderr_console() -> Any:
@@ -193,17 +183,19 @@ class Predictor:
         :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and the first ``fp32_convs`` convolutions left in fp32
         (default: as many as the earlier file there kept, else none). Given ``path``, ``images`` or ``fp32_convs``,
         it is always quantized afresh, to ``path``."""
-        from cxrkit.export.quantize import CALIBRATION_IMAGES, quantize_int8
+        from cxrkit.export.quantize import CALIBRATION_IMAGES, SETTINGS, quantize_int8
 
         fresh = path is not None or images is not None or fp32_convs is not None
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
         console = console or _stderr_console()
         if not fresh:
+            earlier = _earlier_quantization(path)
             if self._reusable(path):
-                if _quantized_as_now(path):
+                if all(earlier.get(key) == value for key, value in SETTINGS.items()):
                     return path
                 console.print(f"{path} was quantized with an earlier version's int8 settings")
-            fp32_convs = _kept_fp32_convs(path)  # new weights or settings: the choice of fp32 convolutions holds
+            kept = earlier.get("fp32_convs")  # new weights or settings: the choice of fp32 convolutions holds
+            fp32_convs = kept if isinstance(kept, int) and kept >= 0 else None
         source = self.onnx_file(model, console)
         images = images or CALIBRATION_IMAGES
         if images < 1:
