@@ -248,7 +248,7 @@ def test_an_int8_file_made_with_earlier_settings_is_quantized_again(run, capsys)
         update_metadata(path, {**meta, "quantization": earlier})  # as written before concatenations shared ranges
         capsys.readouterr()
         Predictor(run, engine="onnx-int8")
-        assert "quantized with an earlier version's int8 settings" in capsys.readouterr().err
+        assert f"{path} was quantized with an earlier version's int8 settings\n" in capsys.readouterr().err  # one line
         quantization = read_metadata(path)["quantization"]
         assert quantization["concatenations"] == "one range per concatenated group" and quantization["fp32_convs"] == 1
         assert quantization["range_images"] == min(256, _train_size(run))

@@ -92,9 +92,11 @@ def _earlier_quantization(path: Path) -> dict[str, Any]:
 
 
 def _stderr_console() -> Any:
+    """Where the predictor's notes go when the caller gives no console: stderr, each note on one line whatever
+    the terminal's width (a path in it is never broken), as the commands' consoles do."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
 
 
 class Predictor:
