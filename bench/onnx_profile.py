@@ -98,5 +98,6 @@ def main() -> None:
         for op, spent in times.most_common():
             print(f"{op:<28} {spent / args.runs / 1e3:>9.1f} {100 * spent / total:>6.1f}% {nodes[op]:>6}")
 
+
 if __name__ == "__main__":
     main()

@@ -289,7 +289,10 @@ def preactivation(tmp_path_factory):
     """The fp32 export of :class:`_PreActivation` at 32 px, and calibration batches like its inputs."""
     from cxrkit.export.onnx import export_onnx
 
-    path = export_onnx(_PreActivation().eval(), tmp_path_factory.mktemp("preact") / "m.onnx", 32, {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the convolutions' and head's initial weights too: the same model in every run
+        model = _PreActivation().eval()
+    path = export_onnx(model, tmp_path_factory.mktemp("preact") / "m.onnx", 32, {})
     rng = np.random.default_rng(0)
     return path, [rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(4)]
 
@@ -360,8 +363,7 @@ def test_tensors_that_meet_in_a_concatenation_share_one_range_but_a_relu_keeps_i
     source, batches = preactivation
     out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
     assert read_metadata(out)["quantization"]["concatenations"] == "one range per concatenated group"
-    (stem, pooled), first = _concat_quantization(out)[0]
-    dense_inputs, dense_output = _concat_quantization(out)[1]
+    ((stem, pooled), first), (dense_inputs, dense_output) = _concat_quantization(out)
     # the dense layer's concatenation: the features before it, the new convolution's output and the result share
     # one scale and zero point (ONNX Runtime copies bytes), and that range holds the negative convolution outputs
     assert dense_inputs == [dense_output, dense_output] and dense_output == first and first[1] > 0
