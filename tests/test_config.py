@@ -64,3 +64,23 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe) and recipe.stages
+    # a stage that stops early on one metric while best.pt is chosen by another can lose its best epoch
+    assert recipe.monitor_notes() == []
+
+
+def test_monitor_notes_name_the_stages_that_judge_epochs_by_another_metric_than_best_pt():
+    recipe = recipe_from_dict({"stages": [
+        {"name": "head", "trainable": "head", "early_stopping": {"monitor": "val_auc", "restore_best": False}},
+        {"name": "tune", "trainable": "all", "early_stopping": {"monitor": "val_auc", "patience": 3}},
+        {"name": "keep", "trainable": "all", "early_stopping": {"monitor": "val_accuracy"}},
+        {"name": "polish", "trainable": "all", "early_stopping": {"monitor": "val_loss", "patience": 3}},
+    ]})
+    # the head stage neither stops early nor restores its best epoch, so its monitor chooses nothing; the third
+    # stage restores its best epoch by accuracy (restore_best is on by default)
+    note = "stage {} ({}) judges its epochs by {} (early_stopping.monitor), but best.pt is chosen by {} " \
+           "(runtime.checkpoint_monitor)"
+    assert recipe.monitor_notes() == [note.format(2, "tune", "val_auc", "val_loss"),
+                                      note.format(3, "keep", "val_accuracy", "val_loss")]
+    agreed = recipe_from_dict(recipe.to_dict(), ["runtime.checkpoint_monitor=val_auc"])
+    assert agreed.monitor_notes() == [note.format(3, "keep", "val_accuracy", "val_auc"),
+                                      note.format(4, "polish", "val_loss", "val_auc")]

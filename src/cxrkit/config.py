@@ -156,6 +156,21 @@ class Recipe:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def monitor_notes(self) -> list[str]:
+        """One line for each stage that judges its epochs by a metric other than the one that chooses ``best.pt``.
+
+        A stage judges its epochs by ``early_stopping.monitor`` when it stops early (``patience``) or ends with its
+        best epoch's weights (``restore_best``, on by default). ``best.pt`` (what ``cxr evaluate``, ``predict`` and
+        ``export`` use by default) is the epoch of the whole run with the best ``runtime.checkpoint_monitor``. With
+        two metrics, a stage can keep its best epoch by one and still lose ``best.pt`` to an earlier stage, as a
+        fine-tuning stage with a higher AUC but a higher loss does."""
+        checkpoint = self.runtime.checkpoint_monitor
+        return [f"stage {i + 1} ({stage.name}) judges its epochs by {stage.early_stopping.monitor} "
+                f"(early_stopping.monitor), but best.pt is chosen by {checkpoint} (runtime.checkpoint_monitor)"
+                for i, stage in enumerate(self.stages)
+                if (stage.early_stopping.patience is not None or stage.early_stopping.restore_best)
+                and stage.early_stopping.monitor != checkpoint]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -72,6 +72,22 @@ def test_evaluate_writes_the_metrics_schema(trained):
         assert (out / figure).stat().st_size > 1000, figure
 
 
+def test_evaluations_by_another_engine_or_checkpoint_keep_their_own_folders(trained):
+    folders = {}
+    for args in ([], ["--engine", "onnx"], ["--checkpoint", "last"]):
+        result = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "val", *args])
+        assert result.exit_code == 0, result.output
+        folders[tuple(args)] = Path(result.stdout.strip().splitlines()[-1]).parent
+    plain = folders[()].name
+    assert plain.endswith("-val")
+    assert folders[("--engine", "onnx")].name == f"{plain}-onnx"
+    assert folders[("--checkpoint", "last")].name == f"{plain}-last"
+    for args, folder in folders.items():  # each kept its own metrics: none overwrote another
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert (metrics["engine"], metrics["checkpoint"]) == {(): ("torch", "best"), ("--engine", "onnx"): (
+            "onnx", "best"), ("--checkpoint", "last"): ("torch", "last")}[args]
+
+
 def test_predict_formats_and_bad_files(trained, data, tmp_path):
     images = sorted((data / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
     result = CliRunner().invoke(app, ["predict", str(trained), *map(str, images), "--format", "json"])
@@ -157,6 +173,48 @@ def _losses(data, out, sets):
     run = Path(result.stdout.strip().splitlines()[-1])
     rows = csv.DictReader((run / "metrics.csv").open())
     return [float(r[key]) for r in rows for key in ("train_loss", "val_loss")], result.stderr
+
+
+def test_early_stopping_restores_the_stage_best_and_best_pt_follows_its_monitor(data, tmp_path):
+    """A head stage of 4 epochs that must improve val_loss by 100 stops after 2 (patience 1); restoring its best
+    epoch leaves the weights of a 1-epoch run, not those of its second epoch. best.pt is the epoch with the best
+    ``runtime.checkpoint_monitor``, and a stage that stops on another metric gets a note saying so."""
+    import torch
+
+    def train(name, *sets):
+        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / name), *TINY,
+                                          "--set", "stages.1.epochs=0", "--set", "runtime.precision=fp32",
+                                          *[arg for kv in sets for arg in ("--set", kv)]])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        checkpoint = {name: torch.load(run / "checkpoints" / f"{name}.pt", weights_only=False)
+                      for name in ("best", "last")}
+        return rows, checkpoint, result.stderr
+
+    stop = ["stages.0.epochs=4", "stages.0.lr=1e-2", "stages.0.early_stopping.patience=1",
+            "stages.0.early_stopping.min_delta=100"]
+    one_rows, one, _ = train("one", "stages.0.epochs=1", "stages.0.lr=1e-2")
+    rows, restored, log = train("restored", *stop)
+    kept_rows, kept, kept_log = train("kept", *stop, "stages.0.early_stopping.restore_best=false",
+                                      "runtime.checkpoint_monitor=val_auc")
+    for log_, rows_ in ((log, rows), (kept_log, kept_rows)):
+        assert len(rows_) == 2 and "early stopping: val_loss has not improved for 1 epochs" in log_
+    assert rows[0] == {**one_rows[0], "train_seconds": rows[0]["train_seconds"], "val_seconds": rows[0]["val_seconds"],
+                       "images_per_second": rows[0]["images_per_second"]}  # the same first epoch
+    head = [key for key in one["last"]["model"] if key.startswith("head")]
+    assert head
+    for key in head:
+        torch.testing.assert_close(restored["last"]["model"][key], one["last"]["model"][key])
+    assert "restored the stage's best weights" in log and "restored" not in kept_log
+    assert any(not torch.equal(kept["last"]["model"][key], one["last"]["model"][key]) for key in head)
+    # best.pt: the first epoch with the lowest val_loss (default), or the highest val_auc when asked
+    assert restored["best"]["monitor"] == "val_loss" and kept["best"]["monitor"] == "val_auc"
+    assert restored["best"]["epoch"] == int(min(rows, key=lambda r: float(r["val_loss"]))["epoch"])
+    assert kept["best"]["epoch"] == int(max(kept_rows, key=lambda r: float(r["val_auc"]))["epoch"])
+    assert ("judges its epochs by val_loss (early_stopping.monitor), but best.pt is chosen by val_auc "
+            "(runtime.checkpoint_monitor)") in kept_log
+    assert "best.pt is chosen by" not in log
 
 
 def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_path):

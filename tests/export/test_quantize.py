@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cxrkit.cli.main import app
 from cxrkit.errors import CxrError
 from cxrkit.export.onnx import OnnxModel, read_metadata, update_metadata
-from cxrkit.export.quantize import quantize_int8
+from cxrkit.export.quantize import SETTINGS, quantize_int8
 from cxrkit.serve.app import ServeSettings, create_app
 from cxrkit.serve.predictor import Predictor
 
@@ -244,13 +244,14 @@ def test_an_int8_file_made_with_earlier_settings_is_quantized_again(run, capsys)
                                           "--fp32-convs", "1"])
         assert result.exit_code == 0, result.output
         meta = read_metadata(path)
-        earlier = {key: value for key, value in meta["quantization"].items() if key != "concatenations"}
-        update_metadata(path, {**meta, "quantization": earlier})  # as written before concatenations shared ranges
+        # as written before ReLU outputs shared their concatenations' ranges
+        earlier = {**meta["quantization"], "concatenations": "one range per concatenated group"}
+        update_metadata(path, {**meta, "quantization": earlier})
         capsys.readouterr()
         Predictor(run, engine="onnx-int8")
         assert f"{path} was quantized with an earlier version's int8 settings\n" in capsys.readouterr().err  # one line
         quantization = read_metadata(path)["quantization"]
-        assert quantization["concatenations"] == "one range per concatenated group" and quantization["fp32_convs"] == 1
+        assert quantization["concatenations"] == SETTINGS["concatenations"] and quantization["fp32_convs"] == 1
         assert quantization["range_images"] == min(256, _train_size(run))
         stamp = path.stat().st_mtime_ns
         Predictor(run, engine="onnx-int8")  # now current: used as it is
@@ -362,7 +363,7 @@ def _concat_quantization(path: Path) -> list[tuple[list[tuple[float, int]], tupl
 def test_tensors_that_meet_in_a_concatenation_share_one_range_but_a_relu_keeps_its_own(preactivation, tmp_path):
     source, batches = preactivation
     out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
-    assert read_metadata(out)["quantization"]["concatenations"] == "one range per concatenated group"
+    assert read_metadata(out)["quantization"]["concatenations"] == SETTINGS["concatenations"]
     ((stem, pooled), first), (dense_inputs, dense_output) = _concat_quantization(out)
     # the dense layer's concatenation: the features before it, the new convolution's output and the result share
     # one scale and zero point (ONNX Runtime copies bytes), and that range holds the negative convolution outputs
@@ -370,6 +371,44 @@ def test_tensors_that_meet_in_a_concatenation_share_one_range_but_a_relu_keeps_i
     # the stem's ReLU output and its max-pooling keep the ReLU's own range, zero point 0: ONNX Runtime removed
     # the ReLU and clips at that bound, which the shared range (below 0) would undo
     assert stem == pooled and stem[1] == 0 and stem != first
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
+    assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+class _Inception(torch.nn.Module):
+    """GoogLeNet's pattern in small: branches that each end in a ReLU (one after a max-pooling), with ranges far
+    apart, concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.branches = torch.nn.ModuleList(torch.nn.Conv2d(3, 4, k, padding=k // 2) for k in (1, 3, 1))
+        for scale, branch in zip((1.0, 4.0, 0.25), self.branches):
+            branch.weight.data.mul_(scale)
+        self.head = torch.nn.Linear(12, 2)
+
+    def forward(self, x):
+        pooled = torch.nn.functional.max_pool2d(x, 3, 1, 1)
+        x = torch.cat([torch.relu(self.branches[0](x)), torch.relu(self.branches[1](x)),
+                       torch.relu(self.branches[2](pooled))], 1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_relu_outputs_that_meet_in_a_concatenation_share_a_range_that_starts_at_zero(tmp_path):
+    from cxrkit.export.onnx import export_onnx
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _Inception().eval()
+    source = export_onnx(model, tmp_path / "m.onnx", 32, {})
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((8, 3, 32, 32)).astype(np.float32) for _ in range(4)]
+    out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
+    ((inputs, output),) = _concat_quantization(out)
+    # every branch is quantized with the concatenation's own scale, and its zero point 0 still does the ReLU's
+    # clipping (ONNX Runtime removed the ReLUs)
+    assert inputs == [output] * 3 and output[1] == 0
+    assert "Relu" not in _op_types(out)
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
     assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()

@@ -77,7 +77,8 @@ def evaluate_run(
     predictor: Predictor, data: str | None = None, split: str = "test", name: str | None = None,
     label_map: dict[str, str] | None = None, batch_size: int = 64, console: Any = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Predict a split with the run's calibrated probabilities and threshold; write ``eval/<name>/``.
+    """Predict a split with the run's calibrated probabilities and threshold; write ``eval/<name>/`` (default
+    ``<dataset>-<split>``, followed by the engine unless ``torch`` and the checkpoint unless ``best``).
 
     Besides :func:`~cxrkit.eval.metrics.compute_metrics`, ``metrics.json`` holds ``ci95`` (percentile bootstrap over
     patients, seeded), ``ece`` (after the run's temperature scaling), ``temperature`` and the ``reliability`` curve.
@@ -111,7 +112,10 @@ def evaluate_run(
         "recipe": {"backbone": predictor.recipe.model.backbone, "weights": predictor.recipe.model.weights,
                    "stages": [dataclasses.asdict(s)["trainable"] for s in predictor.recipe.stages]},
     })
-    out = predictor.run.eval_dir(name or f"{ds_name}-{split}")
+    # the engine and checkpoint where they are not the defaults: evaluating one split with two of them keeps both
+    default = [ds_name, split, *[predictor.engine] * (predictor.engine != "torch"),
+               *[predictor.checkpoint] * (predictor.checkpoint != "best")]
+    out = predictor.run.eval_dir(name or "-".join(default))
     atomic_write_json(out / "metrics.json", metrics)
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
     atomic_write_text(out / "predictions.csv", csv_text(rows))

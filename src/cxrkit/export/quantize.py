@@ -42,7 +42,7 @@ CALIBRATION_IMAGES = 256
 
 SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
             "activation_ranges": "minmax", "batchnorm": "depthwise 1x1 convolution where not folded",
-            "concatenations": "one range per concatenated group"}
+            "concatenations": "one range per concatenated group; ReLU outputs in it where its lower bound stays 0"}
 """What every int8 file records about how it was quantized (with ``range_images``, how many images set the
 activation ranges, ``range_split``, where they came from, and ``fp32_convs``, how many leading convolutions stayed
 in fp32)."""
@@ -140,12 +140,15 @@ def _shared_concat_ranges(graph: Any, ranges: Any) -> dict[str, list[dict[str, n
     later concatenation of its block: the tensors that must share a range are whole groups (connected through
     concatenations), and each group gets the union of its members' calibrated ranges (``ranges``, ONNX Runtime's
     ``TensorsData``). A pooling output is quantized with its input's parameters, so the group takes in that input
-    too. A ReLU (or Clip) output is left out with whatever pools it: ONNX Runtime removes the ReLU and lets the
-    quantization's lower bound of 0 do its clipping, which a range widened below 0 would undo. Returns ``{}`` where
-    the graph has no concatenation.
+    too. ONNX Runtime removes a ReLU and lets the quantization's lower bound of 0 do its clipping, so a ReLU output
+    (or a pooling of one) joins its group only where the union keeps that bound, as when every member is a ReLU's
+    (GoogLeNet's and Inception's branches); where another member goes below 0, the ReLU outputs keep their own ranges
+    and the others share theirs. A Clip output always keeps its own: a wider range would lose its upper bound too.
+    Returns ``{}`` where the graph has no concatenation.
     """
     producers = {output: node for node in graph.node for output in node.output}
     parent: dict[str, str] = {}
+    rectified: set[str] = set()  # ReLU outputs and the poolings of them
 
     def root(name: str) -> str:
         while parent.setdefault(name, name) != name:
@@ -153,29 +156,35 @@ def _shared_concat_ranges(graph: Any, ranges: Any) -> dict[str, list[dict[str, n
         return name
 
     def source(name: str) -> str | None:
-        """The tensor whose quantization ``name`` shares (itself, or a pooling's input), None if a ReLU's."""
+        """The tensor whose quantization ``name`` shares (itself, or a pooling's input), None if a Clip's."""
         producer = producers.get(name)
         if producer is not None and producer.op_type in ("MaxPool", "AveragePool"):
             return source(producer.input[0])
-        return None if producer is not None and producer.op_type in ("Relu", "Clip") else name
+        return None if producer is not None and producer.op_type == "Clip" else name
 
     for node in graph.node:
         if node.op_type != "Concat":
             continue
         for name in node.input:
-            if (shared := source(name)) is not None:
-                for member in (name, shared):
-                    parent[root(member)] = root(node.output[0])
+            if (shared := source(name)) is None:
+                continue
+            if (producer := producers.get(shared)) is not None and producer.op_type == "Relu":
+                rectified.update((name, shared))
+            for member in (name, shared):
+                parent[root(member)] = root(node.output[0])
     groups: dict[str, list[str]] = {}
     for name in parent:
-        groups.setdefault(root(name), []).append(name)
+        if name in ranges.data:
+            groups.setdefault(root(name), []).append(name)
     overrides = {}
     for members in groups.values():
-        known = [ranges.data[name].range_value for name in members if name in ranges.data]
-        if not known:
+        if min(ranges.data[name].range_value[0] for name in members) < 0:
+            members = [name for name in members if name not in rectified]
+        if not members:
             continue
-        low, high = np.float32(min(low for low, _ in known)), np.float32(max(high for _, high in known))
-        overrides.update({name: [{"rmin": low, "rmax": high}] for name in members if name in ranges.data})
+        low = np.float32(min(ranges.data[name].range_value[0] for name in members))
+        high = np.float32(max(ranges.data[name].range_value[1] for name in members))
+        overrides.update({name: [{"rmin": low, "rmax": high}] for name in members})
     return overrides
 
 

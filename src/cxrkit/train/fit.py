@@ -137,6 +137,8 @@ class Trainer:
                                                    recipe.runtime.eval_batch_size, runtime)
         self.rows: list[dict[str, Any]] = run.read_metrics() if run else []
         self.best = Tracker(recipe.runtime.checkpoint_monitor)
+        for note in recipe.monitor_notes() if not resuming else []:
+            self.log(f"note: {note}")
         self._cache: tuple[str, Any, Any] | None = None  # (what is cached: "head" or a boundary, train, val)
         self._resumed: ResumedModel | None = None
 
