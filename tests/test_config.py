@@ -64,7 +64,7 @@ def test_missing_and_invalid_recipe_files(tmp_path):
 def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe) and recipe.stages
-    # a stage that stops early on one metric while best.pt is chosen by another can lose its best epoch
+    # a stage that judges its epochs by one metric while best.pt is chosen by another can lose its best epoch
     assert recipe.monitor_notes() == []
 
 

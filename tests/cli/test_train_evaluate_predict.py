@@ -178,7 +178,7 @@ def _losses(data, out, sets):
 def test_early_stopping_restores_the_stage_best_and_best_pt_follows_its_monitor(data, tmp_path):
     """A head stage of 4 epochs that must improve val_loss by 100 stops after 2 (patience 1); restoring its best
     epoch leaves the weights of a 1-epoch run, not those of its second epoch. best.pt is the epoch with the best
-    ``runtime.checkpoint_monitor``, and a stage that stops on another metric gets a note saying so."""
+    ``runtime.checkpoint_monitor``, and a stage that judges its epochs by another metric gets a note saying so."""
     import torch
 
     def train(name, *sets):

@@ -113,9 +113,9 @@ def evaluate_run(
                    "stages": [dataclasses.asdict(s)["trainable"] for s in predictor.recipe.stages]},
     })
     # the engine and checkpoint where they are not the defaults: evaluating one split with two of them keeps both
-    default = [ds_name, split, *[predictor.engine] * (predictor.engine != "torch"),
-               *[predictor.checkpoint] * (predictor.checkpoint != "best")]
-    out = predictor.run.eval_dir(name or "-".join(default))
+    chosen = [value for value, default in ((predictor.engine, "torch"), (predictor.checkpoint, "best"))
+              if value != default]
+    out = predictor.run.eval_dir(name or "-".join([ds_name, split, *chosen]))
     atomic_write_json(out / "metrics.json", metrics)
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
     atomic_write_text(out / "predictions.csv", csv_text(rows))
