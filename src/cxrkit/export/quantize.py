@@ -11,8 +11,9 @@ weights, and weights held to 7 bits (``reduce_range``), which ONNX Runtime recom
 where the 8-bit multiply can saturate. A BatchNormalization that does not follow a convolution (DenseNet's
 pre-activation ``norm1``, which ONNX Runtime cannot fold into one) is first rewritten as the equal depthwise 1x1
 convolution, so it runs in int8 too instead of between a DequantizeLinear and a QuantizeLinear in fp32, with layout
-transposes around it. The tensors that meet in concatenations (DenseNet's dense blocks) share one activation range,
-so that ONNX Runtime concatenates their bytes instead of requantizing every input. One choice is left to the user,
+transposes around it. The tensors that meet in concatenations (DenseNet's dense blocks, GoogLeNet's inception
+blocks) share one activation range, so that ONNX Runtime concatenates their bytes instead of requantizing every
+input. One choice is left to the user,
 ``fp32_convs``: how many of the first convolutions stay in fp32. Most of int8's error comes from the early,
 high-resolution layers, so keeping a few of them in fp32 buys back accuracy for part of the speed (measured in
 ``docs/performance.md``).
