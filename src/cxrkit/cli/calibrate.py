@@ -22,8 +22,7 @@ def calibrate(
     """
     import json
 
-    from rich.console import Console
-
+    from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
     from cxrkit.eval.calibrate import calibrate_run
     from cxrkit.serve.predictor import Predictor
@@ -32,7 +31,7 @@ def calibrate(
         raise CxrError(f"--method {method!r} is not youden or sensitivity")
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise CxrError(f"--target-sensitivity {target_sensitivity} is not in (0, 1]")
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     info = calibrate_run(Predictor(run, checkpoint=checkpoint), method, target_sensitivity, temperature, console)
     keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after")
     print(json.dumps({k: info.get(k) for k in keys}, indent=2))

@@ -13,12 +13,12 @@ if TYPE_CHECKING:
 
 def _print_cells(plan: Plan) -> None:
     """The cells as a table on stderr (axes and status), then their ids on stdout, one a line."""
-    from rich.console import Console
     from rich.table import Table
 
     from cxrkit.compare.runner import cell_status
+    from cxrkit.console import notes_console
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     table = Table(title=f"{plan.spec.name}: {len(plan.cells)} cells in {plan.root}")
     table.add_column("cell", no_wrap=True)
     for header in (*(axis.name for axis in plan.spec.matrix), "stages", "status"):
@@ -44,16 +44,15 @@ def compare(
     """
     import csv
 
-    from rich.console import Console
-
     from cxrkit.compare.runner import plan_comparison, run_comparison, select_cells
+    from cxrkit.console import notes_console
 
     if dry_run:
         plan = plan_comparison(spec, out, set_)
         plan.cells = select_cells(plan.cells, only)
         _print_cells(plan)
         return
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     leaderboard = run_comparison(spec, out, console, only=only, overrides=set_)
     print(leaderboard)
     with leaderboard.open(newline="") as fh:

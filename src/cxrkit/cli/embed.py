@@ -37,14 +37,14 @@ def embed(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the files (default: RUN/embed)"),
 ) -> None:
     """Map features of a split to 2-D; writes a PNG, a CSV of coordinates and a JSON summary per layer."""
-    from rich.console import Console
     from rich.table import Table
 
     from cxrkit.cli.evaluate import parse_label_map
+    from cxrkit.console import notes_console
     from cxrkit.explain.embed import embed_run
     from cxrkit.serve.predictor import Predictor
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     label_map = parse_label_map(map_) or None
     predictor = Predictor(run, checkpoint=checkpoint)
     maps = embed_run(predictor, data, split, layer, method, max_points, seed, pool, _perplexity(perplexity), label,

@@ -33,14 +33,14 @@ def evaluate(
                                   "quantized on first use with ranges from training images) or auto"),
 ) -> None:
     """Evaluate a run; writes RUN/eval/<name>/metrics.json and predictions.csv."""
-    from rich.console import Console
     from rich.table import Table
 
+    from cxrkit.console import notes_console
     from cxrkit.eval.evaluate import evaluate_run
     from cxrkit.eval.metrics import format_metrics_table
     from cxrkit.serve.predictor import Predictor
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
     metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
     where = f"{metrics['dataset']} {metrics['split']}"

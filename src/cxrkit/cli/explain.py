@@ -34,9 +34,8 @@ def explain(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images already explained in --out"),
 ) -> None:
     """Heatmaps over images (PNG overlay + raw .npy + a faithfulness check), or --grid for a split."""
-    from rich.console import Console
-
     from cxrkit.cli.evaluate import parse_label_map
+    from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
     from cxrkit.explain.api import ExplainOptions
     from cxrkit.explain.gradcam import method_info
@@ -47,7 +46,7 @@ def explain(
     if not 0 < remove < 100 or not 0 <= opacity <= 1 or batch_size < 1 or random_maps < 1:
         raise CxrError("--remove must be in (0, 100), --opacity in [0, 1], --batch-size and --random-maps >= 1")
     options = ExplainOptions(method, layer, tuple(target), check, remove, random_maps, opacity, batch_size, seed)
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     from cxrkit.serve.predictor import Predictor
 
     predictor = Predictor(run, checkpoint=checkpoint)

@@ -76,12 +76,12 @@ def _export_int8(predictor: Predictor, path: Path, images: int, fp32_convs: int)
     """Quantize to ``path``, fit its calibration, and compare its decisions with fp32 PyTorch's on the validation
     split (a run without one is exported unchecked, with a note)."""
     import numpy as np
-    from rich.console import Console
 
+    from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
     from cxrkit.eval.evaluate import select_data
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     try:
         val = select_data(predictor, None, "val")[0]
     except CxrError as err:

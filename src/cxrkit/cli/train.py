@@ -40,14 +40,13 @@ def train(
     """Train a model. The last line printed is the run directory."""
     import os
 
-    from rich.console import Console
-
     from cxrkit.config import load_recipe
+    from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
     from cxrkit.runs import Run
     from cxrkit.train.api import train_recipe
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = notes_console()
     if resume is not None:
         if recipe is not None or set_ or any(v is not None for v in (data, task, backbone, weights, epochs, out)):
             raise CxrError("--resume continues a run with its saved recipe; do not pass a recipe or overrides")

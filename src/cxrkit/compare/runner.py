@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from cxrkit.compare.spec import Cell, ComparisonSpec, expand_cells, load_comparison
 from cxrkit.config import load_recipe
+from cxrkit.console import notes_console
 from cxrkit.errors import CxrError
 from cxrkit.runs import Run, atomic_write_json
 
@@ -226,7 +227,7 @@ def run_comparison(spec_path: str | Path, out: str | Path | None = None, console
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CxrError("cxr compare runs its cells one after another in one process; run it without torchrun")
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or notes_console()
     plan = plan_comparison(spec_path, out, overrides)
     check_existing_cells(plan)
     chosen = select_cells(plan.cells, only)

@@ -14,6 +14,7 @@ import torch
 
 from cxrkit import pipeline
 from cxrkit.config import load_recipe
+from cxrkit.console import notes_console
 from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
 from cxrkit.errors import CxrError
@@ -77,26 +78,17 @@ def resolve_engine(engine: str) -> str:
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
 
 
-def _earlier_quantization(path: Path) -> dict[str, Any]:
-    """The ``quantization`` metadata of an int8 file already at ``path``: how it was made (``{}`` when there is no
-    readable file)."""
+def _exported_metadata(path: Path) -> dict[str, Any]:
+    """The cxrkit metadata of an exported file at ``path``; ``{}`` when there is none or it is damaged (it is then
+    exported again from the checkpoint, which is the source of truth)."""
     from cxrkit.export.onnx import read_metadata
 
     if not path.is_file():
         return {}
     try:
-        quantization = read_metadata(path).get("quantization")
-    except CxrError:  # a damaged file: quantize as by default
+        return read_metadata(path)
+    except CxrError:
         return {}
-    return quantization if isinstance(quantization, dict) else {}
-
-
-def _stderr_console() -> Any:
-    """Where the predictor's notes go when the caller gives no console: stderr, each note on one line whatever
-    the terminal's width (a path in it is never broken), as the commands' consoles do."""
-    from rich.console import Console
-
-    return Console(stderr=True, soft_wrap=True)
 
 
 class Predictor:
@@ -171,9 +163,9 @@ class Predictor:
         from cxrkit.export.onnx import export_onnx
 
         path = self.run.path / "export" / f"{self.checkpoint}.onnx"
-        if self._reusable(path):
+        if self._reusable(path, _exported_metadata(path)):
             return path
-        console = console or _stderr_console()
+        console = console or notes_console()
         console.print(f"exporting the {self.checkpoint} checkpoint to ONNX once: {path}")
         return export_onnx(model, path, self.preprocessing.size, self.export_metadata())
 
@@ -189,10 +181,12 @@ class Predictor:
 
         fresh = path is not None or images is not None or fp32_convs is not None
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
-        console = console or _stderr_console()
+        console = console or notes_console()
         if not fresh:
-            earlier = _earlier_quantization(path)
-            if self._reusable(path):
+            found = _exported_metadata(path)
+            earlier = found.get("quantization")
+            earlier = earlier if isinstance(earlier, dict) else {}
+            if self._reusable(path, found):
                 if all(earlier.get(key) == value for key, value in SETTINGS.items()):
                     return path
                 console.print(f"{path} was quantized with an earlier version's int8 settings")
@@ -210,17 +204,12 @@ class Predictor:
         batches, count = self._calibration_batches(images, console)
         return quantize_int8(source, path, batches, count, metadata, fp32_convs or 0)
 
-    def _reusable(self, path: Path) -> bool:
-        """Whether an exported file holds these weights; its metadata is brought up to date (a new calibration
-        changes the threshold and temperature, not the graph). How an int8 file was quantized is kept."""
-        from cxrkit.export.onnx import read_metadata, update_metadata
+    def _reusable(self, path: Path, found: dict[str, Any]) -> bool:
+        """Whether the exported file at ``path``, whose metadata is ``found``, holds these weights; its metadata is
+        brought up to date (a new calibration changes the threshold and temperature, not the graph). How an int8
+        file was quantized is kept."""
+        from cxrkit.export.onnx import update_metadata
 
-        if not path.is_file():
-            return False
-        try:
-            found = read_metadata(path)
-        except CxrError:  # a damaged export is rebuilt from the checkpoint, which is the source of truth
-            return False
         if found.get("weights_sha256") != self.weights_sha256:
             return False
         wanted = self.export_metadata()
@@ -246,8 +235,8 @@ class Predictor:
             own = {"temperature": 1.0, "threshold": follows["threshold"],
                    "threshold_method": follows["threshold_method"]}
             if follows["calibrated_on"]:
-                (console or _stderr_console()).print("fitting the int8 model's temperature and threshold on the "
-                                                     "validation split, as the run's were fitted")
+                (console or notes_console()).print("fitting the int8 model's temperature and threshold on the "
+                                                    "validation split, as the run's were fitted")
                 method = str(follows["threshold_method"] or "youden")
                 target = float(method.split(">=", 1)[1]) if method.startswith("sensitivity>=") else None
                 own = fit_calibration(self, "sensitivity" if target else "youden", target,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from cxrkit.config import Recipe, load_recipe
+from cxrkit.console import notes_console
 from cxrkit.runs import Run
 from cxrkit.train.fit import Trainer, seed_everything
 from cxrkit.train.runtime import Runtime, setup_runtime, shutdown
@@ -52,7 +53,7 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
     Returns:
         The run directory.
     """
-    console = console or Console(stderr=True, soft_wrap=True)
+    console = console or notes_console()
     last = None
     if resume is not None:
         run = resume
