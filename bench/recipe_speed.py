@@ -47,9 +47,8 @@ def _metrics(labels: list[str], targets, probs) -> dict[str, float]:
 
 def run_cxrkit(args: argparse.Namespace, out: Path) -> dict:
     """Train the recipe with cxrkit's defaults (cached activations, decoded images, bf16 where supported)."""
-    from rich.console import Console
-
     from cxrkit.config import load_recipe
+    from cxrkit.console import notes_console
     from cxrkit.runs import Run
     from cxrkit.serve.predictor import Predictor
     from cxrkit.train import fit
@@ -73,7 +72,7 @@ def run_cxrkit(args: argparse.Namespace, out: Path) -> dict:
     runtime = setup_runtime(rt.device, rt.precision, rt.channels_last, rt.threads, rt.workers)
     run = Run.create(recipe.out, recipe.name)
     fit.seed_everything(recipe.seed)
-    trainer = fit.Trainer(recipe, run, runtime, Console(stderr=True, soft_wrap=True))
+    trainer = fit.Trainer(recipe, run, runtime, notes_console())
     setup = time.perf_counter() - start
     trainer.fit()
     total = time.perf_counter() - start

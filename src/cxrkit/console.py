@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
-def notes_console() -> Any:
+def notes_console() -> Console:
     """A rich console on stderr (stdout stays free for results a user pipes on), each note on one line whatever the
     terminal's width, so a path in it is never broken. Every command and the library's defaults use it."""
     from rich.console import Console
