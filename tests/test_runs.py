@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cxrkit.errors import CxrError
-from cxrkit.runs import Run, atomic_write_text, safe_name
+from cxrkit.runs import Run, atomic_write, atomic_write_text, safe_name
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -20,6 +20,57 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
         atomic_write_text(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left behind
+
+
+def test_a_writer_that_fails_halfway_leaves_the_old_file(tmp_path):
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"old")
+
+    def half(fh):
+        fh.write(b"new, but not all of it")
+        raise RuntimeError("out of space")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_saving_a_checkpoint_streams_to_disk_without_a_copy_in_memory(tmp_path):
+    import tracemalloc
+
+    run = Run.create(tmp_path, "r")
+    weights = torch.arange(10_000_000, dtype=torch.float32)  # 40 MB
+    tracemalloc.start()
+    try:
+        run.save_checkpoint("last", {"model": {"w": weights}})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4_000_000, f"{peak} bytes of Python memory to save 40 MB of weights"
+    assert torch.equal(run.load_checkpoint("last")["model"]["w"], weights)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_linked_checkpoint_keeps_its_weights_when_the_source_is_saved_again(tmp_path, monkeypatch, hard_links):
+    """Training links stage_best to best.pt when both improve in one epoch; best.pt's next save must not change it,
+    with a hard link or with the copy made where the file system has no links."""
+    if not hard_links:
+        def no_links(src, dst):
+            raise OSError("hard links are not supported")
+
+        monkeypatch.setattr(os, "link", no_links)
+    run = Run.create(tmp_path, "r")
+    run.save_checkpoint("best", {"model": {"w": torch.ones(3)}, "epoch": 1})
+    run.save_checkpoint("stage_best", {"model": {"w": torch.zeros(3)}})  # an older one, replaced by the link
+    run.link_checkpoint("best", "stage_best")
+    assert os.path.samefile(run.checkpoint_path("best"), run.checkpoint_path("stage_best")) == hard_links
+    run.save_checkpoint("best", {"model": {"w": torch.full((3,), 2.0)}, "epoch": 2})
+    assert torch.equal(run.load_checkpoint("stage_best")["model"]["w"], torch.ones(3))
+    assert torch.equal(run.load_checkpoint("best")["model"]["w"], torch.full((3,), 2.0))
+    run.checkpoint_path("stage_best").unlink()  # what the end of a stage does
+    assert run.load_checkpoint("best")["epoch"] == 2
+    assert sorted(p.name for p in run.checkpoint_path("best").parent.iterdir()) == ["best.pt"]
 
 
 def test_run_names_are_unique_and_checkpoints_round_trip(tmp_path):

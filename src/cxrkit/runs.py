@@ -13,10 +13,12 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cxrkit.errors import CxrError
 
@@ -27,21 +29,29 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` by calling ``write`` on an open binary file, so readers see the old file or the new one,
+    never half of one. The content streams to a temporary file beside ``path`` (no copy of it is held in memory: a
+    checkpoint with optimizer state can be gigabytes), which replaces ``path`` only once ``write`` has returned and
+    the data is on disk; if ``write`` raises, ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -132,9 +142,22 @@ class Run:
         """Save ``state`` (tensors, numbers, strings, lists, dicts only) atomically."""
         import torch
 
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(self.checkpoint_path(name), buf.getvalue())
+        atomic_write(self.checkpoint_path(name), lambda fh: torch.save(state, fh))
+
+    def link_checkpoint(self, source: str, name: str) -> None:
+        """Make checkpoint ``name`` hold what ``source`` holds without writing it again: a hard link (a copy where
+        the file system has none), put in place atomically. Checkpoints are only ever replaced, never changed in
+        place, so saving either name later leaves the other as it was."""
+        src, dst = self.checkpoint_path(source), self.checkpoint_path(name)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with src.open("rb") as fh:
+                atomic_write(dst, lambda out: shutil.copyfileobj(fh, out))
+            return
+        os.replace(tmp, dst)
 
     def load_checkpoint(self, name: str) -> dict[str, Any]:
         """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""

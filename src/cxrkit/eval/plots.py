@@ -62,14 +62,10 @@ def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Saves ``fig`` as a PNG at :data:`DPI`, atomically; returns the path."""
-    import io
-
-    from cxrkit.runs import atomic_write_bytes
+    from cxrkit.runs import atomic_write
 
     path = Path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, facecolor="white"))
     return path
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from cxrkit.errors import CxrError
 from cxrkit.explain.gradcam import Explainer, choose_targets
 from cxrkit.explain.plots import Explained, plot_overlay
-from cxrkit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text, safe_name
+from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name
 from cxrkit.serve.predictor import Predictor
 
 SUMMARY_COLUMNS = ["source", "target", "probability", "predicted", "drop_heatmap", "drop_random", "score",
@@ -204,13 +204,9 @@ def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Pat
 def _write_map(out_dir: Path, name: str, path: str, image: Any, box: tuple[float, float, float, float],
                m: MapResult, predicted: str, predictor: Predictor, ex: Explainer,
                options: ExplainOptions) -> dict[str, Any]:
-    import io
-
     label = predictor.labels[m.index]
     stem = f"{name}.{safe_name(label)}"
-    buf = io.BytesIO()
-    np.save(buf, m.heatmap.astype(np.float32))
-    atomic_write_bytes(out_dir / f"{stem}.npy", buf.getvalue())
+    atomic_write(out_dir / f"{stem}.npy", lambda fh: np.save(fh, m.heatmap.astype(np.float32)))
     item = Explained(image, m.heatmap, box, label, m.probability, predicted, Path(path).name, check_text(m.check))
     plot_overlay(item, ex.method_name, ex.layer_name, out_dir / f"{stem}.png", options.opacity)
     check = m.check or {}

@@ -7,7 +7,6 @@ of the tracer are kept out of the user's terminal; the format's status is stated
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from cxrkit.export import fp32_copy
-from cxrkit.runs import atomic_write_bytes
+from cxrkit.runs import atomic_write
 
 METADATA_FILE = "cxrkit.json"
 
@@ -29,9 +28,7 @@ def export_torchscript(model: nn.Module, path: str | Path, size: int, metadata: 
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(fp32, torch.zeros(2, 3, size, size))
-        buf = io.BytesIO()
-        torch.jit.save(traced, buf, _extra_files={METADATA_FILE: json.dumps(metadata)})
-    atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, lambda fh: torch.jit.save(traced, fh, _extra_files={METADATA_FILE: json.dumps(metadata)}))
     return Path(path)
 
 

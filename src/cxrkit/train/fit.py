@@ -150,6 +150,10 @@ class Trainer:
         if self.runtime.is_main and self.run is not None:
             self.run.save_checkpoint(name, state)
 
+    def link_checkpoint(self, source: str, name: str) -> None:
+        if self.runtime.is_main and self.run is not None:
+            self.run.link_checkpoint(source, name)
+
     def fit(self, resume: dict[str, Any] | None = None) -> None:
         """Run every stage; ``resume`` is the content of ``last.pt`` of an interrupted run."""
         start_stage = 0
@@ -195,11 +199,15 @@ class Trainer:
                 row = self._run_epoch(index, stage, stage_epoch, (net, eval_net, train_loader, val_loader),
                                       optimizer, progress)
                 improved = tracker.update(row[stage.early_stopping.monitor], stage.early_stopping.min_delta)
-                if improved and stage.early_stopping.restore_best:
-                    self.save("stage_best", {"model": self.model.state_dict(), "stage": index})
-                if self.best.update(row[self.best.monitor]) or self.val_loader is None:
+                best_improved = self.best.update(row[self.best.monitor]) or self.val_loader is None
+                if best_improved:
                     self.save("best", {"model": self.model.state_dict(), "stage": index, "epoch": row["epoch"],
                                        "monitor": self.best.monitor, "score": row[self.best.monitor]})
+                if improved and stage.early_stopping.restore_best:
+                    if best_improved:  # the same weights: best.pt's "model" is all that restoring reads
+                        self.link_checkpoint("best", "stage_best")
+                    else:
+                        self.save("stage_best", {"model": self.model.state_dict(), "stage": index})
                 if scheduler is not None:
                     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
                     scheduler.step(row[stage.early_stopping.monitor]) if plateau else scheduler.step()
