@@ -157,7 +157,11 @@ class Run:
             with src.open("rb") as fh:
                 atomic_write(dst, lambda out: shutil.copyfileobj(fh, out))
             return
-        os.replace(tmp, dst)
+        try:
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def load_checkpoint(self, name: str) -> dict[str, Any]:
         """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
