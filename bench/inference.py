@@ -12,9 +12,12 @@ For each backbone (a cxrkit classifier with a 2-class head; random weights, whic
   training images). int8 changes the outputs: this measures speed only. ``--fp32-convs 0 10`` adds a row per count
   of leading convolutions kept in fp32 (``cxr export -f onnx-int8 --fp32-convs N``).
 
-Printed per backbone and mode: batch-1 latency (median of ``--latency-runs``) and batch-``--batch`` throughput
-(images/s over ``--throughput-batches`` batches, after one warm-up batch), the ratio to ``naive``, and the FLOP rate
-reached as a fraction of the CPU's peak. FLOPs per image are counted by ``torch.utils.flop_counter`` (a multiply-add
+Printed per backbone and mode: batch-1 latency (median of ``--latency-runs``) and batch-``--batch`` throughput,
+its ratio to ``naive``, and the FLOP rate reached as a fraction of the CPU's peak. Throughput is timed in
+``--rounds`` rounds (``--throughput-batches`` batches per mode and round, after one warm-up batch per mode) in which
+the modes take turns, so that a slower spell of a shared host falls on all of them. Each round gives each mode a
+rate and a ratio to that round's naive rate; the table prints the medians over the rounds and the range of the
+ratio (lowest to highest round). FLOPs per image are counted by ``torch.utils.flop_counter`` (a multiply-add
 is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the nominal ``cpu MHz`` of
 /proc/cpuinfo (no boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
 AVX2; AMD's AVX-512 also runs on 256-bit pipes) or x 16 lanes (Intel AVX-512); bf16 with AVX512-BF16 or AMX doubles
@@ -136,7 +139,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--throughput-batches", type=int, default=3)
+    parser.add_argument("--throughput-batches", type=int, default=1, help="batches per mode in each round")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds; the modes take turns in each")
     parser.add_argument("--fp32-convs", nargs="+", type=int, default=[0],
                         help="int8 mode: leading convolutions kept in fp32, one row per count")
     args = parser.parse_args()
@@ -151,9 +155,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; "
           f"cxrkit runtime here: {setup_runtime().describe()}")
     print(f"peak: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())} ({how})")
-    print(f"{args.size} px; latency = median of {args.latency_runs} batch-1 calls; throughput = "
-          f"{args.throughput_batches} batches of {args.batch}\n")
-    header = f"{'backbone':<22} {'mode':<8} {'precision':<22} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} {'% peak':>7}"
+    print(f"{args.size} px; latency = median of {args.latency_runs} batch-1 calls; throughput = median of "
+          f"{args.rounds} rounds of {args.throughput_batches} batch(es) of {args.batch} per mode, modes in turn\n")
+    header = (f"{'backbone':<22} {'mode':<8} {'precision':<22} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} "
+              f"{'x range':>11} {'% peak':>7}")
     print(header)
     print("-" * len(header))
     torch.manual_seed(0)
@@ -161,19 +166,29 @@ def main() -> None:
         for name in args.backbones:
             model = build_classifier(name, 2, weights="none").eval()
             flops = flops_per_image(model, args.size)
-            base = None
-            for mode, (fn, precision) in runners(name, model, args.size, Path(tmp), args.modes,
-                                                     args.fp32_convs).items():
-                one = torch.randn(1, 3, args.size, args.size)
-                batch = torch.randn(args.batch, 3, args.size, args.size)
-                latency = statistics.median(_time(fn, one, args.latency_runs)) * 1000
-                rate = args.batch * args.throughput_batches / sum(_time(fn, batch, args.throughput_batches))
-                base = base or rate
+            modes = runners(name, model, args.size, Path(tmp), args.modes, args.fp32_convs)
+            one = torch.randn(1, 3, args.size, args.size)
+            batch = torch.randn(args.batch, 3, args.size, args.size)
+            latency = {mode: statistics.median(_time(fn, one, args.latency_runs)) * 1000
+                       for mode, (fn, _) in modes.items()}
+            rates: dict[str, list[float]] = {mode: [] for mode in modes}
+            for fn, _ in modes.values():
+                fn(batch)  # warm-up at the batch size
+            for _ in range(args.rounds):
+                for mode, (fn, _) in modes.items():
+                    start = time.perf_counter()
+                    for _ in range(args.throughput_batches):
+                        fn(batch)
+                    rates[mode].append(args.batch * args.throughput_batches / (time.perf_counter() - start))
+            for mode, (_, precision) in modes.items():
+                ratios = [rate / naive for rate, naive in zip(rates[mode], rates["naive"])]
+                rate = statistics.median(rates[mode])
                 peak = peaks["bf16"] if precision.startswith("bf16") else peaks["fp32"]
                 # no int8 peak is stated: its multiply-adds take several instructions on AVX2 (and fewer with VNNI)
                 share = "-" if precision.startswith("int8") else f"{100 * rate * flops / 1e9 / peak:.1f}%"
-                print(f"{name:<22} {mode:<8} {precision:<22} {latency:>8.1f} {rate:>8.1f} {rate / base:>8.2f} "
-                      f"{share:>7}", flush=True)
+                spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+                print(f"{name:<22} {mode:<8} {precision:<22} {latency[mode]:>8.1f} {rate:>8.1f} "
+                      f"{statistics.median(ratios):>8.2f} {spread:>11} {share:>7}", flush=True)
             print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image")
     sys.stdout.flush()
 
