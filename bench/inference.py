@@ -21,7 +21,9 @@ ratio (lowest to highest round). FLOPs per image are counted by ``torch.utils.fl
 is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the nominal ``cpu MHz`` of
 /proc/cpuinfo (no boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
 AVX2; AMD's AVX-512 also runs on 256-bit pipes) or x 16 lanes (Intel AVX-512); bf16 with AVX512-BF16 or AMX doubles
-the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane). Preprocessing is not timed (tensors in, logits out).
+the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane). Each round also times a 2048-square fp32 matrix
+product (``torch.mm`` and numpy); its median rate is what fp32 reached on this machine in practice during the
+rounds. Preprocessing is not timed (tensors in, logits out).
 
     python bench/inference.py
     python bench/inference.py --backbones mobilenet_v2 --batch 16
@@ -59,6 +61,19 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
     how = (f"{cores} cores x {mhz:.0f} MHz x {fp32_per_cycle} fp32 FLOPs/cycle (2 FMA pipes x {lanes} lanes)"
            + (", bf16 x2" if bf16 else ", no bf16 instructions"))
     return peaks, how
+
+
+MATMUL_SIDE = 2048
+
+
+def matmul_products() -> dict[str, object]:
+    """Two ``MATMUL_SIDE``-square fp32 matrix products, by ``torch.mm`` and by numpy (its BLAS): timed in each round
+    beside the models, they show what fp32 reaches on this machine in practice at that moment, which the nominal
+    peak (no boost clock, no memory) does not."""
+    import numpy as np
+
+    a, b = torch.randn(MATMUL_SIDE, MATMUL_SIDE), torch.randn(MATMUL_SIDE, MATMUL_SIDE)
+    return {"torch.mm": lambda: torch.mm(a, b), "numpy": lambda: np.matmul(a.numpy(), b.numpy())}
 
 
 def flops_per_image(model: torch.nn.Module, size: int) -> float:
@@ -155,6 +170,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; "
           f"cxrkit runtime here: {setup_runtime().describe()}")
     print(f"peak: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())} ({how})")
+    products = matmul_products()
     print(f"{args.size} px; latency = median of {args.latency_runs} batch-1 calls; throughput = median of "
           f"{args.rounds} rounds of {args.throughput_batches} batch(es) of {args.batch} per mode, modes in turn\n")
     header = (f"{'backbone':<22} {'mode':<8} {'precision':<22} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} "
@@ -172,14 +188,21 @@ def main() -> None:
             latency = {mode: statistics.median(_time(fn, one, args.latency_runs)) * 1000
                        for mode, (fn, _) in modes.items()}
             rates: dict[str, list[float]] = {mode: [] for mode in modes}
+            gflops: dict[str, list[float]] = {product: [] for product in products}
             for fn, _ in modes.values():
                 fn(batch)  # warm-up at the batch size
+            for product in products.values():
+                product()
             for _ in range(args.rounds):
                 for mode, (fn, _) in modes.items():
                     start = time.perf_counter()
                     for _ in range(args.throughput_batches):
                         fn(batch)
                     rates[mode].append(args.batch * args.throughput_batches / (time.perf_counter() - start))
+                for product, fn in products.items():
+                    start = time.perf_counter()
+                    fn()
+                    gflops[product].append(2 * MATMUL_SIDE**3 / (time.perf_counter() - start) / 1e9)
             for mode, (_, precision) in modes.items():
                 ratios = [rate / naive for rate, naive in zip(rates[mode], rates["naive"])]
                 rate = statistics.median(rates[mode])
@@ -189,7 +212,10 @@ def main() -> None:
                 spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
                 print(f"{name:<22} {mode:<8} {precision:<22} {latency[mode]:>8.1f} {rate:>8.1f} "
                       f"{statistics.median(ratios):>8.2f} {spread:>11} {share:>7}", flush=True)
-            print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image")
+            print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image; fp32 {MATMUL_SIDE}-square matrix product in the same "
+                  "rounds: " + ", ".join(f"{k} {statistics.median(v):.0f} GFLOP/s "
+                                         f"({100 * statistics.median(v) / peaks['fp32']:.0f}% of peak)"
+                                         for k, v in gflops.items()))
     sys.stdout.flush()
 
 
