@@ -4,6 +4,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +77,21 @@ def test_an_existing_output_file_survives_a_run_that_cannot_start(tiny_run, tmp_
     out.write_text("earlier results\n")
     result = CliRunner().invoke(app, ["predict", str(tiny_run), str(tmp_path / "*.none"), "-o", str(out)])
     assert result.exit_code != 0 and out.read_text() == "earlier results\n"
+
+
+def test_predict_applies_the_temperature_without_importing_scikit_learn(tiny_run, cases):
+    """Predicting only applies a fitted temperature; the metrics' libraries (scikit-learn, about 2 s to import) stay
+    out of ``cxr predict`` and ``cxr serve``."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cxrkit.cli.main import app\n"
+        "from cxrkit.serve.predictor import Predictor\n"
+        f"assert Predictor({str(tiny_run)!r}).temperature != 1.0\n"
+        f"result = CliRunner().invoke(app, ['predict', {str(tiny_run)!r}, {str(cases['rgba-png'])!r}])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(m for m in ('sklearn', 'scipy.optimize', 'pandas') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

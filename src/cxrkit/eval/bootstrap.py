@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.eval.metrics import (
+from cxrkit.eval.checks import (
     TASKS,
     _check_class_targets,
     _check_labels,

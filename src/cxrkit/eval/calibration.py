@@ -18,10 +18,9 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_softmax, logit, softmax
 
-from cxrkit.eval.metrics import TASKS, _check_class_targets, _check_multilabel_targets, _check_probs
+from cxrkit.eval.checks import TASKS, _check_class_targets, _check_multilabel_targets, _check_probs
 
 DEFAULT_BINS = 15
 PROB_CLIP = 1e-7
@@ -161,6 +160,8 @@ def fit_temperature(
         def nll(log_t: float) -> float:
             return float(-np.mean(log_softmax(logits / math.exp(log_t), axis=1)[rows, y]))
 
+    from scipy.optimize import minimize_scalar  # here: applying a temperature does not need it
+
     result = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded", options={"xatol": 1e-5})
     return float(np.clip(math.exp(result.x), low, high))
 
@@ -247,7 +248,7 @@ def _check_prob_matrix(task: str, probs: np.ndarray) -> np.ndarray:
 
 
 def _check_inputs(task: str, y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``(targets, probabilities)``, with the checks of :mod:`cxrkit.eval.metrics`."""
+    """Validated ``(targets, probabilities)``, with the checks of :mod:`cxrkit.eval.checks`."""
     p = _check_prob_matrix(task, probs)
     if task == "multilabel":
         return _check_multilabel_targets(y_true, p.shape), p
