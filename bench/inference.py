@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
 MATMUL_SIDE = 2048
 
 
-def matmul_products() -> dict[str, object]:
+def matmul_products() -> dict[str, Callable[[], object]]:
     """Two ``MATMUL_SIDE``-square fp32 matrix products, by ``torch.mm`` and by numpy (its BLAS): timed in each round
     beside the models, they show what fp32 reaches on this machine in practice at that moment, which the nominal
     peak (no boost clock, no memory) does not."""
@@ -199,9 +200,9 @@ def main() -> None:
                     for _ in range(args.throughput_batches):
                         fn(batch)
                     rates[mode].append(args.batch * args.throughput_batches / (time.perf_counter() - start))
-                for product, fn in products.items():
+                for product, multiply in products.items():
                     start = time.perf_counter()
-                    fn()
+                    multiply()
                     gflops[product].append(2 * MATMUL_SIDE**3 / (time.perf_counter() - start) / 1e9)
             for mode, (_, precision) in modes.items():
                 ratios = [rate / naive for rate, naive in zip(rates[mode], rates["naive"])]

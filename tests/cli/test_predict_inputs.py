@@ -80,8 +80,8 @@ def test_an_existing_output_file_survives_a_run_that_cannot_start(tiny_run, tmp_
 
 
 def test_predict_applies_the_temperature_without_importing_scikit_learn(tiny_run, cases):
-    """Predicting only applies a fitted temperature; the metrics' libraries (scikit-learn, about 2 s to import) stay
-    out of ``cxr predict`` and ``cxr serve``."""
+    """Predicting only applies a fitted temperature, so the metrics' libraries (scikit-learn, about 2 s to import)
+    stay out of ``cxr predict`` and of the service, which predicts through the same ``Predictor``."""
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
