@@ -95,3 +95,18 @@ def test_predict_applies_the_temperature_without_importing_scikit_learn(tiny_run
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_is_drawn_on_a_terminal_only(tiny_run, cases, tmp_path, monkeypatch, terminal):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1" if terminal else "0")  # rich: treat stderr as a terminal, or not
+    paths = [str(cases[name]) for name in ("rgba-png", "cmyk-jpeg", "palette-png")]
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), *paths, "--batch-size", "2", "-o", str(out),
+                                      "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 1 + len(paths)
+    if terminal:
+        assert "predict" in result.stderr and "3/3" in result.stderr and "img/s" in result.stderr
+    else:
+        assert result.stderr == ""

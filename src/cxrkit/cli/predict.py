@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,7 +33,7 @@ def predict(
     if not paths:
         raise CxrError("no image found in " + " ".join(inputs))
     predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
-    results = list(predictor.predict_files(paths, batch_size))
+    results = _predict_with_progress(predictor, paths, batch_size)
     failed = [r for r in results if r.error]
     if format_ == "table" and output is None:
         _print_table(results, predictor.labels)
@@ -46,6 +48,24 @@ def predict(
     if failed:
         print(f"{len(failed)} of {len(results)} files could not be predicted", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _predict_with_progress(predictor: Any, paths: list[str], batch_size: int) -> list:
+    """Every file's prediction, with a progress bar (files, images/s, time left) on a terminal's stderr when
+    there is more than one batch; nothing is drawn when stderr is a file or a pipe."""
+    from cxrkit.console import notes_console
+    from cxrkit.train.loop import make_progress
+
+    console = notes_console()
+    results = []
+    with make_progress(console, enabled=console.is_terminal and len(paths) > batch_size) as progress:
+        task = progress.add_task("predict", total=len(paths), rate="")
+        start = time.perf_counter()
+        for result in predictor.predict_files(paths, batch_size):
+            results.append(result)
+            rate = len(results) / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+    return results
 
 
 def _render(results: list, labels: list[str], format_: str) -> str:
