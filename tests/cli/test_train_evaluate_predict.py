@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -317,3 +318,13 @@ def test_cached_features_are_reused_by_the_next_run_and_not_by_a_changed_one(dat
     assert runs["again"][1] == runs["first"][1]
     # another seed initialises another (random) backbone: other features, other keys
     assert "reused cached" not in runs["other-seed"][0]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_draw_on_a_terminal_and_leave_no_blank_line_in_a_log(trained, monkeypatch, terminal):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1" if terminal else "0")  # rich: treat stderr as a terminal, or not
+    result = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "val", "--name", f"progress-{terminal}"])
+    assert result.exit_code == 0, result.output
+    assert bool(re.search(r"predict \S*━", result.stderr)) is terminal  # the bar: its name, then the bar (in colour)
+    if not terminal:  # a log file gets the notes, one per line, and nothing of the bar
+        assert result.stderr.strip() and "" not in result.stderr.rstrip("\n").splitlines()

@@ -51,14 +51,13 @@ def predict(
 
 
 def _predict_with_progress(predictor: Any, paths: list[str], batch_size: int) -> list:
-    """Every file's prediction, with a progress bar (files, images/s, time left) on a terminal's stderr when
-    there is more than one batch; nothing is drawn when stderr is a file or a pipe."""
+    """Every file's prediction, with a progress bar (files, images/s, time left) on stderr when there is more than
+    one batch (drawn on a terminal only; see :func:`~cxrkit.train.loop.make_progress`)."""
     from cxrkit.console import notes_console
     from cxrkit.train.loop import make_progress
 
-    console = notes_console()
     results = []
-    with make_progress(console, enabled=console.is_terminal and len(paths) > batch_size) as progress:
+    with make_progress(notes_console(), enabled=len(paths) > batch_size) as progress:
         task = progress.add_task("predict", total=len(paths), rate="")
         start = time.perf_counter()
         for result in predictor.predict_files(paths, batch_size):

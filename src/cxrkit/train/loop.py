@@ -19,11 +19,13 @@ from cxrkit.train.runtime import Runtime
 
 
 def make_progress(console: Console, enabled: bool = True) -> Progress:
-    """A rich progress bar with images/s and ETA (silent when ``enabled`` is False)."""
+    """A rich progress bar with images/s and ETA, drawn on a terminal or in Jupyter; silent when ``enabled`` is False
+    or the console writes to a file or a pipe (where rich would leave only a stray blank line)."""
+    drawn = enabled and console is not None and (console.is_terminal or console.is_jupyter)
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=True,
+        console=console, disable=not drawn, transient=True,
     )
 
 
