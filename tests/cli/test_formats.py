@@ -116,12 +116,27 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
     assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out
 
 
-def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path):
+@pytest.mark.parametrize("cache_images", [True, False])
+def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path, cache_images):
     root = kermany_folder(tmp_path / "k", per_class=6, size=32)
     for path in (root / "train" / "NORMAL").glob("*.jpeg"):  # valid header and end marker, garbage inside
         data = bytearray(path.read_bytes())
         data[30:-2] = b"\x00" * (len(data) - 32)
         path.write_bytes(bytes(data))
-    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY])
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY,
+                                      "--set", f"runtime.cache_images={str(cache_images).lower()}"])
     assert result.exit_code != 0
     assert "IM-" in str(result.exception) and ".jpeg" in str(result.exception)
+    runs = list((tmp_path / "r").iterdir())
+    if cache_images:  # the decoded-image cache meets the file before the run is written: no directory is left
+        assert runs == []
+    else:  # met in the first epoch: the run was written, so it stays, to be resumed once the file is fixed
+        assert len(runs) == 1 and (runs[0] / "recipe.yaml").is_file()
+
+
+def test_a_data_error_leaves_no_run_directory(tmp_path):
+    kermany_folder(tmp_path / "data" / "chest_xray", per_class=6, size=32)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *TINY])
+    assert result.exit_code != 0
+    assert f"did you mean {tmp_path / 'data' / 'chest_xray'}?" in str(result.exception)
+    assert list((tmp_path / "r").iterdir()) == []

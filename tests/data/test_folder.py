@@ -163,3 +163,13 @@ def test_missing_or_empty_root(tmp_path):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(CxrError, match="no images found"):
         load_folder(tmp_path / "empty")
+
+
+def test_no_images_names_a_dataset_one_level_down(tmp_path):
+    root = kermany_like(tmp_path / "data" / "chest_xray")
+    with pytest.raises(CxrError, match=rf"no images found .*; did you mean {root}\?$"):
+        load_folder(tmp_path / "data")
+    assert len(load_folder(root)) > 0
+    (tmp_path / "other" / "notes").mkdir(parents=True)  # nothing usable below: no hint
+    with pytest.raises(CxrError, match=r"<class>/\*\)$"):
+        load_folder(tmp_path / "other")

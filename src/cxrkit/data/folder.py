@@ -102,7 +102,10 @@ def load_folder(
     skipped: list[tuple[str, str]] = []
     files = _scan(root, check, skipped)  # (path, class folder name, split)
     if not files:
-        raise CxrError(f"{root}: no images found (expected <root>/<split>/<class>/* or <root>/<class>/*)")
+        # A dataset one level down (--data /data for /data/chest_xray) is the usual slip: name it.
+        below = next((d for d in _visible_dirs(root) if _scan(d, False, [])), None)
+        hint = f"; did you mean {below}?" if below is not None else ""
+        raise CxrError(f"{root}: no images found (expected <root>/<split>/<class>/* or <root>/<class>/*){hint}")
     if task == NORMAL_BACTERIAL_VIRAL:
         files = _split_pneumonia(root, files, skipped)
     names: list[str] = []

@@ -62,9 +62,10 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
     assert recipe is not None
     rt = recipe.runtime
     runtime = setup_runtime(rt.device, rt.precision, rt.channels_last, rt.threads, rt.workers)
+    created = None
     try:
         if run is None:
-            run = _create_run(recipe.out, recipe.name, runtime)
+            run = created = _create_run(recipe.out, recipe.name, runtime)
         if last is not None and last["stage"] >= len(recipe.stages):
             console.print(f"run {run.path} is already complete")
             return run
@@ -76,6 +77,20 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         trainer.fit(resume=last)
         if runtime.is_main and len(trainer.data.val):
             calibrate_after_training(run, runtime, console)
+    except BaseException:
+        if created is not None and runtime.is_main:
+            _discard_unstarted(created)
+        raise
     finally:
         shutdown(runtime)
     return run
+
+
+def _discard_unstarted(run: Run) -> None:
+    """Remove a run directory made by this call when it failed before the run was written (no ``recipe.yaml``:
+    e.g. the data could not be loaded), so no empty directory that cannot be resumed is left behind. A run that got
+    as far as its recipe stays: it resumes with ``cxr train --resume``."""
+    import shutil
+
+    if not run.file("recipe.yaml").exists():
+        shutil.rmtree(run.path, ignore_errors=True)
