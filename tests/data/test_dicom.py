@@ -101,3 +101,34 @@ def test_text_named_dcm_is_not_dicom(tmp_path):
     (tmp_path / "notes.dcm").write_text("not a dicom file at all\n" * 10)
     with pytest.raises(CxrError, match=r"notes\.dcm: not a DICOM file"):
         read_image(tmp_path / "notes.dcm")
+
+
+def test_damaged_files_only_ever_raise_one_line_errors(tmp_path):
+    """pydicom parses lazily and raises many types (BytesLengthException, NotImplementedError, struct.error...):
+    every cut and every flipped header byte must come out as a CxrError naming the file, on one line."""
+    data = write_dicom(tmp_path / "full.dcm", RAMP).read_bytes()
+    header = len(data) - RAMP.size * 2
+    damaged = [data[:cut] for cut in range(132, header + 16)]
+    for pos in range(132, header):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0xFF
+        damaged.append(bytes(flipped))
+    failures = 0
+    for blob in damaged:
+        try:
+            decode_image_bytes(blob, "scan.dcm")
+        except CxrError as err:
+            failures += 1
+            assert str(err).startswith("scan.dcm: ") and "\n" not in str(err) and " at 0x" not in str(err)
+    assert failures > len(damaged) // 2  # most of them are refused, none with another exception type
+
+
+def test_a_lut_shorter_than_its_descriptor_is_an_invalid_lut(tmp_path):
+    from pydicom.dataset import Dataset
+
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.LUTData = b"\x00\x01" * 10  # 10 entries where 4096 are announced
+    path = write_dicom(tmp_path / "voi.dcm", RAMP, VOILUTSequence=[lut])
+    with pytest.raises(CxrError, match=r"voi\.dcm: invalid DICOM LUT or window attributes"):
+        read_image(path)

@@ -135,6 +135,12 @@ def test_text_named_jpeg(tmp_path):
         read_image(tmp_path / "notes.jpeg")
 
 
+@pytest.mark.parametrize("head", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"BM"])
+def test_a_known_signature_with_a_broken_header_is_called_corrupt(head):
+    with pytest.raises(CxrError, match=r"^scan: corrupt "):  # not "not an image": the signature is there
+        decode_image_bytes(head + b"\x07" * 40, "scan")
+
+
 def test_truncated_jpeg_fails_without_global_settings(tmp_path):
     path = save_gray(tmp_path / "full.jpeg", (256, 256))
     data = path.read_bytes()
@@ -172,3 +178,31 @@ def test_scale_to_uint8_handles_constant_and_nan():
     assert scale_to_uint8(np.full((2, 2), 7.0)).max() == 0
     out = scale_to_uint8(np.array([[np.nan, 0.0], [1.0, 2.0]]))
     np.testing.assert_array_equal(out, [[0, 0], [128, 255]])
+
+
+def test_scale_to_uint8_maps_each_type_by_its_finite_range_across_blocks(monkeypatch):
+    from cxrkit.data import images
+
+    monkeypatch.setattr(images, "_SCALE_CHUNK", 7)  # many blocks: the range must come from all of them
+    values = np.array([[-np.inf, 10.0, 20.0, np.nan], [30.0, 40.0, np.inf, 50.0], [10.0, 10.0, 10.0, 10.0]])
+    out = scale_to_uint8(values)
+    np.testing.assert_array_equal(out, [[0, 0, 64, 0], [128, 191, 0, 255], [0, 0, 0, 0]])
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 16-bit: 0..65535 onto 0..255 exactly
+    np.testing.assert_array_equal(scale_to_uint8(ramp).ravel(), np.arange(256))
+    signed = np.array([[-1024, 0, 3071]], dtype=np.int16)  # CT-like signed values
+    np.testing.assert_array_equal(scale_to_uint8(signed), [[0, 64, 255]])
+    assert scale_to_uint8(np.full((3, 3), np.nan)).max() == 0
+
+
+def test_scale_to_uint8_of_a_large_float_image_needs_little_more_than_its_output():
+    import tracemalloc
+
+    image = np.random.default_rng(0).normal(size=(2000, 2000)).astype(np.float32)  # 16 MB in, 4 MB out
+    tracemalloc.start()
+    try:
+        out = scale_to_uint8(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    assert peak < 2.5 * out.nbytes  # whole-image float64 copies took over 16x (64 MB each)

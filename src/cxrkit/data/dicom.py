@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -38,13 +39,28 @@ def read_dicom(
             (e.g. compressed without a decoder plugin) pixel encoding.
     """
     name = name if name is not None else str(source) if not isinstance(source, bytes) else "<dicom bytes>"
+    try:
+        return _read_dicom(source, name, max_pixels)
+    except CxrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom parses lazily, so a damaged file can raise almost anything
+        raise CxrError(f"{name}: corrupt or truncated DICOM file ({_reason(e)})") from e
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short line for a user: its type when the message is empty, no object addresses."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
     ds = _read_dataset(source, name)
     _check_single_frame_image(ds, name, max_pixels)
     try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad or compressed pixel data; report them all as one
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {e}") from e
+        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {_reason(e)}") from e
     return Image.fromarray(dicom_to_uint8(arr, ds, name))
 
 
@@ -69,8 +85,8 @@ def dicom_to_uint8(arr: np.ndarray, ds: Any, name: str = "<dicom>") -> np.ndarra
     try:
         values = apply_modality_lut(arr, ds)
         values = apply_voi_lut(values, ds, index=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a malformed LUT raises struct.error, ValueError, IndexError, ...
+        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({_reason(e)})") from e
     values = np.asarray(values, dtype=np.float64)
     if photometric == "MONOCHROME1":  # low values are white: negate before the min/max scaling
         values = -values
@@ -89,9 +105,7 @@ def _read_dataset(source: str | os.PathLike | bytes, name: str) -> Any:
         try:
             return pydicom.dcmread(fp, force=True)
         except InvalidDicomError as e:
-            raise CxrError(f"{name}: not a valid DICOM file ({e})") from e
-        except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError) as e:
-            raise CxrError(f"{name}: corrupt or truncated DICOM file ({e})") from e
+            raise CxrError(f"{name}: not a valid DICOM file ({_reason(e)})") from e
 
 
 def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:

@@ -126,6 +126,9 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     except UnidentifiedImageError as e:
         if name.lower().endswith(DICOM_SUFFIXES):  # DICOM written without the preamble
             return _decode_dicom(data, name, max_pixels)
+        fmt = sniff_format(data[:SNIFF_BYTES])
+        if fmt is not None:  # the signature is there, the rest is not: damaged rather than foreign
+            raise CxrError(f"{name}: corrupt {fmt} file (its header cannot be read)") from e
         raise CxrError(f"{name}: not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:
         raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
@@ -176,14 +179,34 @@ def to_grayscale(im: Image.Image) -> Image.Image:
     return im.convert("RGB").convert("L")
 
 
+_SCALE_CHUNK = 1 << 18  # elements per block: a 64-megapixel float image is scaled in 2 MB pieces, not 2 GB of copies
+
+
 def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Linearly map an array's min..max to 0..255 (a constant image becomes all zeros); nan counts as the min."""
-    arr = np.asarray(arr, dtype=np.float64)
-    finite = np.isfinite(arr)
-    if not finite.any():
-        return np.zeros(arr.shape, dtype=np.uint8)
-    lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    arr = np.where(finite, arr, lo)
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    """Linearly map an array's min..max to 0..255 (a constant image becomes all zeros); nan counts as the min.
+
+    Works block by block, so the extra memory is a few MB whatever the image's size and type.
+    """
+    arr = np.asarray(arr)
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    flat, flat_out = arr.reshape(-1), out.reshape(-1)
+    blocks = [slice(i, i + _SCALE_CHUNK) for i in range(0, flat.size, _SCALE_CHUNK)]
+    exact = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    lo, hi = np.inf, -np.inf
+    for block in blocks:
+        part = flat[block] if exact else flat[block][np.isfinite(flat[block])]
+        if part.size:
+            lo, hi = min(lo, float(part.min())), max(hi, float(part.max()))
+    if not hi > lo:  # no finite value, or a constant image
+        return out
+    scale = 255.0 / (hi - lo)
+    for block in blocks:
+        part = flat[block].astype(np.float64)
+        if not exact:
+            part[~np.isfinite(part)] = lo
+        part -= lo
+        part *= scale
+        np.rint(part, out=part)
+        np.clip(part, 0, 255, out=part)
+        flat_out[block] = part
+    return out
