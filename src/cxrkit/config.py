@@ -261,6 +261,8 @@ def _validate(recipe: Recipe) -> None:
             )
         if stage.epochs < 0 or stage.lr <= 0:
             raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+    if recipe.stages and not any(stage.epochs for stage in recipe.stages):
+        raise CxrError("recipe key stages: every stage has 0 epochs, so there is nothing to train")
     for key, value, allowed in checks:
         if value not in allowed:
             raise CxrError(f"recipe key {key}: {value!r} is not one of {', '.join(allowed)}")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,16 +128,27 @@ def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path, 
                                       "--set", f"runtime.cache_images={str(cache_images).lower()}"])
     assert result.exit_code != 0
     assert "IM-" in str(result.exception) and ".jpeg" in str(result.exception)
-    runs = list((tmp_path / "r").iterdir())
-    if cache_images:  # the decoded-image cache meets the file before the run is written: no directory is left
-        assert runs == []
-    else:  # met in the first epoch: the run was written, so it stays, to be resumed once the file is fixed
-        assert len(runs) == 1 and (runs[0] / "recipe.yaml").is_file()
+    assert list((tmp_path / "r").iterdir()) == []  # failed before its first epoch was saved: no directory is left
 
 
-def test_a_data_error_leaves_no_run_directory(tmp_path):
-    kermany_folder(tmp_path / "data" / "chest_xray", per_class=6, size=32)
-    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"), *TINY])
+@pytest.mark.parametrize(("case", "message"), [
+    ("one level up", "did you mean {root}?"),
+    ("one class", "has one class only (NORMAL); a classifier needs images of at least 2 classes"),
+    ("missing weights", "weights.safetensors"),
+    ("unknown layer", "nolayer"),
+    ("no epochs", "every stage has 0 epochs"),
+])
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(tmp_path, case, message):
+    root = kermany_folder(tmp_path / "data" / "chest_xray", per_class=6, size=32)
+    args = {
+        "one level up": ["--data", str(tmp_path / "data")],
+        "missing weights": ["--weights", str(tmp_path / "weights.safetensors")],
+        "unknown layer": ["--set", "stages.0.trainable=from:nolayer"],
+        "no epochs": ["--epochs", "0"],
+    }.get(case, [])
+    if case == "one class":
+        shutil.rmtree(root / "train" / "PNEUMONIA")
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY, *args])
     assert result.exit_code != 0
-    assert f"did you mean {tmp_path / 'data' / 'chest_xray'}?" in str(result.exception)
-    assert list((tmp_path / "r").iterdir()) == []
+    assert message.format(root=root) in str(result.exception)
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []

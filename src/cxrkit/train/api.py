@@ -87,10 +87,10 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
 
 
 def _discard_unstarted(run: Run) -> None:
-    """Remove a run directory made by this call when it failed before the run was written (no ``recipe.yaml``:
-    e.g. the data could not be loaded), so no empty directory that cannot be resumed is left behind. A run that got
-    as far as its recipe stays: it resumes with ``cxr train --resume``."""
+    """Remove a run directory made by this call when it failed before its first epoch was saved (the data, the
+    weights or a layer name were wrong...): it holds nothing ``--resume`` could continue from, and a directory left
+    behind would pass for a run."""
     import shutil
 
-    if not run.file("recipe.yaml").exists():
+    if not run.has_checkpoint("last"):
         shutil.rmtree(run.path, ignore_errors=True)

@@ -70,6 +70,9 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
     ds = pipeline.load_data(recipe.data)
     if not len(ds):
         raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has no images")
+    if ds.spec.task != "multilabel" and len(ds.spec.labels) < 2:
+        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has one class only "
+                       f"({', '.join(ds.spec.labels)}); a classifier needs images of at least 2 classes")
     resumed = run is not None and run.file("splits.csv").is_file()
     splits = load_splits(run.file("splits.csv"), ds) if resumed else pipeline.split_data(ds, recipe.data)
     if not len(splits.get("train", [])):
