@@ -136,3 +136,11 @@ def _rename_label(run: Path, old: str, new: str) -> None:
         rows = [{k.replace(f"p_{old}", f"p_{new}"): (new if v == old else v) for k, v in row.items()}
                 for row in csv.DictReader(fh)]
     path.write_text(csv_text(rows))
+
+
+def test_a_relative_run_path_gives_the_same_report(run, monkeypatch):
+    """``cxr train`` prints a relative run path when ``--out`` is relative: the report must read the same metrics."""
+    absolute = build_report(run).read_text()
+    monkeypatch.chdir(run.parent)
+    relative = build_report(Path(run.name)).read_text()
+    assert "Accuracy" in relative and relative == absolute

@@ -82,7 +82,7 @@ def build_report(run_dir: str | Path, eval_name: str | None = None) -> Path:
     recipe_text = run.file("recipe.yaml").read_text()
     recipe = _load_yaml(recipe_text)
     labels = _read_json(run, "labels.json")
-    metrics = _read_json(run, eval_dir / "metrics.json") if eval_dir else {}
+    metrics = _read_json(run, Path("eval") / eval_dir.name / "metrics.json") if eval_dir else {}
     figures = _figures(run, out, eval_dir, labels, metrics)
     sections = {
         "summary": _summary(run, recipe, labels, metrics, eval_dir),
