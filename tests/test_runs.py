@@ -1,10 +1,11 @@
 import fractions
+import io
 import os
 
 import pytest
 import torch
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 from cxrkit.runs import Run, atomic_write, atomic_write_text, safe_name
 
 
@@ -16,7 +17,7 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(CxrError, match=r"metrics\.csv: cannot write \(disk full\)"):
         atomic_write_text(target, "new\n")
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left behind
@@ -116,3 +117,28 @@ def test_atomic_files_follow_the_umask(tmp_path):
 def test_safe_name_keeps_names_inside_the_folder(text, expected):
     assert safe_name(text) == expected
     assert safe_name("", default="image") == "image"
+
+
+def test_unwritable_destinations_are_one_line_errors(tmp_path):
+    (tmp_path / "file.txt").write_text("keep")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(CxrError, match=r"file\.txt/out\.csv: cannot write here \(.*\.txt is a file, not a folder\)"):
+        atomic_write_text(tmp_path / "file.txt" / "out.csv", "x")
+    with pytest.raises(CxrError, match=r"folder: cannot write here \(is a directory\)"):
+        atomic_write_text(tmp_path / "folder", "x")
+    with pytest.raises(CxrError, match=r"file\.txt: cannot create runs here"):
+        Run.create(tmp_path / "file.txt", "run")
+    assert (tmp_path / "file.txt").read_text() == "keep" and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_an_empty_checkpoint_is_named_in_the_error(tmp_path):
+    run = Run.create(tmp_path, "run")
+    run.checkpoint_path("best").write_bytes(b"")
+    with pytest.raises(CxrError, match=r"checkpoint .*best\.pt cannot be read: \w+"):
+        run.load_checkpoint("best")
+
+
+def test_first_line_of_an_exception():
+    assert first_line(ValueError("\n  first\nsecond")) == "first"
+    assert first_line(IndexError()) == "IndexError"
+    assert first_line(OSError(f"cannot read {io.BytesIO()!r}")) == "cannot read the file"

@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step", "plateau")
@@ -350,7 +350,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise CxrError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise CxrError(f"recipe {path} is not valid YAML: {first_line(err)}") from None
         if not isinstance(data, dict):
             raise CxrError(f"recipe {path} must be a mapping of keys to values")
         data.setdefault("name", path.stem)

@@ -8,3 +8,24 @@ and exits non-zero; ``CXR_DEBUG=1`` shows the traceback.
 
 class CxrError(Exception):
     """A user-facing error with a one-line message."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message as one short line for a user: its first non-blank line with object addresses
+    (``<_io.BytesIO object at 0x7f...>``) left out, or the exception's type name when the message is empty."""
+    import re
+
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def user_message(err: CxrError) -> str:
+    """What to print for ``err``: its message, or, when a DataLoader worker raised it (PyTorch raises it again in the
+    main process as ``"Caught CxrError in DataLoader worker process 0. Original Traceback ..."``), the original
+    message from the traceback's last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{CxrError.__module__}.CxrError: ") else last
+    return text

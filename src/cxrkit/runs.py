@@ -9,6 +9,7 @@ a run killed at any moment keeps its last complete state.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 
 
 def _umask() -> int:
@@ -35,8 +36,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     checkpoint with optimizer state can be gigabytes), which replaces ``path`` only once ``write`` has returned and
     the data is on disk; if ``write`` raises, ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # a parent that is a file, a folder without write permission, a read-only disk
+        raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file
         with os.fdopen(fd, "wb") as fh:
@@ -44,9 +50,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # e.g. the disk filled up
+            raise CxrError(f"{path}: cannot write ({err.strerror or first_line(err)})") from err
         raise
+
+
+def _why_not_a_folder(folder: Path) -> str | None:
+    """``"<ancestor> is a file"`` when a file stands where ``folder`` or one of its parents should be, else None."""
+    for part in (folder, *folder.parents):
+        if part.exists():
+            return None if part.is_dir() else f"{part} is a file, not a folder"
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -98,8 +114,13 @@ class Run:
                 path.mkdir(parents=True)
                 break
             except FileExistsError:
+                if why := _why_not_a_folder(path.parent):
+                    raise CxrError(f"{path.parent}: cannot create runs here ({why})") from None
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
+            except OSError as err:
+                why = _why_not_a_folder(path.parent) or err.strerror or first_line(err)
+                raise CxrError(f"{path.parent}: cannot create runs here ({why})") from err
         (path / "checkpoints").mkdir()
         return cls(path)
 
@@ -173,7 +194,7 @@ class Run:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure to read is reported with the file name
-            raise CxrError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
+            raise CxrError(f"checkpoint {path} cannot be read: {first_line(err)}") from None
 
     def has_checkpoint(self, name: str) -> bool:
         return self.checkpoint_path(name).is_file()

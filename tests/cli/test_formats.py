@@ -112,6 +112,7 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
     assert result.exit_code == 0, result.output
     data = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "data.json").read_text())
     reasons = {Path(s["source"]).name: s["reason"] for s in data["skipped"]}
+    assert "skipped 2 file(s) that are not usable images, all listed in" in result.stderr
     assert "truncated" in reasons["IM-9999-0001.jpeg"]
     assert "not an image" in reasons["person999_virus_1.jpeg"]
     assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out

@@ -6,7 +6,7 @@ import pytest
 from cxrkit.data.folder import load_folder, patient_from_filename, pneumonia_cause
 from cxrkit.errors import CxrError
 
-from .helpers import covid_like, kermany_like, save_gray
+from .helpers import covid_like, kermany_like, png_header_only, save_gray, write_dicom
 
 
 @pytest.mark.parametrize(
@@ -125,6 +125,28 @@ def test_scan_skips_and_reports_non_images(tmp_path):
     bad = next(i for i, it in enumerate(unchecked.items) if it.source.endswith("fake.jpeg"))
     with pytest.raises(CxrError, match=r"fake\.jpeg: not an image"):  # ... and fail, named, when read
         unchecked.read(bad)
+
+
+def test_files_whose_header_rules_them_out_are_skipped_by_the_scan(tmp_path):
+    import pydicom
+
+    root = covid_like(tmp_path / "c")
+    cls = root / "COVID"
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    write_dicom(cls / "single.dcm", ramp)
+    write_dicom(cls / "frames.dcm", np.stack([ramp, ramp]), NumberOfFrames=2)
+    nopix = pydicom.dcmread(write_dicom(cls / "nopix.dcm", ramp))
+    del nopix.PixelData
+    nopix.save_as(cls / "nopix.dcm")
+    png_header_only(cls / "huge.png", 9000, 9000)
+    ds = load_folder(root)
+    reasons = {src.rsplit("/", 1)[-1]: why for src, why in ds.skipped}
+    assert reasons == {
+        "frames.dcm": "multi-frame DICOM (2 frames) is not supported; export a single frame",
+        "nopix.dcm": "DICOM file has no pixel data",
+        "huge.png": "image is 9000x9000, over the limit of 64 megapixels",
+    }
+    assert len(ds) == 7 and any(it.source.endswith("single.dcm") for it in ds.items)
 
 
 def test_truncated_file_is_skipped_by_the_scan(tmp_path):

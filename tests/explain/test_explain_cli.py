@@ -134,3 +134,18 @@ def test_multilabel_explains_each_label(tmp_path):
     rows = _rows(table)
     assert rows and {r["true"] for r in rows} <= {"absent", "present"} and {r["explained"] for r in rows} == {
         "Effusion"}
+
+
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(run, data, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cxrkit.cli.main import main
+
+    (tmp_path / "file").write_text("keep")
+    image = next((data / "train" / "NORMAL").glob("*.jpeg"))
+    monkeypatch.setattr(sys, "argv", ["cxr", "explain", str(run), str(image), "--out", str(tmp_path / "file" / "x")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == f"error: {tmp_path / 'file' / 'x'}: Not a directory"
+    assert (tmp_path / "file").read_text() == "keep"

@@ -12,7 +12,7 @@ import sys
 import typer
 
 from cxrkit.cli import calibrate, compare, embed, evaluate, explain, export, models, predict, report, serve, train
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line, user_message
 
 app = typer.Typer(
     name="cxr", help="Transfer learning on chest X-rays: train, evaluate and apply CNNs from recipes.",
@@ -38,7 +38,12 @@ def main() -> None:
     except CxrError as err:
         if os.environ.get("CXR_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if os.environ.get("CXR_DEBUG") or err.filename is None:  # no file named: not a user's path, a bug
+            raise
+        print(f"error: {err.filename}: {err.strerror or first_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from rich.markup import escape
 from cxrkit.compare.spec import Cell, ComparisonSpec, expand_cells, load_comparison
 from cxrkit.config import load_recipe
 from cxrkit.console import notes_console
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line, user_message
 from cxrkit.runs import Run, atomic_write_json
 
 # recipe keys that do not change what a cell means: a cell run with other values is still the same cell
@@ -182,8 +182,7 @@ def run_cell(plan: Plan, cell: Cell, console: Console) -> str:
     except Exception as err:  # noqa: BLE001 - recorded in cell.json and the leaderboard, traceback in error.txt
         if os.environ.get("CXR_DEBUG"):
             raise
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        message = text if isinstance(err, CxrError) else f"{type(err).__name__}: {text}"
+        message = user_message(err) if isinstance(err, CxrError) else f"{type(err).__name__}: {first_line(err)}"
         if not isinstance(err, CxrError):
             (plan.cell_dir(cell) / "error.txt").write_text(traceback.format_exc())
         _write_cell_info(plan, cell, status="failed", error=message)

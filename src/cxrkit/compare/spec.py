@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from cxrkit.config import Recipe, StageConfig, load_recipe, parse_overrides, recipe_from_dict
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 
 SHORTHANDS = {"backbone": "model.backbone", "weights": "model.weights", "seed": "seed",
               "image_size": "model.image_size"}
@@ -255,7 +255,7 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise CxrError(f"comparison spec {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise CxrError(f"comparison spec {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise CxrError(f"comparison spec {path} must be a mapping of keys to values")
     return comparison_from_dict(data, path, overrides, default_name=path.stem)

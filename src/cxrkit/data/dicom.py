@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from cxrkit.data.images import DEFAULT_MAX_PIXELS, scale_to_uint8
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -44,13 +43,7 @@ def read_dicom(
     except CxrError:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom parses lazily, so a damaged file can raise almost anything
-        raise CxrError(f"{name}: corrupt or truncated DICOM file ({_reason(e)})") from e
-
-
-def _reason(err: BaseException) -> str:
-    """An exception as one short line for a user: its type when the message is empty, no object addresses."""
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise CxrError(f"{name}: corrupt or truncated DICOM file ({first_line(e)})") from e
 
 
 def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -> Image.Image:
@@ -60,7 +53,7 @@ def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad or compressed pixel data; report them all as one
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {_reason(e)}") from e
+        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {first_line(e)}") from e
     return Image.fromarray(dicom_to_uint8(arr, ds, name))
 
 
@@ -86,14 +79,27 @@ def dicom_to_uint8(arr: np.ndarray, ds: Any, name: str = "<dicom>") -> np.ndarra
         values = apply_modality_lut(arr, ds)
         values = apply_voi_lut(values, ds, index=0)
     except Exception as e:  # noqa: BLE001 - a malformed LUT raises struct.error, ValueError, IndexError, ...
-        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({_reason(e)})") from e
+        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({first_line(e)})") from e
     values = np.asarray(values, dtype=np.float64)
     if photometric == "MONOCHROME1":  # low values are white: negate before the min/max scaling
         values = -values
     return scale_to_uint8(values)
 
 
-def _read_dataset(source: str | os.PathLike | bytes, name: str) -> Any:
+def dicom_header_problem(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a DICOM file cannot be used (damaged header, no pixel data, multi-frame, too large), or None; the pixel
+    data is not read (it stays deferred), so this costs about as much as reading the header."""
+    try:
+        ds = _read_dataset(path, str(path), defer_size=1024)
+        _check_single_frame_image(ds, str(path), max_pixels)
+    except CxrError as err:
+        return str(err).removeprefix(f"{path}: ")
+    except Exception as err:  # noqa: BLE001 - pydicom parses lazily, so a damaged file can raise almost anything
+        return f"corrupt or truncated DICOM file ({first_line(err)})"
+    return None
+
+
+def _read_dataset(source: str | os.PathLike | bytes, name: str, defer_size: int | None = None) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -103,9 +109,9 @@ def _read_dataset(source: str | os.PathLike | bytes, name: str) -> Any:
         raise CxrError(f"{name}: cannot open DICOM file ({e.strerror or e})") from e
     with fp:
         try:
-            return pydicom.dcmread(fp, force=True)
+            return pydicom.dcmread(fp, force=True, defer_size=defer_size)
         except InvalidDicomError as e:
-            raise CxrError(f"{name}: not a valid DICOM file ({_reason(e)})") from e
+            raise CxrError(f"{name}: not a valid DICOM file ({first_line(e)})") from e
 
 
 def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:

@@ -17,6 +17,7 @@ from cxrkit.data.images import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     SNIFF_BYTES,
+    header_problem,
     read_item,
     sniff_format,
     truncation_reason,
@@ -170,7 +171,7 @@ def _reject_reason(path: Path, check: bool) -> str | None:
     fmt = sniff_format(head)
     if fmt is None and suffix not in DICOM_SUFFIXES:
         return "not an image (unrecognised content)"
-    return truncation_reason(path, fmt)
+    return truncation_reason(path, fmt) or header_problem(path, fmt)
 
 
 def _split_pneumonia(

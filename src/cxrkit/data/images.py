@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrkit.data.base import Item
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -89,6 +90,26 @@ def truncation_reason(path: str | os.PathLike, fmt: str | None) -> str | None:
         fh.seek(max(0, fh.tell() - _TAIL_BYTES))
         tail = fh.read()
     return None if marker in tail else f"truncated {fmt} (no end-of-image marker)"
+
+
+def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a file's header already rules it out (too many pixels; for DICOM also no pixel data, several frames or a
+    damaged header), or None. Reads the header only: the pixels are decoded when the image is used."""
+    if fmt == "DICOM" or (fmt is None and str(path).lower().endswith(DICOM_SUFFIXES)):
+        from cxrkit.data.dicom import dicom_header_problem
+
+        return dicom_header_problem(path, max_pixels)
+    try:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+            width, height = im.size
+    except Image.DecompressionBombError:
+        return "image too large, a possible decompression bomb"
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
+        return f"corrupt {fmt or 'image'} header ({first_line(err)})"
+    if width * height > max_pixels:
+        return f"image is {width}x{height}, over the limit of {max_pixels / 1e6:g} megapixels"
+    return None
 
 
 def sniff_format(head: bytes) -> str | None:

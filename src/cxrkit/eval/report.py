@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 from cxrkit.runs import Run, atomic_write_text
 
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -120,7 +120,7 @@ def _load_yaml(text: str) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise CxrError(f"recipe.yaml cannot be read: {str(err).splitlines()[0]}") from None
+        raise CxrError(f"recipe.yaml cannot be read: {first_line(err)}") from None
     return loaded if isinstance(loaded, dict) else {}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 from cxrkit.export import fp32_copy
 from cxrkit.runs import atomic_write_bytes
 
@@ -65,7 +65,7 @@ def export_graph(module: nn.Module, size: int, output: str, name: str | Path) ->
                                   dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
                                   external_data=False, verbose=False)
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
-            raise CxrError(f"{name}: the model cannot be exported to ONNX: {str(err).splitlines()[0]}") from err
+            raise CxrError(f"{name}: the model cannot be exported to ONNX: {first_line(err)}") from err
         return onnx.load(str(raw))
 
 
@@ -85,7 +85,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file
-        raise CxrError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]})") from None
+        raise CxrError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     return {p.key[len(PREFIX):]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith(PREFIX)}
 
 
@@ -126,7 +126,7 @@ class OnnxModel(nn.Module):
             self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own exception types
             name = "the exported model" if isinstance(path, bytes) else path
-            raise CxrError(f"{name}: ONNX Runtime cannot load this model ({str(err).splitlines()[0]})") from None
+            raise CxrError(f"{name}: ONNX Runtime cannot load this model ({first_line(err)})") from None
         self.output = output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 from cxrkit.export.onnx import INPUT, set_metadata
 from cxrkit.runs import atomic_write_bytes
 
@@ -252,7 +252,7 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
             raise
         except Exception as err:  # noqa: BLE001 - the quantizer raises many types; all mean "cannot quantize"
             raise CxrError(f"{path}: ONNX Runtime cannot quantize this model to int8: "
-                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+                           f"{first_line(err)}") from err
         proto = onnx.load(str(quantized))
     set_metadata(proto, {**metadata, "quantization": {**SETTINGS, **metadata.get("quantization", {}),
                                                        "range_images": reader.seen, "fp32_convs": fp32_convs}})

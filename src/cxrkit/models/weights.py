@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, first_line
 from cxrkit.models.backbones import BACKBONES, BackboneSpec, list_backbones, preprocessing_of
 
 __all__ = [
@@ -115,10 +115,10 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = _first_line(error)
+        detail = first_line(error)
         raise CxrError(f"refusing to load {path}: it holds Python objects, not only tensors ({detail})") from error
     except Exception as error:  # safetensors, zip and pickle errors have no common base; the cause is kept
-        raise CxrError(f"cannot read weights file {path}: {type(error).__name__}: {_first_line(error)}") from error
+        raise CxrError(f"cannot read weights file {path}: {type(error).__name__}: {first_line(error)}") from error
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
             loaded = loaded[key]
@@ -271,13 +271,8 @@ def _no_weights_message(
         where = " or ".join(str(d) for d in weights_search_dirs(weights_dirs))
     return (
         f"no ImageNet weights for {spec.name}: put {file} (or .pth) in {where}, or connect to the internet so "
-        f"{spec.source} can download them ({spec.weights_url}) [{type(error).__name__}: {_first_line(error)}]"
+        f"{spec.source} can download them ({spec.weights_url}) [{type(error).__name__}: {first_line(error)}]"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
