@@ -3,7 +3,11 @@
 import asyncio
 import base64
 import io
+import json
 import re
+import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxrkit.serve.app import ServeSettings, create_app
+from cxrkit.serve.batcher import MicroBatcher
 from cxrkit.serve.predictor import Predictor
 
 KEY = {"X-API-Key": "s3cret"}
@@ -31,6 +36,19 @@ def cases(tmp_path_factory):
 
 def _upload(path, name=None):
     return {"file": (name or path.name, path.read_bytes(), "application/octet-stream")}
+
+
+def _served(app, work):
+    """``await work(service, client)`` with ``app`` started and an httpx client on it, in a fresh event loop."""
+    import httpx
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await work(app.state.service, client)
+
+    return asyncio.run(main())
 
 
 def test_health_needs_no_key_and_everything_else_does(client):
@@ -167,3 +185,154 @@ def test_the_page_and_the_schema_are_served_without_outside_assets(client):
     assert "/v1/predict" in schema["paths"] and "/v1/predict/batch" in schema["paths"]
     schemes = schema["components"]["securitySchemes"].values()
     assert any(s["type"] == "apiKey" and s["name"] == "X-API-Key" for s in schemes)  # /docs can authorize
+
+
+def test_heatmaps_come_from_the_model_loaded_at_start_up(tiny_run, tmp_path, cases):
+    run = shutil.copytree(tiny_run, tmp_path / "run")  # tiny_run is shared: edit a copy
+    with TestClient(create_app(ServeSettings(str(run), engine="onnx"))) as c:  # Grad-CAM needs a second model
+        labels = list(c.get("/v1/model").json()["labels"])
+        (run / "labels.json").write_text(json.dumps({"labels": ["A", "B"], "task": "binary"}))
+        edited = c.post("/v1/predict?heatmap=true", files=_upload(cases["rgba-png"]))
+        moved = run.rename(tmp_path / "moved")
+        gone = c.post("/v1/predict?heatmap=true", files=_upload(cases["rgba-png"]))
+    for response in (edited, gone):
+        assert response.status_code == 200, response.text
+        assert response.json()["heatmap"]["class"] in labels and str(moved.parent) not in response.text
+
+
+def test_a_model_call_whose_callers_have_gone_is_skipped():
+    ran, gate = [], threading.Event()
+
+    async def main():
+        async with MicroBatcher(lambda items: [ran.append(i) or i for i in items], window_ms=0) as batcher:
+            busy = asyncio.ensure_future(batcher.call(gate.wait, 10))  # the model thread is busy ...
+            await asyncio.sleep(0.05)
+            waiting = [asyncio.ensure_future(batcher.submit("batch")), asyncio.ensure_future(batcher.call(ran.append,
+                                                                                                     "call"))]
+            await asyncio.sleep(0.05)  # ... while both are queued behind it, and their callers give up
+            for task in waiting:
+                task.cancel()
+            gate.set()
+            await busy
+            assert await batcher.submit("next") == "next"
+            return batcher.batches
+
+    assert asyncio.run(main()) == 1 and ran == ["next"]
+
+
+def test_batch_heatmaps_let_other_requests_use_the_model_in_between(tiny_run, cases):
+    app = create_app(ServeSettings(str(tiny_run), engine="torch"))
+    data = cases["rgba-png"].read_bytes()
+    log, first_heatmap, go = [], threading.Event(), threading.Event()
+
+    async def work(service, client):
+        heatmap, predict = service._heatmap, service.batcher.fn
+
+        def logged_heatmap(*args):
+            log.append("heatmap")
+            first_heatmap.set()
+            go.wait(10)  # hold the model thread until the other request is queued
+            return heatmap(*args)
+
+        def logged_predict(items):
+            log.append("predict")
+            return predict(items)
+
+        service._heatmap, service.batcher.fn = logged_heatmap, logged_predict
+        files = [("files", (f"{i}.png", data, "image/png")) for i in range(3)]
+        batch = asyncio.ensure_future(client.post("/v1/predict/batch?heatmap=true", files=files))
+        await asyncio.to_thread(first_heatmap.wait, 10)
+        single = asyncio.ensure_future(client.post("/v1/predict", files={"file": ("x.png", data, "image/png")}))
+        await asyncio.sleep(0.3)
+        go.set()
+        return await batch, await single
+
+    batch, single = _served(app, work)
+    assert batch.status_code == 200 and single.status_code == 200
+    assert [len(r["heatmap"]["map_png"]) > 0 for r in batch.json()["results"]] == [True] * 3
+    assert log[log.index("heatmap"):] == ["heatmap", "predict", "heatmap", "heatmap"]
+
+
+def test_batch_heatmaps_stop_when_the_client_has_gone(tiny_run, cases):
+    import httpx
+
+    app = create_app(ServeSettings(str(tiny_run), engine="torch"))
+    files = [("files", (f"{i}.png", cases["rgba-png"].read_bytes(), "image/png")) for i in range(3)]
+    request = httpx.Request("POST", "http://test/v1/predict/batch?heatmap=true", files=files)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": request.url.path, "raw_path": request.url.raw_path, "query_string": request.url.query,
+             "root_path": "", "headers": [(k.lower(), v) for k, v in request.headers.raw],
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}
+    messages = [{"type": "http.request", "body": request.read(), "more_body": False}]
+    heatmaps, sent = [], []
+
+    async def receive():  # the body, then the client hangs up, as uvicorn tells it
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            service = app.state.service
+            heatmap = service._heatmap
+            service._heatmap = lambda *args: heatmaps.append(args) or heatmap(*args)
+            await app({**scope, "app": app, "state": {}}, receive, send)
+            return service.batcher.items
+
+    assert asyncio.run(main()) == 3  # predicted, and then no heatmap was made for nobody
+    assert heatmaps == [] and sent[0]["status"] == 499
+
+def test_decodes_at_once_are_bounded_by_the_threads(tiny_run, cases):
+    import torch
+
+    threads = torch.get_num_threads()
+    app = create_app(ServeSettings(str(tiny_run), engine="torch", threads=2))
+    data = cases["rgba-png"].read_bytes()
+    lock, running, most = threading.Lock(), [0], [0]
+
+    async def work(service, client):
+        decode = service.decode
+
+        def counted_decode(name, data):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                time.sleep(0.05)
+                return decode(name, data)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        service.decode = counted_decode
+        singles = [client.post("/v1/predict", files={"file": (f"{i}.png", data, "image/png")}) for i in range(8)]
+        batch = client.post("/v1/predict/batch", files=[("files", (f"{i}.png", data, "image/png")) for i in range(8)])
+        return await asyncio.gather(*singles, batch)
+
+    try:
+        responses = _served(app, work)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r.status_code == 200 for r in responses) and responses[-1].json()["failed"] == 0
+    assert most[0] == 2
+
+
+def test_unreadable_metrics_files_do_not_break_the_model_endpoint(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    files = {"good": json.dumps({"n": 10, "accuracy": 0.9}), "half-written": '{"n": 10', "a-list": "[1, 2]"}
+    for name, text in files.items():
+        (run / "eval" / name).mkdir(parents=True, exist_ok=True)
+        (run / "eval" / name / "metrics.json").write_text(text)
+    with TestClient(create_app(ServeSettings(str(run), engine="torch"))) as c:
+        response = c.get("/v1/model")
+    assert response.status_code == 200, response.text
+    metrics = response.json()["metrics"]
+    assert metrics["good"]["n"] == 10 and metrics["good"]["accuracy"] == 0.9
+    assert metrics["half-written"] == metrics["a-list"] == {"error": "unreadable metrics.json"}
+
+
+def test_two_files_in_a_single_predict_are_refused(client, cases):
+    files = [("file", (cases[c].name, cases[c].read_bytes(), "image/png")) for c in ("rgba-png", "16bit-png")]
+    response = client.post("/v1/predict", files=files, headers=KEY)
+    assert response.status_code == 400 and "/v1/predict/batch" in response.json()["error"]

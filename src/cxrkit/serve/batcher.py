@@ -2,7 +2,8 @@
 
 One worker thread owns the model: every batch and every heatmap runs there, one at a time, so hooks and
 threads never race. Requests that arrive while it is busy, or within ``window_ms`` of the first, share the next
-batch (up to ``max_batch`` images): a CPU does 16 images in one call in much less time than 16 calls.
+batch (up to ``max_batch`` images): a CPU does 16 images in one call in much less time than 16 calls. Work whose
+callers have gone (timed out, disconnected) by the time the model thread gets to it is skipped.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class MicroBatcher(Generic[T, R]):
         self._task = self._executor = self._queue = None
 
     async def submit(self, item: T) -> R:
+        """``fn``'s result for ``item``, computed in the next batch (skipped if this caller is cancelled first)."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.submit() outside its `async with` block")
         future = asyncio.get_running_loop().create_future()
@@ -60,10 +62,19 @@ class MicroBatcher(Generic[T, R]):
         return await future
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the model thread, between batches (for work that uses the model otherwise)."""
+        """Run ``fn(*args)`` in the model thread, between batches (for work that uses the model otherwise); skipped
+        if the caller has been cancelled (timed out, disconnected) by the time the model thread gets to it."""
         if self._executor is None:
             raise RuntimeError("MicroBatcher.call() outside its `async with` block")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        future: asyncio.Future | None = None
+
+        def unless_abandoned() -> Any:
+            if future is not None and future.done():  # a read of its state: safe from the model thread
+                return None
+            return fn(*args)
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, unless_abandoned)
+        return await future
 
     async def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
         assert self._queue is not None
@@ -82,17 +93,25 @@ class MicroBatcher(Generic[T, R]):
                 break
         return [(item, future) for item, future in batch if not future.done()]  # timed-out callers are gone
 
+    def _run_waited_for(self, batch: list[tuple[T, asyncio.Future]]) -> tuple[list[tuple[T, asyncio.Future]], list[R]]:
+        """In the model thread: the items whose callers still wait, and ``fn`` over them (a batch that waited behind
+        other work may have lost some or all of its callers)."""
+        waited_for = [(item, future) for item, future in batch if not future.done()]  # a read: safe from a thread
+        return waited_for, (self.fn([item for item, _ in waited_for]) if waited_for else [])
+
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             try:
-                results = await self.call(self.fn, [item for item, _ in batch])
+                batch, results = await self.call(self._run_waited_for, batch)
             except Exception as err:  # noqa: BLE001 - handed to every caller of the batch, who reports it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(err)
+                continue
+            if not batch:
                 continue
             self.batches += 1
             self.items += len(batch)

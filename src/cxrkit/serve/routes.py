@@ -37,6 +37,10 @@ def api_router(settings: ServeSettings) -> APIRouter:
     @router.post("/predict", dependencies=secured, summary="Predict one image (multipart field `file`)")
     async def predict(request: Request, file: UploadFile = File(...),
                       heatmap: bool = Query(False, description="add Grad-CAM pictures (base64 PNG)")) -> dict:
+        count = len((await request.form()).getlist("file"))  # the form is parsed once; this is its cached copy
+        if count > 1:
+            raise RequestError(400, f"{count} files in the field `file`; this endpoint predicts one image, "
+                                    "send several as `files` to /v1/predict/batch")
         return await request.app.state.service.predict(file.filename, await file.read(), heatmap)
 
     @router.post("/predict/batch", dependencies=secured, summary="Predict several images (multipart field `files`)")
@@ -44,9 +48,23 @@ def api_router(settings: ServeSettings) -> APIRouter:
                             heatmap: bool = Query(False, description="add Grad-CAM pictures (base64 PNG)")) -> dict:
         if len(files) > settings.max_files:
             raise RequestError(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
-        service = request.app.state.service
         uploads = [(f.filename, await f.read()) for f in files]
-        results = await asyncio.gather(*(service.predict_or_error(name, data, heatmap) for name, data in uploads))
+        disconnected = watch_disconnect(request)
+        try:
+            results = await request.app.state.service.predict_many(uploads, heatmap, disconnected.done)
+        finally:
+            disconnected.cancel()
         return {"results": results, "failed": sum(1 for r in results if r.get("error"))}
 
     return router
+
+
+def watch_disconnect(request: Request) -> asyncio.Task:
+    """A task that ends when the client disconnects; start it once the body has been read (then the only message
+    left to receive is the disconnect). ``Request.is_disconnected`` cannot tell behind ``BaseHTTPMiddleware``."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return asyncio.ensure_future(wait())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,11 @@ def client_name(name: str | None) -> str:
 
 
 class Service:
-    """The model of one worker process, used as an async context manager (the batcher lives inside it)."""
+    """The model of one worker process, used as an async context manager (the batcher lives inside it).
+
+    Everything it answers from is loaded here, at start-up: the predictor, and the fp32 PyTorch model Grad-CAM
+    needs when the predictor is not one. A run moved or edited later changes nothing until a restart.
+    """
 
     def __init__(self, settings: ServeSettings):
         import torch
@@ -33,11 +40,25 @@ class Service:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         self.predictor = Predictor(settings.run, settings.checkpoint, engine=settings.engine)
+        self.cam_predictor = self._load_cam_predictor()
         self.batcher: MicroBatcher[tuple[str, Any, float], Prediction] = MicroBatcher(
             self.predictor.predict_decoded, settings.max_batch, settings.batch_window_ms)
-        self._cam_predictor: Predictor | None = None
+        # a decode can take far more memory than its upload (a 400 KB float TIFF: ~2 GB): one per thread at once
+        self._decode_slots = asyncio.Semaphore(torch.get_num_threads())
         self._warm_up()
         self.started = time.time()
+
+    def _load_cam_predictor(self) -> Predictor:
+        """The fp32 PyTorch model for Grad-CAM: the predictor itself when it is one, else the same checkpoint
+        loaded again (refused when its weights differ: the checkpoint changed during start-up)."""
+        p = self.predictor
+        if p.engine == "torch" and p.runtime.amp_dtype is None:
+            return p
+        cam = Predictor(p.run, self.settings.checkpoint, engine="torch", runtime=_fp32_runtime())
+        if cam.weights_sha256 != p.weights_sha256:
+            raise CxrError(f"{p.run.name}: the {self.settings.checkpoint} checkpoint changed while the service "
+                           "started; start it again")
+        return cam
 
     def _warm_up(self) -> None:
         """One blank image through the model, so the first request does not pay for kernel set-up (seconds)."""
@@ -65,47 +86,79 @@ class Service:
                                     "not the file name")
         return decode_image_bytes(data, name, self.settings.max_pixels)
 
+    def _decode_input(self, name: str, data: bytes) -> tuple[Any, Any]:
+        """The decoded image and its model input (resized and normalised here, so the model thread only runs the
+        model)."""
+        image = self.decode(name, data)
+        return image, self.predictor.transform(image)
+
+    async def _predict(self, name: str, data: bytes) -> tuple[Any, Any, Prediction]:
+        """Decode in the thread pool (at most one image per thread at once), then predict in a shared batch: the
+        image, its model input and the prediction."""
+        from starlette.concurrency import run_in_threadpool
+
+        async with self._decode_slots:
+            start = time.perf_counter()
+            image, x = await run_in_threadpool(self._decode_input, name, data)
+            decode_ms = (time.perf_counter() - start) * 1000
+        return image, x, await self.batcher.submit((name, x, decode_ms))
 
     async def predict(self, name: str | None, data: bytes, heatmap: bool = False) -> dict[str, Any]:
         """One upload's answer (raises :class:`RequestError` or :class:`CxrError` for a bad image)."""
-        from starlette.concurrency import run_in_threadpool
-
         start = time.perf_counter()
-        name = client_name(name)
-        image = await run_in_threadpool(self.decode, name, data)
-        decode_ms = (time.perf_counter() - start) * 1000
-        prediction = await self.batcher.submit((name, image, decode_ms))
+        image, x, prediction = await self._predict(client_name(name), data)
         result = prediction.to_dict()
         if heatmap:
-            result["heatmap"] = await self.batcher.call(self._heatmap, image, prediction)
+            result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction)
         result["timing_ms"]["request"] = round((time.perf_counter() - start) * 1000, 2)
         return result
 
-    async def predict_or_error(self, name: str | None, data: bytes, heatmap: bool) -> dict[str, Any]:
-        """Like :meth:`predict`, with a bad image answered as ``{"source", "error", "status"}``."""
-        try:
-            return await self.predict(name, data, heatmap)
-        except RequestError as err:
-            return {"source": client_name(name), "error": str(err), "status": err.status}
-        except CxrError as err:
-            return {"source": client_name(name), "error": str(err), "status": 422}
+    async def predict_many(self, uploads: list[tuple[str | None, bytes]], heatmap: bool,
+                           client_gone: Callable[[], bool]) -> list[dict[str, Any]]:
+        """Answers for several uploads, in order; a bad image is answered as ``{"source", "error", "status"}``.
 
-    def _heatmap(self, image: Any, prediction: Prediction) -> dict[str, Any]:
-        """Grad-CAM of the predicted class on the fp32 PyTorch model (runs in the model thread)."""
+        The predictions share model calls. Heatmaps follow one model-thread call each, so other requests get the
+        model in between, and stop (499) once ``client_gone()`` says the client has left; a time-out cancels the
+        rest too.
+        """
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(self._predict_or_error(client_name(name), data) for name, data in uploads))
+        results = []
+        for answer in answers:
+            if isinstance(answer, dict):
+                results.append(answer)
+                continue
+            image, x, prediction = answer
+            result = prediction.to_dict()
+            if heatmap:
+                if client_gone():
+                    raise RequestError(499, "the client closed the connection")
+                result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction)
+            result["timing_ms"]["request"] = round((time.perf_counter() - start) * 1000, 2)
+            results.append(result)
+        return results
+
+    async def _predict_or_error(self, name: str, data: bytes) -> tuple[Any, Any, Prediction] | dict[str, Any]:
+        """Like :meth:`_predict`, with a bad image answered as ``{"source", "error", "status"}``."""
+        try:
+            return await self._predict(name, data)
+        except RequestError as err:
+            return {"source": name, "error": str(err), "status": err.status}
+        except CxrError as err:
+            return {"source": name, "error": str(err), "status": 422}
+
+    def _heatmap(self, image: Any, x: Any, prediction: Prediction) -> dict[str, Any]:
+        """Grad-CAM of the predicted class on the fp32 PyTorch model, for the decoded ``image`` and its model input
+        ``x`` (runs in the model thread)."""
         from cxrkit.data.transforms import input_box
         from cxrkit.explain.gradcam import Explainer, choose_targets
         from cxrkit.serve.heatmap import as_base64, heatmap_layers
 
-        if self._cam_predictor is None:
-            same = self.predictor.engine == "torch" and self.predictor.runtime.amp_dtype is None
-            self._cam_predictor = self.predictor if same else Predictor(
-                self.settings.run, self.settings.checkpoint, engine="torch", runtime=_fp32_runtime())
-        p = self._cam_predictor
+        p, cam = self.predictor, self.cam_predictor
         probs = np.array([[prediction.probabilities[label] for label in p.labels]])
         index = choose_targets(p.task, p.labels, probs, p.threshold)[0][0]
-        x = p.runtime.to_device(p.transform(image)[None])
-        with Explainer(p.model, p.task, "gradcam", None, p.temperature) as explainer:
-            heat = explainer.heatmaps(x, [index])[0]
+        with Explainer(cam.model, p.task, "gradcam", None, p.temperature) as explainer:
+            heat = explainer.heatmaps(cam.runtime.to_device(x[None]), [index])[0]
             method, layer = explainer.method_name, explainer.layer_name
         layers = heatmap_layers(image, heat, input_box(p.preprocessing, *image.size))
         return {"class": p.labels[index], "method": method, "layer": layer, **as_base64(layers)}
@@ -115,11 +168,8 @@ class Service:
         from cxrkit import __version__
 
         p = self.predictor
-        evaluations = {}
-        for path in sorted((p.run.path / "eval").glob("*/metrics.json")):
-            metrics = json.loads(path.read_text())
-            evaluations[path.parent.name] = {k: metrics.get(k) for k in (
-                "dataset", "split", "n", "accuracy", "auc", "f1_macro", "sensitivity", "specificity", "ece")}
+        evaluations = {path.parent.name: _evaluation_summary(path)
+                       for path in sorted((p.run.path / "eval").glob("*/metrics.json"))}
         size = p.preprocessing.size
         return {
             "model": p.model_id, "labels": p.labels, "task": p.task, "positive": p.labels_info.get("positive"),
@@ -129,6 +179,19 @@ class Service:
             "limits": {"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels,
                        "max_files": self.settings.max_files, "timeout_s": self.settings.timeout_s},
         }
+
+
+def _evaluation_summary(path: Path) -> dict[str, Any]:
+    """The headline numbers of an evaluation's ``metrics.json``; ``{"error": ...}`` when it cannot be read or is not
+    a JSON object (e.g. half-written by a running ``cxr evaluate``)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: invalid JSON or text
+        metrics = None
+    if not isinstance(metrics, dict):
+        return {"error": "unreadable metrics.json"}
+    return {key: metrics.get(key) for key in (
+        "dataset", "split", "n", "accuracy", "auc", "f1_macro", "sensitivity", "specificity", "ece")}
 
 
 def _fp32_runtime() -> Any:
