@@ -84,3 +84,11 @@ def test_monitor_notes_name_the_stages_that_judge_epochs_by_another_metric_than_
     agreed = recipe_from_dict(recipe.to_dict(), ["runtime.checkpoint_monitor=val_auc"])
     assert agreed.monitor_notes() == [note.format(3, "keep", "val_accuracy", "val_auc"),
                                       note.format(4, "polish", "val_loss", "val_auc")]
+
+
+def test_a_recipe_that_is_not_utf8_text_or_is_a_folder_is_named(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("name: r\u00e9sum\u00e9\n".encode("latin-1"))
+    with pytest.raises(CxrError, match=r"latin1\.yaml is not UTF-8 text \(byte 7\)"):
+        load_recipe(tmp_path / "latin1.yaml")
+    with pytest.raises(CxrError, match=r"recipe .* is a folder, not a YAML file"):
+        load_recipe(tmp_path)

@@ -142,3 +142,14 @@ def test_first_line_of_an_exception():
     assert first_line(ValueError("\n  first\nsecond")) == "first"
     assert first_line(IndexError()) == "IndexError"
     assert first_line(OSError(f"cannot read {io.BytesIO()!r}")) == "cannot read the file"
+
+
+def test_names_cannot_place_runs_or_evaluations_outside_their_folders(tmp_path):
+    out = tmp_path / "a" / "b"
+    for name in ("../../escape", "/tmp/absolute", "..", ""):
+        run = Run.create(out, name)
+        assert run.path.parent == out, name
+        assert run.eval_dir("../../zzz").parent == run.path / "eval"
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 4 and names[0].startswith("escape-") and names[-1].startswith("tmp_absolute-")
+    assert all(name.startswith("run-") for name in names[1:3])

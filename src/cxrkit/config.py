@@ -346,9 +346,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise CxrError(f"recipe {path} does not exist")
+            raise CxrError(f"recipe {path} is a folder, not a YAML file" if path.is_dir()
+                           else f"recipe {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise CxrError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
         except yaml.YAMLError as err:
             raise CxrError(f"recipe {path} is not valid YAML: {first_line(err)}") from None
         if not isinstance(data, dict):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrkit.config import AugmentConfig, DataConfig, ModelConfig
+from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe
 from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Augment, Preprocessing
 from cxrkit.errors import CxrError
@@ -35,6 +35,25 @@ def expand_paths(cfg: DataConfig) -> DataConfig:
         raise CxrError(f"data root {cfg.root}: set the environment variable it names (e.g. CXR_DATA_DIR)")
     sources = [{**s, "root": _expand(s.get("root"))} for s in cfg.sources]
     return dataclasses.replace(cfg, root=root, sources=sources)
+
+
+def anchor_paths(recipe: Recipe) -> Recipe:
+    """``recipe`` with relative data roots and weight files made absolute (from the working directory), so that the
+    recipe saved in a run works from any directory. Paths with ``${VARS}`` or ``~`` stay as written: they are
+    expanded where the run is used."""
+
+    def anchor(path: str | None) -> str | None:
+        if path is None or "$" in path or path.startswith("~") or os.path.isabs(path):
+            return path
+        return os.path.abspath(path)
+
+    data = dataclasses.replace(recipe.data, root=anchor(recipe.data.root),
+                               sources=[{**s, "root": anchor(s.get("root"))} if s.get("root") else s
+                                        for s in recipe.data.sources])
+    weights = recipe.model.weights
+    if weights not in ("imagenet", "none"):
+        weights = anchor(weights) or weights
+    return dataclasses.replace(recipe, data=data, model=dataclasses.replace(recipe.model, weights=weights))
 
 
 def split_data(ds: LabelledImages, cfg: DataConfig) -> dict[str, np.ndarray]:

@@ -105,9 +105,10 @@ class Run:
 
     @classmethod
     def create(cls, out: str | Path, name: str) -> Run:
-        """Make a new, uniquely named run directory ``<out>/<name>-<timestamp>``."""
+        """Make a new, uniquely named run directory ``<out>/<name>-<timestamp>``; ``name`` is made a plain file name
+        (:func:`safe_name`), so that no recipe name can place a run outside ``out``."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = Path(out) / f"{name}-{stamp}"
+        base = Path(out) / f"{safe_name(name, 'run')}-{stamp}"
         path, n = base, 1
         while True:
             try:
@@ -211,6 +212,7 @@ class Run:
         self.write_text("metrics.csv", csv_text(rows))
 
     def eval_dir(self, name: str) -> Path:
-        path = self.path / "eval" / name
+        """The folder ``RUN/eval/<name>`` (made if needed), ``name`` made a plain file name (:func:`safe_name`)."""
+        path = self.path / "eval" / safe_name(name, "eval")
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -153,3 +153,13 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(tmp_path, c
     assert result.exit_code != 0
     assert message.format(root=root) in str(result.exception)
     assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []
+
+
+def test_a_run_trained_from_relative_paths_is_used_from_another_directory(tmp_path, monkeypatch):
+    kermany_folder(tmp_path / "work" / "data", per_class=6, size=32)
+    monkeypatch.chdir(tmp_path / "work")
+    run = _train(tmp_path, "--data", "data")
+    recipe = (run / "recipe.yaml").read_text()
+    assert f"root: {tmp_path / 'work' / 'data'}" in recipe
+    monkeypatch.chdir(tmp_path)
+    assert _evaluate(run)["n"] > 0

@@ -61,6 +61,13 @@ def test_glob_patterns_and_an_unmatched_pattern(tiny_run, cases):
     assert sources == {str(p) for p in folder.glob("*.png")}
     result = CliRunner().invoke(app, ["predict", str(tiny_run), str(folder / "*.nothing")])
     assert result.exit_code != 0 and "no file matches" in str(result.exception)
+    first = min(folder.glob("*.png"))
+    again = [str(first), str(folder / "." / first.name), str(folder / "*.png")]  # one file, named three ways
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), *again, "--format", "json"])
+    sources = [r["source"] for r in json.loads(result.stdout)]
+    assert sources[0] == str(first) and sorted(sources) == sorted({str(p) for p in folder.glob("*.png")})
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(first), "--batch-size", "0"])
+    assert result.exit_code == 2 and "--batch-size" in result.output
 
 
 def test_multiframe_dicom_is_refused_with_a_clear_message(tiny_run, tmp_path):

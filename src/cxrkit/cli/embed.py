@@ -33,7 +33,7 @@ def embed(
     label: Optional[str] = typer.Option(None, "--label", help="Multi-label runs: the label to map"),
     map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the files (default: RUN/embed)"),
 ) -> None:
     """Map features of a split to 2-D; writes a PNG, a CSV of coordinates and a JSON summary per layer."""

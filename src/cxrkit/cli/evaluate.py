@@ -27,7 +27,7 @@ def evaluate(
     name: Optional[str] = typer.Option(None, "--name", help="Folder name under RUN/eval/"),
     map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
     engine: str = typer.Option(
         "torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use), onnx-int8 (ONNX Runtime in int8; "
                                   "quantized on first use with ranges from training images) or auto"),

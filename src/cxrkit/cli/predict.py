@@ -17,7 +17,7 @@ def predict(
     format_: str = typer.Option("table", "--format", "-f", help="table, json or csv"),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
     engine: str = typer.Option(
         "torch", "--engine", help="torch, onnx (ONNX Runtime; exported on first use), onnx-int8 (ONNX Runtime in int8; "
                                   "quantized on first use with ranges from training images) or auto"),

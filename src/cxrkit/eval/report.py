@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrkit.errors import CxrError, first_line
-from cxrkit.runs import Run, atomic_write_text
+from cxrkit.runs import Run, atomic_write_text, safe_name
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"), ("recipe", "Recipe"), ("data", "Data"), ("metrics", "Metrics"), ("figures", "Figures"),
@@ -103,6 +103,7 @@ def find_eval(run: Run, name: str | None = None) -> Path | None:
     found = sorted(run.path.glob("eval/*/metrics.json"), key=lambda p: p.stat().st_mtime)
     if name is None:
         return found[-1].parent if found else None
+    name = safe_name(name, "eval")  # as cxr evaluate --name made it
     if not (run.path / "eval" / name / "metrics.json").is_file():
         have = ", ".join(p.parent.name for p in found) or "none"
         raise CxrError(f"run {run.path} has no evaluation {name!r} (it has: {have}); run `cxr evaluate` first")

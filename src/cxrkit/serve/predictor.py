@@ -3,6 +3,7 @@ service, so all three preprocess, batch and threshold in exactly the same way.""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -315,13 +316,9 @@ class Predictor:
                 _, probs, _, _ = predict(self.model, loader, self.runtime, self.task, progress, "predict")
         return self.calibrate(probs) if calibrated else probs
 
-    @torch.no_grad()
     def predict_images(self, images: list[Any]) -> np.ndarray:
         """Probabilities for decoded PIL images (one batch)."""
-        x = self.runtime.to_device(torch.stack([self.transform(im) for im in images]))
-        with self.runtime.autocast():
-            logits = self.model(x)
-        return self.calibrate(probabilities(self.task, logits).cpu().numpy())
+        return self.predict_inputs(torch.stack([self.transform(im) for im in images]))
 
     @property
     def model_id(self) -> dict[str, str]:
@@ -338,10 +335,20 @@ class Predictor:
             return [bool(p[1] >= threshold) for p in probs]
         return [bool((p >= threshold).any()) for p in probs]
 
+    @torch.no_grad()
+    def predict_inputs(self, x: torch.Tensor) -> np.ndarray:
+        """Probabilities for a batch of model inputs (images already through :attr:`transform`)."""
+        x = self.runtime.to_device(x)
+        with self.runtime.autocast():
+            logits = self.model(x)
+        return self.calibrate(probabilities(self.task, logits).cpu().numpy())
+
     def predict_decoded(self, items: list[tuple[str, Any, float]]) -> list[Prediction]:
-        """Predictions for decoded images (one batch of ``(source, image, decode_ms)``), with their timing."""
+        """Predictions for decoded images (one batch of ``(source, image, decode_ms)``), with their timing; an
+        image may also be given as its model input (a tensor from :attr:`transform`, e.g. made in another thread)."""
         start = time.perf_counter()
-        probs = self.predict_images([image for _, image, _ in items])
+        probs = self.predict_inputs(torch.stack([
+            image if isinstance(image, torch.Tensor) else self.transform(image) for _, image, _ in items]))
         model_ms = (time.perf_counter() - start) * 1000 / max(1, len(items))
         return [
             Prediction(source, label, {n: round(float(q), 6) for n, q in zip(self.labels, p)},
@@ -378,7 +385,8 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (searched recursively for images) and glob patterns, in a stable order."""
+    """Files, folders (searched recursively for images) and glob patterns, in a stable order; a file named twice
+    (a file and a pattern that matches it, ``a.png`` and ``./a.png``) is listed once, where it was first named."""
     import glob
 
     from cxrkit.data.images import IMAGE_SUFFIXES
@@ -395,4 +403,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             paths += [m for m in matches if Path(m).is_file()]
         else:
             paths.append(item)  # a missing file is reported per file, with the others still predicted
-    return paths
+    unique: dict[str, str] = {}  # real path -> the first spelling of it
+    for p in paths:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())

@@ -60,6 +60,10 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         recipe = load_recipe(run.file("recipe.yaml"))
         last = run.load_checkpoint("last") if run.has_checkpoint("last") else None
     assert recipe is not None
+    if resume is None:
+        from cxrkit.pipeline import anchor_paths
+
+        recipe = anchor_paths(recipe)  # the saved recipe must not depend on the directory it was started from
     rt = recipe.runtime
     runtime = setup_runtime(rt.device, rt.precision, rt.channels_last, rt.threads, rt.workers)
     created = None
