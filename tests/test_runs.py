@@ -153,3 +153,11 @@ def test_names_cannot_place_runs_or_evaluations_outside_their_folders(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 4 and names[0].startswith("escape-") and names[-1].startswith("tmp_absolute-")
     assert all(name.startswith("run-") for name in names[1:3])
+
+
+def test_opening_a_file_as_a_run_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CxrError, match=r"run .*notes\.txt is a file, not a folder"):
+        Run.open(tmp_path / "notes.txt")
+    with pytest.raises(CxrError, match=r"run .*nowhere does not exist"):
+        Run.open(tmp_path / "nowhere")

@@ -261,6 +261,10 @@ def _validate(recipe: Recipe) -> None:
             )
         if stage.epochs < 0 or stage.lr <= 0:
             raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+    size = recipe.model.image_size
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise CxrError(f"recipe key model.image_size: {size!r} is not a positive number of pixels (leave it out for "
+                       "the backbone's own size)")
     if recipe.stages and not any(stage.epochs for stage in recipe.stages):
         raise CxrError("recipe key stages: every stage has 0 epochs, so there is nothing to train")
     for key, value, allowed in checks:

@@ -51,7 +51,7 @@ def anchor_paths(recipe: Recipe) -> Recipe:
                                sources=[{**s, "root": anchor(s.get("root"))} if s.get("root") else s
                                         for s in recipe.data.sources])
     weights = recipe.model.weights
-    if weights not in ("imagenet", "none"):
+    if os.path.isfile(weights):  # a file named relative to here; a typo such as "ImageNet" is left for its message
         weights = anchor(weights) or weights
     return dataclasses.replace(recipe, data=data, model=dataclasses.replace(recipe.model, weights=weights))
 
@@ -72,8 +72,9 @@ def resolve_preprocessing(cfg: ModelConfig) -> Preprocessing:
     from cxrkit.models.backbones import preprocessing_of
 
     pre = preprocessing_of(cfg.backbone)
+    size = pre["size"] if cfg.image_size is None else cfg.image_size  # 0 is refused below, not read as "default"
     return Preprocessing(
-        size=int(cfg.image_size or pre["size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+        size=int(size), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
         interpolation=pre["interpolation"], resize=cfg.resize, crop_pct=float(pre.get("crop_pct", 1.0)),
     )
 

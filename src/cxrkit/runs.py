@@ -130,7 +130,7 @@ class Run:
         """Open an existing run; a clear error when ``path`` is not one."""
         run = cls(path)
         if not run.path.is_dir():
-            raise CxrError(f"run {path} does not exist")
+            raise CxrError(f"run {path} is a file, not a folder" if run.path.exists() else f"run {path} does not exist")
         if not (run.path / "recipe.yaml").is_file():
             raise CxrError(f"{path} is not a cxrkit run directory (no recipe.yaml)")
         return run

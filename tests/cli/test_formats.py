@@ -95,7 +95,7 @@ def test_external_validation_maps_labels_by_name(tmp_path):
     assert metrics["confusion_matrix"][0][0] + metrics["confusion_matrix"][0][1] == 4  # 4 Normal -> NORMAL
 
 
-@pytest.mark.parametrize("bad", ["data.rooot=x", "stages.0.trainable=top14"])
+@pytest.mark.parametrize("bad", ["data.rooot=x", "stages.0.trainable=top14", "model.image_size=0"])
 def test_bad_recipe_keys_exit_cleanly(tmp_path, bad):
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--set", bad])
     assert result.exit_code != 0

@@ -132,3 +132,17 @@ def test_a_lut_shorter_than_its_descriptor_is_an_invalid_lut(tmp_path):
     path = write_dicom(tmp_path / "voi.dcm", RAMP, VOILUTSequence=[lut])
     with pytest.raises(CxrError, match=r"voi\.dcm: invalid DICOM LUT or window attributes"):
         read_image(path)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_a_dataset_without_file_meta_is_read_by_its_encoding(tmp_path, implicit):
+    import io
+
+    import pydicom
+
+    path = write_dicom(tmp_path / "full.dcm", RAMP)
+    ds = pydicom.dcmread(path)
+    ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()  # raw export: no preamble, no meta
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
+    np.testing.assert_array_equal(np.asarray(decode_image_bytes(buffer.getvalue(), "raw.dcm")), _read(path))

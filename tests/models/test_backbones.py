@@ -17,7 +17,7 @@ from torch import nn
 from cxrkit.errors import CxrError
 from cxrkit.models.backbones import BACKBONES, block_names, list_backbones, preprocessing_of
 from cxrkit.models.classifier import Classifier, build_head
-from cxrkit.models.weights import WEIGHTS_ENV, build_backbone, find_local_weights
+from cxrkit.models.weights import WEIGHTS_ENV, build_backbone, find_local_weights, load_state_dict_file
 
 REQUIRED = {
     "mobilenet_v2", "mobilenetv2_100", "mobilenet_v3_small", "mobilenet_v3_large", "vgg11", "vgg16", "alexnet",
@@ -225,6 +225,11 @@ def test_mismatched_corrupt_and_missing_files_name_the_file(tmp_path):
         corrupt.write_bytes(b"not a weights file")
         with pytest.raises(CxrError, match=re.escape(str(corrupt))):
             build_backbone("mobilenet_v2", corrupt)
+    with pytest.raises(CxrError, match=r"corrupt\.pth is not a PyTorch weights file"):  # not "holds Python objects"
+        build_backbone("mobilenet_v2", tmp_path / "corrupt.pth")
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(CxrError, match=r"folder\.pth is a folder, not a file"):
+        load_state_dict_file(tmp_path / "folder.pth")
     for absent in (tmp_path / "absent.pth", "ImageNet"):
         with pytest.raises(CxrError, match="weights must be 'imagenet', 'none' or a weights file"):
             build_backbone("mobilenet_v2", absent)

@@ -147,6 +147,20 @@ def test_monochrome1_and_monochrome2_give_the_same_answer(client, cases):
     assert one["probabilities"] == pytest.approx(two["probabilities"], abs=1e-6)
 
 
+def test_dicom_without_its_preamble_is_read_when_named_dcm_like_cxr_predict_does(client, cases):
+    import pydicom
+
+    ds = pydicom.dcmread(cases["dicom-mono2"])
+    ds.preamble, ds.file_meta = None, pydicom.dataset.FileMetaDataset()  # no preamble, no "DICM", no file meta
+    buffer = io.BytesIO()
+    ds.save_as(buffer, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    bare = buffer.getvalue()
+    answer = client.post("/v1/predict", files={"file": ("bare.dcm", bare)}, headers=KEY).json()
+    whole = client.post("/v1/predict", files=_upload(cases["dicom-mono2"]), headers=KEY).json()
+    assert answer["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
+    assert client.post("/v1/predict", files={"file": ("bare.bin", bare)}, headers=KEY).status_code == 415
+
+
 def test_a_request_over_the_time_limit_gets_504_and_the_service_goes_on(tiny_run, cases):
     app = create_app(ServeSettings(str(tiny_run), engine="torch", timeout_s=0.001))
     with TestClient(app) as c:

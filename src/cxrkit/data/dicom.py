@@ -109,9 +109,30 @@ def _read_dataset(source: str | os.PathLike | bytes, name: str, defer_size: int 
         raise CxrError(f"{name}: cannot open DICOM file ({e.strerror or e})") from e
     with fp:
         try:
-            return pydicom.dcmread(fp, force=True, defer_size=defer_size)
+            ds = pydicom.dcmread(fp, force=True, defer_size=defer_size)
         except InvalidDicomError as e:
             raise CxrError(f"{name}: not a valid DICOM file ({first_line(e)})") from e
+    _infer_transfer_syntax(ds)
+    return ds
+
+
+def _infer_transfer_syntax(ds: Any) -> None:
+    """A dataset written without its file meta (no preamble, no ``DICM``; older or raw exports) does not say how its
+    pixels are encoded; it was read as implicit or explicit VR, little or big endian, which are the uncompressed
+    transfer syntaxes, so name that one and the pixels can be decoded."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return
+    syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
 
 
 def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:

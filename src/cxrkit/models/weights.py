@@ -104,7 +104,8 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CxrError(f"weights file {path} does not exist")
+        raise CxrError(f"weights file {path} is a folder, not a file" if path.is_dir()
+                       else f"weights file {path} does not exist")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise CxrError(f"weights file {path} is not one of {', '.join(WEIGHT_SUFFIXES)}")
     try:
@@ -113,7 +114,13 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
 
             loaded = load_file(str(path), device="cpu")
         else:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+            if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip file (a pickle before 1.6)
+                raise CxrError(f"weights file {path} is not a PyTorch weights file (not a zip archive or a pickle)")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except CxrError:
+        raise
     except pickle.UnpicklingError as error:
         detail = first_line(error)
         raise CxrError(f"refusing to load {path}: it holds Python objects, not only tensors ({detail})") from error
