@@ -153,6 +153,11 @@ def test_int8_without_the_training_images_is_a_one_line_error(run, tmp_path):
     assert not (moved / "export" / "best.int8.onnx").exists()
 
 
+def test_zero_calibration_images_is_refused_not_read_as_the_default(run):
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "--calibration-images", "0"])
+    assert result.exit_code == 2 and "--calibration-images" in result.output
+
+
 def test_quantize_int8_refuses_no_images_and_a_file_that_is_not_a_model(tmp_path):
     with pytest.raises(CxrError, match="needs calibration images"):
         quantize_int8(tmp_path / "none.onnx", tmp_path / "out.onnx", iter([]), 0, {})

@@ -27,7 +27,7 @@ def export(
         None, "--output", "-o", help="File to write (default RUN/export/<checkpoint>.onnx, .int8.onnx or "
                                      ".torchscript.pt)"),
     calibration_images: int = typer.Option(
-        256, "--calibration-images", help="onnx-int8: training images whose activations set the int8 ranges"),
+        256, "--calibration-images", min=1, help="onnx-int8: training images whose activations set the int8 ranges"),
     fp32_convs: int = typer.Option(
         0, "--fp32-convs", help="onnx-int8: keep the first N convolutions in fp32 (more accurate, slower)"),
 ) -> None:

@@ -194,7 +194,7 @@ class Predictor:
             kept = earlier.get("fp32_convs")  # new weights or settings: the choice of fp32 convolutions holds
             fp32_convs = kept if isinstance(kept, int) and kept >= 0 else None
         source = self.onnx_file(model, console)
-        images = images or CALIBRATION_IMAGES
+        images = CALIBRATION_IMAGES if images is None else images
         if images < 1:
             raise CxrError(f"int8 calibration needs at least 1 image, not {images}")
         once = "" if fresh else " once"
