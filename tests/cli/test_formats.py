@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -121,14 +122,16 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
 @pytest.mark.parametrize("cache_images", [True, False])
 def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path, cache_images):
     root = kermany_folder(tmp_path / "k", per_class=6, size=32)
-    for path in (root / "train" / "NORMAL").glob("*.jpeg"):  # valid header and end marker, garbage inside
-        data = bytearray(path.read_bytes())
-        data[30:-2] = b"\x00" * (len(data) - 32)
-        path.write_bytes(bytes(data))
+    for path in (root / "train" / "NORMAL").glob("*.jpeg"):  # a sound header (the scan passes it), damaged pixels
+        Image.open(path).save(path.with_suffix(".png"))
+        path.unlink()
+        data = bytearray(path.with_suffix(".png").read_bytes())
+        data[data.index(b"IDAT") + 8] ^= 0xFF
+        path.with_suffix(".png").write_bytes(bytes(data))
     result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY,
                                       "--set", f"runtime.cache_images={str(cache_images).lower()}"])
     assert result.exit_code != 0
-    assert "IM-" in str(result.exception) and ".jpeg" in str(result.exception)
+    assert re.search(r"NORMAL/IM-\d+-\d+\.png: corrupt or truncated image", str(result.exception))
     assert list((tmp_path / "r").iterdir()) == []  # failed before its first epoch was saved: no directory is left
 
 
