@@ -100,9 +100,10 @@ def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = D
 
         return dicom_header_problem(path, max_pixels)
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
-            width, height = im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Image.open warns; the size is checked
+            with Image.open(path) as im:
+                width, height = im.size
     except Image.DecompressionBombError:
         return "image too large, a possible decompression bomb"
     except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
