@@ -297,6 +297,7 @@ def test_batch_heatmaps_stop_when_the_client_has_gone(tiny_run, cases):
     assert asyncio.run(main()) == 3  # predicted, and then no heatmap was made for nobody
     assert heatmaps == [] and sent[0]["status"] == 499
 
+
 def test_decodes_at_once_are_bounded_by_the_threads(tiny_run, cases):
     import torch
 
