@@ -166,3 +166,25 @@ def test_a_run_trained_from_relative_paths_is_used_from_another_directory(tmp_pa
     assert f"root: {tmp_path / 'work' / 'data'}" in recipe
     monkeypatch.chdir(tmp_path)
     assert _evaluate(run)["n"] > 0
+
+
+def test_calibrate_infers_its_method_from_a_target_and_refuses_a_conflict(tmp_path):
+    run = _train(tmp_path, "--data", str(kermany_folder(tmp_path / "k", per_class=12, size=32)),
+                 "--set", "data.split.ratios=[0.5,0.3,0.2]")
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--target-sensitivity", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "labels.json").read_text())["threshold_method"] == "sensitivity>=0.9"
+    before = (run / "labels.json").read_text()
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--method", "youden", "--target-sensitivity", "0.9"])
+    assert result.exit_code != 0 and "--target-sensitivity is for --method sensitivity" in str(result.exception)
+    assert (run / "labels.json").read_text() == before
+
+
+def test_a_missing_split_and_unmapped_labels_are_explained(tmp_path):
+    run = _train(tmp_path, "--data", str(kermany_folder(tmp_path / "k", per_class=8, size=32)),
+                 "--set", "data.split.ratios=[0.75,0.25]")
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val"])
+    assert result.exit_code != 0 and str(result.exception).endswith("has no val split (it has train, test)")
+    covid_like(tmp_path / "covid", per_class=2, size=32)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "covid")])
+    assert "--map COVID=LABEL on the command line" in str(result.exception)

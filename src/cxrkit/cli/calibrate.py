@@ -12,7 +12,8 @@ def calibrate(
     run: Path = typer.Argument(..., help="Run directory"),
     target_sensitivity: Optional[float] = typer.Option(
         None, "--target-sensitivity", help="Highest threshold whose validation sensitivity reaches this, e.g. 0.95"),
-    method: str = typer.Option("youden", "--method", help="youden or sensitivity"),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="youden or sensitivity (default: sensitivity with --target-sensitivity, else youden)"),
     temperature: bool = typer.Option(True, "--temperature/--no-temperature", help="Fit temperature scaling"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
 ) -> None:
@@ -27,8 +28,12 @@ def calibrate(
     from cxrkit.eval.calibrate import calibrate_run
     from cxrkit.serve.predictor import Predictor
 
+    if method is None:
+        method = "youden" if target_sensitivity is None else "sensitivity"
     if method not in ("youden", "sensitivity"):
         raise CxrError(f"--method {method!r} is not youden or sensitivity")
+    if method == "youden" and target_sensitivity is not None:
+        raise CxrError("--method youden picks its own threshold; --target-sensitivity is for --method sensitivity")
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise CxrError(f"--target-sensitivity {target_sensitivity} is not in (0, 1]")
     console = notes_console()

@@ -72,9 +72,9 @@ def label_mapping(
         else:
             out.append(idx)
     if unmapped:
-        example = target_labels[0] if target_labels else "<model label>"
         raise CxrError(
             f"cannot map dataset labels {unmapped} onto the model's labels: dataset labels {list(source_labels)}, "
-            f"model labels {list(target_labels)}; pass a mapping such as {{{unmapped[0]!r}: {example!r}}}"
+            f"model labels {list(target_labels)}; say which model label each one means, e.g. "
+            f"--map {unmapped[0]}=LABEL on the command line (label_map={{{unmapped[0]!r}: LABEL}} in Python)"
         )
     return out

@@ -36,7 +36,8 @@ def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[Lab
         ds = pipeline.load_data(cfg)
         splits = load_splits(predictor.run.file("splits.csv"), ds)
         if split not in splits or not len(splits[split]):
-            raise CxrError(f"run {predictor.run.path} has no {split} split (it has {', '.join(splits)})")
+            have = ", ".join(name for name, idx in splits.items() if len(idx)) or "none"
+            raise CxrError(f"run {predictor.run.path} has no {split} split (it has {have})")
         return ds.subset(splits[split]), ds.spec.name, False, split
     task = cfg.task if cfg.task == "normal-bacterial-viral" else "auto"
     ds = pipeline.load_data(DataConfig(root=data, task=task, name=cfg.name if cfg.format == "medmnist" else None))
