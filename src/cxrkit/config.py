@@ -261,6 +261,12 @@ def _validate(recipe: Recipe) -> None:
             )
         if stage.epochs < 0 or stage.lr <= 0:
             raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+    from cxrkit.data.splits import check_ratios
+
+    try:
+        check_ratios(recipe.data.split.ratios)
+    except (CxrError, TypeError, ValueError) as err:
+        raise CxrError(f"recipe key data.split.ratios: {first_line(err)}") from None
     size = recipe.model.image_size
     if size is not None and (not isinstance(size, int) or size < 1):
         raise CxrError(f"recipe key model.image_size: {size!r} is not a positive number of pixels (leave it out for "

@@ -54,6 +54,8 @@ def test_shorthands_dotted_axes_and_mapping_merges(tmp_path):
         ({"matrix": {"model.backbon": ["resnet18"]}}, "model.backbon; did you mean model.backbone"),
         ({"matrix": {"strategy": {"x": ["stages.0.trainable=top14"]}}}, "cell x: .*top:N"),
         ({"matrix": {"seed": []}}, "matrix axis seed must be a non-empty list"),
+        ({"matrix": {"backbone": ["resnet18", "notanet"]}}, "cell notanet: unknown backbone 'notanet'"),
+        ({"matrix": {"data.split.ratios": [[0.5, 0.6, 0.2]]}}, "recipe key data.split.ratios: .*summing to 1"),
         ({"sort": "speed"}, "sort 'speed' is not one of"),
         ({"recipe": "missing.yaml"}, "recipe missing.yaml does not exist"),
         ({"matrix": {"a": {"x-y": ["seed=1"], "x": ["seed=2"]}, "b": {"z": [], "y-z": []}}}, None),

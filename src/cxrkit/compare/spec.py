@@ -47,6 +47,7 @@ import yaml
 
 from cxrkit.config import Recipe, StageConfig, load_recipe, parse_overrides, recipe_from_dict
 from cxrkit.errors import CxrError, first_line
+from cxrkit.models.backbones import BACKBONES
 
 SHORTHANDS = {"backbone": "model.backbone", "weights": "model.weights", "seed": "seed",
               "image_size": "model.image_size"}
@@ -284,6 +285,7 @@ def expand_cells(spec: ComparisonSpec) -> list[Cell]:
         data = apply_pairs(spec.base, [*spec.set, *overrides, *spec.overrides, ("name", f"{spec.name}-{cell_id}")])
         try:
             recipe = recipe_from_dict(data)
+            BACKBONES.get(recipe.model.backbone)  # an unknown backbone fails here, not after the other cells trained
         except CxrError as err:
             raise CxrError(f"{where}: cell {cell_id}: {err}") from None
         cells.append(Cell(cell_id, labels, overrides, recipe))

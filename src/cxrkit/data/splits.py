@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from cxrkit.data.base import SPLITS, LabelledImages
 from cxrkit.errors import CxrError
@@ -124,6 +123,8 @@ def _take_fraction(
     largest = int(np.unique(y[pool], return_counts=True)[1].max())  # folds beyond it cannot all get that class
     folds, take = _fold_counts(fraction, min(MAX_FOLDS, n_groups, largest))
     strata = _merge_rare(y[pool], folds)
+    from sklearn.model_selection import StratifiedGroupKFold  # here: loading a recipe must not import scikit-learn
+
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     try:
         taken = [pool[test] for _, test in splitter.split(np.zeros(len(pool)), strata, groups[pool])][:take]
