@@ -52,7 +52,7 @@ def anchor_paths(recipe: Recipe) -> Recipe:
                                         for s in recipe.data.sources])
     weights = recipe.model.weights
     if os.path.isfile(weights):  # a file named relative to here; a typo such as "ImageNet" is left for its message
-        weights = anchor(weights) or weights
+        weights = os.path.abspath(weights)
     return dataclasses.replace(recipe, data=data, model=dataclasses.replace(recipe.model, weights=weights))
 
 

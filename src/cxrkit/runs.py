@@ -9,7 +9,6 @@ a run killed at any moment keeps its last complete state.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -36,9 +35,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     checkpoint with optimizer state can be gigabytes), which replaces ``path`` only once ``write`` has returned and
     the data is on disk; if ``write`` raises, ``path`` is untouched."""
     path = Path(path)
+    if path.is_dir():
+        raise CxrError(f"{path}: cannot write here (is a directory)")
     try:
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:  # a parent that is a file, a folder without write permission, a read-only disk

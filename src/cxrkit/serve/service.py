@@ -107,7 +107,11 @@ class Service:
     async def predict(self, name: str | None, data: bytes, heatmap: bool = False) -> dict[str, Any]:
         """One upload's answer (raises :class:`RequestError` or :class:`CxrError` for a bad image)."""
         start = time.perf_counter()
-        image, x, prediction = await self._predict(client_name(name), data)
+        return await self._answer(await self._predict(client_name(name), data), heatmap, start)
+
+    async def _answer(self, predicted: tuple[Any, Any, Prediction], heatmap: bool, start: float) -> dict[str, Any]:
+        """The answer for one predicted upload: its fields, the heatmap when asked for, the time since ``start``."""
+        image, x, prediction = predicted
         result = prediction.to_dict()
         if heatmap:
             result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction)
@@ -126,17 +130,12 @@ class Service:
         answers = await asyncio.gather(*(self._predict_or_error(client_name(name), data) for name, data in uploads))
         results = []
         for answer in answers:
-            if isinstance(answer, dict):
+            if isinstance(answer, dict):  # a bad image's error
                 results.append(answer)
                 continue
-            image, x, prediction = answer
-            result = prediction.to_dict()
-            if heatmap:
-                if client_gone():
-                    raise RequestError(499, "the client closed the connection")
-                result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction)
-            result["timing_ms"]["request"] = round((time.perf_counter() - start) * 1000, 2)
-            results.append(result)
+            if heatmap and client_gone():
+                raise RequestError(499, "the client closed the connection")
+            results.append(await self._answer(answer, heatmap, start))
         return results
 
     async def _predict_or_error(self, name: str, data: bytes) -> tuple[Any, Any, Prediction] | dict[str, Any]:
