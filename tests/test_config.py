@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from cxrkit.config import Recipe, load_recipe, recipe_from_dict
+from cxrkit.config import Recipe, load_recipe, load_yaml, recipe_from_dict
 from cxrkit.errors import CxrError
 
 
@@ -84,6 +84,21 @@ def test_monitor_notes_name_the_stages_that_judge_epochs_by_another_metric_than_
     agreed = recipe_from_dict(recipe.to_dict(), ["runtime.checkpoint_monitor=val_auc"])
     assert agreed.monitor_notes() == [note.format(3, "keep", "val_accuracy", "val_auc"),
                                       note.format(4, "polish", "val_loss", "val_auc")]
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """Plain YAML keeps the last of two equal keys, so a second ``stages:`` silently replaced the first."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: r\nstages:\n  - {name: a, epochs: 1}\nseed: 1\nstages:\n  - {name: b, epochs: 2}\n")
+    with pytest.raises(CxrError, match=r"twice\.yaml is not valid YAML: key 'stages' appears twice "
+                                       r"\(lines 2 and 5\); give it once$"):
+        load_recipe(path)
+    path.write_text("name: r\nmodel: {backbone: resnet18, backbone: densenet121}\n")
+    with pytest.raises(CxrError, match=r"key 'backbone' appears twice \(line 2\)"):
+        load_recipe(path)
+    # merge keys are not duplicates, and a key the merge brings in may be overridden
+    assert load_yaml("a: &x {p: 1, q: 1}\nb: {<<: *x, q: 2}\nc: {<<: *x}\n") == {
+        "a": {"p": 1, "q": 1}, "b": {"p": 1, "q": 2}, "c": {"p": 1, "q": 1}}
 
 
 def test_a_recipe_that_is_not_utf8_text_or_is_a_folder_is_named(tmp_path):

@@ -26,6 +26,32 @@ MONITORS = ("val_loss", "val_accuracy", "val_auc")
 _TRAINABLE = re.compile(r"^(head|all|top:\d+(:(layers|blocks))?|from:[\w.\-]+)$")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently, so a
+    second ``stages:`` or ``set:`` would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
+                raise yaml.constructor.ConstructorError(problem=f"key {key!r} appears twice ({where}); give it once")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML ``text`` as Python values, by the safe loader, with duplicate keys refused (a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 @dataclass
 class SplitConfig:
     """How to split a dataset without its own splits: stratified, grouped by patient, saved in the run."""
@@ -75,6 +101,11 @@ class AugmentConfig:
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
     brightness: float = 0.1
     contrast: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        """Whether training images change from epoch to epoch: a policy, or flips alone (``policy: none``)."""
+        return self.policy != "none" or self.hflip
 
 
 @dataclass
@@ -318,7 +349,7 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise CxrError(f"override {pair!r} is not key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
@@ -359,7 +390,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise CxrError(f"recipe {path} is a folder, not a YAML file" if path.is_dir()
                            else f"recipe {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as err:
             raise CxrError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
         except yaml.YAMLError as err:

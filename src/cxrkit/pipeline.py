@@ -80,7 +80,7 @@ def resolve_preprocessing(cfg: ModelConfig) -> Preprocessing:
 
 
 def augmentation(cfg: AugmentConfig) -> Augment | None:
-    if cfg.policy == "none":
+    if not cfg.enabled:
         return None
     return Augment(
         policy=cfg.policy, hflip=cfg.hflip, rotate=cfg.rotate, translate=cfg.translate, scale=tuple(cfg.scale),
@@ -100,7 +100,12 @@ def build_model(cfg: ModelConfig, num_outputs: int, weights: str | None = None) 
 def make_loader(
     ds: LabelledImages, transform: Any, batch_size: int, runtime: Runtime, sampler: Any = None,
 ) -> DataLoader:
-    """A DataLoader over ``ds``; without a sampler each process reads its own share, in order."""
+    """A DataLoader over ``ds``; without a sampler each process reads its own share, in order.
+
+    The loader has a generator of its own: starting its iteration draws the workers' base seed from it, not from
+    the global one. Persistent workers start once per process, so drawing from the global generator would shift
+    the dropout of the first epoch of a process (a resumed run's first, not an uninterrupted run's) and make
+    results depend on the number of workers."""
     from cxrkit.data.dataset import ImageDataset
 
     dataset = ImageDataset(ds, transform)
@@ -109,5 +114,6 @@ def make_loader(
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=runtime.workers,
         persistent_workers=runtime.workers > 0, pin_memory=runtime.device.type == "cuda",
+        generator=torch.Generator().manual_seed(0),
     )
 

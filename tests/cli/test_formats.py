@@ -94,6 +94,13 @@ def test_external_validation_maps_labels_by_name(tmp_path):
     metrics = json.loads((Path(run) / "eval" / "adult" / "metrics.json").read_text())
     assert metrics["external"] is True and metrics["n"] == 8 and metrics["split"] == "all"
     assert metrics["confusion_matrix"][0][0] + metrics["confusion_matrix"][0][1] == 4  # 4 Normal -> NORMAL
+    assert "no splits of its own" not in result.stderr
+    # a split asked for on a dataset that has none is not silently ignored
+    asked = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid"), "--map", "COVID=PNEUMONIA",
+                                     "--name", "adult-val", "--split", "val"])
+    assert asked.exit_code == 0, asked.output
+    assert f"note: {tmp_path / 'covid'} has no splits of its own, so --split val does not apply: all 8 images " \
+           "were evaluated" in " ".join(asked.stderr.split())
 
 
 @pytest.mark.parametrize("bad", ["data.rooot=x", "stages.0.trainable=top14", "model.image_size=0"])

@@ -154,6 +154,21 @@ def test_dry_run_lists_cells_and_trains_nothing(compared, tmp_path):
     assert result.stdout.split() == ["head-only-s1", "two-stage-s1"]
 
 
+def test_dry_run_shows_a_cell_trained_with_another_recipe(compared):
+    """--dry-run used to call such a cell done; running the comparison then refused it."""
+    args = [str(compared["spec"]), "--out", str(compared["out"]), "--set", "stages.0.lr=0.5"]
+    dry = CliRunner().invoke(_app(), [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    statuses = {line.split()[1]: line for line in dry.stderr.splitlines() if line.split()[1:2] in (
+        [c] for c in CELLS)}
+    assert set(statuses) == set(CELLS)
+    assert all("recipe changed" in line and "done" not in line for line in statuses.values()), dry.stderr
+    refused = CliRunner().invoke(_app(), [*args, "--only", "no-such-cell"])  # never trains, whatever happens
+    assert refused.exit_code != 0 and "trained with a different recipe (stages.0.lr" in str(refused.exception)
+    same = CliRunner().invoke(_app(), [*args[:3], "--dry-run", "--set", "runtime.workers=0"])
+    assert "recipe changed" not in same.stderr and "done" in same.stderr  # how a run executes is no change
+
+
 def test_failing_cell_is_reported_and_the_others_run(data, tmp_path):
     # a layer name is only checked against the built model, so this cell fails at run time (an unknown backbone
     # is refused with the spec, before anything trains)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrkit.compare.spec import comparison_from_dict, expand_cells, load_comparison
+from cxrkit.compare.spec import comparison_from_dict, expand_cells, load_comparison, slug
 from cxrkit.errors import CxrError
 
 from .helpers import write_spec
@@ -98,3 +98,17 @@ def test_shipped_specs_resolve(path):
     assert spec.name == path.stem and len(cells) >= 4
     assert len({c.recipe.data.split.seed for c in cells}) == 1
     assert all("${CXR_DATA_DIR}" in (c.recipe.data.root or str(c.recipe.data.sources)) for c in cells)
+
+
+def test_a_spec_key_given_twice_is_refused(tmp_path):
+    """Two ``set:`` lists in one spec: plain YAML kept the second only, so the first list's overrides vanished."""
+    spec = write_spec(tmp_path, tmp_path / "data")
+    spec.write_text(spec.read_text() + "set: [seed=3]\n" * 2)
+    with pytest.raises(CxrError, match=r"not valid YAML: key 'set' appears twice \(lines \d+ and \d+\)"):
+        load_comparison(spec)
+
+
+def test_negative_axis_values_keep_their_sign_in_cell_ids():
+    """``-1`` used to become ``1`` (the minus was taken for a separator), so -1 and 1 gave cells of one name."""
+    assert [slug(v) for v in (-1, 1, -0.5, 1e-5, "from:features.denseblock4", None)] == [
+        "neg1", "1", "neg0.5", "1e-05", "from-features.denseblock4", "none"]

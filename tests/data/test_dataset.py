@@ -28,6 +28,27 @@ def test_single_label_samples(tmp_path):
     assert batch["image"].shape == (4, 3, 24, 24) and batch["target"].tolist() == [1, 1, 1, 0]
 
 
+def test_a_seeded_key_fixes_the_random_transforms_and_keeps_the_global_random_state(tmp_path):
+    """``ds[(index, seed)]`` augments the same way whatever ran before (another worker, another epoch), and the
+    caller's random stream (dropout) goes on as if nothing had been drawn."""
+    from cxrkit.data.transforms import Augment
+
+    augment = Augment(policy="strong", hflip=True, rotate=10, translate=0.1, scale=(0.9, 1.1), brightness=0.2,
+                      contrast=0.2)
+    ds = ImageDataset(load_folder(covid_like(tmp_path / "c")), build_transform(PRE, augment))
+    torch.manual_seed(0)
+    first = ds[(2, 12345)]["image"]
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    ds[(2, 12345)]
+    assert torch.equal(torch.rand(3), expected_next)
+    torch.manual_seed(99)
+    assert torch.equal(ds[(2, 12345)]["image"], first)
+    others = [ds[(2, seed)]["image"] for seed in (1, 2, 3)]
+    assert not all(torch.equal(other, first) for other in others)
+    assert ds[(2, 12345)]["index"] == 2
+
+
 def test_multilabel_targets_keep_nan(tmp_path):
     from PIL import Image
 

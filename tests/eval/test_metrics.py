@@ -174,7 +174,14 @@ def test_multiclass_absent_class_is_none_and_left_out_of_the_mean() -> None:
     assert m["auc"] == pytest.approx(np.mean([m["auc_per_label"]["normal"], m["auc_per_label"]["bacterial"]]))
     assert m["per_class"]["viral"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert m["confusion_matrix_normalized"][2] == [0.0, 0.0, 0.0]
+    # every image right: the macro averages run over the classes that occur (they used to count viral as 0)
+    assert m["f1_macro"] == m["precision_macro"] == m["recall_macro"] == 1.0
     _round_trips(m)
+    # a class absent from the targets but predicted does occur: its false positives count, as F1 0
+    probs[0] = [0.1, 0.1, 0.8]
+    m = compute_metrics("multiclass", THREE, y, probs)
+    pred = probs.argmax(axis=1)
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro")) and m["f1_macro"] < 0.75
 
 
 # --- multilabel ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 
 from cxrkit.errors import CxrError
 from cxrkit.train.losses import MaskedBCEWithLogits, build_loss, class_weights_for
-from cxrkit.train.sampling import EpochSampler, oversampling_weights
+from cxrkit.train.sampling import EpochSampler, WithSeeds, oversampling_weights
 
 
 def test_balanced_class_weights_follow_sklearn_formula():
@@ -52,6 +52,25 @@ def test_sampler_is_deterministic_per_epoch_and_shards_cover_everything():
     shards = [EpochSampler(10, seed=1, rank=r, world_size=2) for r in range(2)]
     seen = [i for s in shards for i in s]
     assert sorted(seen) == list(range(10))
+
+
+def test_item_seeds_follow_seed_and_epoch_and_leave_the_order_alone():
+    """WithSeeds pairs the sampler's own order with seeds that depend on (seed, epoch) only, differ between the
+    draws of an epoch, and are split across processes with their indices."""
+    sampler = EpochSampler(10, seed=1)
+    sampler.set_epoch(3)
+    pairs = list(WithSeeds(sampler))
+    assert [index for index, _ in pairs] == list(sampler) and len(WithSeeds(sampler)) == 10
+    again = EpochSampler(10, seed=1)
+    again.set_epoch(3)
+    assert list(WithSeeds(again)) == pairs
+    assert len({seed for _, seed in pairs}) == 10
+    sampler.set_epoch(4)
+    assert {seed for _, seed in WithSeeds(sampler)}.isdisjoint(seed for _, seed in pairs)
+    shards = [EpochSampler(10, seed=1, rank=r, world_size=2) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(3)
+    assert sorted(pair for shard in shards for pair in WithSeeds(shard)) == sorted(pairs)
 
 
 def test_oversampling_balances_classes():

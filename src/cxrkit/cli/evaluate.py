@@ -23,7 +23,9 @@ def parse_label_map(pairs: list[str]) -> dict[str, str]:
 def evaluate(
     run: Path = typer.Argument(..., help="Run directory"),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset (default: the run's own)"),
-    split: str = typer.Option("test", "--split", help="train, val or test"),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="train, val or test (default test); an external dataset without splits is evaluated "
+                              "whole"),
     name: Optional[str] = typer.Option(None, "--name", help="Folder name under RUN/eval/"),
     map_: list[str] = typer.Option([], "--map", help="Map a dataset label to a model label: --map COVID=PNEUMONIA"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
@@ -42,7 +44,11 @@ def evaluate(
 
     console = notes_console()
     predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
-    metrics, out = evaluate_run(predictor, data, split, name, parse_label_map(map_) or None, batch_size, console)
+    metrics, out = evaluate_run(predictor, data, split or "test", name, parse_label_map(map_) or None, batch_size,
+                                console)
+    if split is not None and metrics["split"] == "all":
+        console.print(f"note: {data} has no splits of its own, so --split {split} does not apply: all "
+                      f"{metrics['n']} images were evaluated", highlight=False)
     where = f"{metrics['dataset']} {metrics['split']}"
     table = Table(title=f"{where}: {metrics['n']} images, {metrics['patients']} patients")
     table.add_column("metric")

@@ -57,15 +57,19 @@ def plan_comparison(spec_path: str | Path, out: str | Path | None = None,
 
 
 def cell_status(plan: Plan, cell: Cell) -> str:
-    """``new``, ``incomplete`` (training stopped part way), ``trained`` (not evaluated), ``done`` or ``failed``."""
+    """``new``, ``incomplete`` (training stopped part way), ``trained`` (not evaluated), ``done``, ``failed`` or
+    ``recipe changed`` (trained with another recipe than the spec's now: running the comparison refuses it, see
+    :func:`check_existing_cells`)."""
     from cxrkit.train.api import run_is_complete
 
     run = Run(plan.cell_dir(cell))
+    if not run.file("recipe.yaml").is_file():
+        return "new"
+    if recipe_changes(plan, cell):
+        return "recipe changed" if run.has_checkpoint("last") else "new"  # never trained: cleared when run
     info = read_cell_info(run.path)
     if info.get("status") == "failed":
         return "failed"
-    if not run.file("recipe.yaml").is_file():
-        return "new"
     evaluated = run.path / "eval" / plan.eval_name
     written = [evaluated / "metrics.json", evaluated / "predictions.csv"]
     if all(p.is_file() for p in written) and run.has_checkpoint("last"):
@@ -108,15 +112,21 @@ def recipe_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
+def recipe_changes(plan: Plan, cell: Cell) -> list[str]:
+    """The recipe keys that the cell's folder was trained with other values of than the spec gives now (none for
+    a folder without a recipe)."""
+    saved = plan.cell_dir(cell) / "recipe.yaml"
+    if not saved.is_file():
+        return []
+    return recipe_differences(load_recipe(saved).to_dict(), cell.recipe.to_dict())
+
+
 def check_existing_cells(plan: Plan) -> None:
     """Refuse to mix results: a cell folder whose saved recipe differs from the spec's is an error once it has
     trained; one that never trained (no checkpoint) is cleared and started again."""
     for cell in plan.cells:
         run = Run(plan.cell_dir(cell))
-        if not run.file("recipe.yaml").is_file():
-            continue
-        saved = load_recipe(run.file("recipe.yaml")).to_dict()
-        changed = recipe_differences(saved, cell.recipe.to_dict())
+        changed = recipe_changes(plan, cell)
         if not changed:
             continue
         if not run.has_checkpoint("last"):

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from cxrkit.config import Recipe, StageConfig, load_recipe, parse_overrides, recipe_from_dict
+from cxrkit.config import Recipe, StageConfig, load_recipe, load_yaml, parse_overrides, recipe_from_dict
 from cxrkit.errors import CxrError, first_line
 from cxrkit.models.backbones import BACKBONES
 
@@ -137,9 +137,11 @@ def _unknown(kind: str, key: Any, known: tuple[str, ...], where: str) -> CxrErro
 
 def slug(value: Any) -> str:
     """A readable, file-name-safe rendering of an axis value (``from:features.denseblock4`` ->
-    ``from-features.denseblock4``)."""
+    ``from-features.denseblock4``; a negative number ``-1`` -> ``neg1``, not ``1``)."""
     text = "none" if value is None else str(value) if not isinstance(value, (dict, list)) else yaml.safe_dump(
         value, default_flow_style=True, width=1000).strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        text = "neg" + text.removeprefix("-")
     return re.sub(r"[^A-Za-z0-9._]+", "-", str(text)).strip("-.") or "x"
 
 
@@ -254,7 +256,9 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
     if not path.is_file():
         raise CxrError(f"comparison spec {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CxrError(f"comparison spec {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as err:
         raise CxrError(f"comparison spec {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):

@@ -19,6 +19,9 @@ class ImageDataset(Dataset):
     ``target`` is an int64 scalar (class index) for binary and multiclass data and a float32 vector with nan for
     unknown labels for multilabel data; ``index`` is the item's position in ``data.items``, which keeps its source
     path and patient id.
+
+    A key is an index, or ``(index, seed)`` (from :class:`~cxrkit.train.sampling.WithSeeds`): the transform's
+    random choices then come from ``seed`` alone, and the process's random state is left as it was.
     """
 
     def __init__(self, data: LabelledImages, transform: Callable[[Any], torch.Tensor]) -> None:
@@ -29,9 +32,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.data.items[index]
-        image = self.transform(self.data.reader(item))
+        image = self.data.reader(item)
+        if seed is None:
+            image = self.transform(image)
+        else:
+            # torchvision's random transforms draw from the default generator; torch.random.fork_rng would also
+            # save and seed every accelerator, at about 100x the cost per image
+            generator = torch.default_generator
+            state = generator.get_state()
+            try:
+                generator.manual_seed(seed)
+                image = self.transform(image)
+            finally:
+                generator.set_state(state)
         if self.data.spec.task == "multilabel":
             target = torch.tensor(item.target, dtype=torch.float32)
         else:

@@ -166,6 +166,12 @@ def _single_label_metrics(
     pred = (probs[:, 1] >= threshold).astype(int) if task == "binary" else probs.argmax(axis=1)
     # Keys are the class indices as strings, so a label called e.g. "accuracy" cannot collide with a summary row.
     report = classification_report(y, pred, labels=classes, output_dict=True, zero_division=0)
+    # macro averages run over the classes that occur (in the targets or the predictions), as scikit-learn's own
+    # default does: a class absent from the set and never predicted has no F1 to average (an external set with
+    # one class, every image right, used to score F1 macro 0.5)
+    occurring = sorted(set(np.unique(y).tolist()) | set(np.unique(pred).tolist()))
+    macro_precision, macro_recall, macro_f1, _ = precision_recall_fscore_support(
+        y, pred, labels=occurring, average="macro", zero_division=0)
     scored = [1] if task == "binary" else classes  # binary: only the positive class is scored
     auc = {names[c]: _binary_auc(y == c, probs[:, c]) for c in scored}
     average_precision = {names[c]: _binary_average_precision(y == c, probs[:, c]) for c in scored}
@@ -179,10 +185,10 @@ def _single_label_metrics(
         "auc_per_label": auc,
         "average_precision": _mean_defined(average_precision.values()),
         "average_precision_per_label": average_precision,
-        "f1_macro": report["macro avg"]["f1-score"],
+        "f1_macro": float(macro_f1),
         "f1_weighted": report["weighted avg"]["f1-score"],
-        "precision_macro": report["macro avg"]["precision"],
-        "recall_macro": report["macro avg"]["recall"],
+        "precision_macro": float(macro_precision),
+        "recall_macro": float(macro_recall),
         "log_loss": log_loss(y, probs, labels=classes),
         "confusion_matrix": confusion_matrix(y, pred, labels=classes),
         "confusion_matrix_normalized": confusion_matrix(y, pred, labels=classes, normalize="true"),

@@ -3,7 +3,9 @@
 State lives in the run directory. ``checkpoints/last.pt`` is written atomically after every epoch with the
 model, optimizer, scheduler, early-stopping state and position, so ``cxr train --resume RUN`` continues exactly
 where a killed run stopped (losing at most the epoch in progress). Epoch order and dropout depend only on
-``(seed, epoch)``, so a resumed run matches an uninterrupted one.
+``(seed, epoch)``, and so does augmentation (each image's random transforms are seeded from them, see
+:class:`~cxrkit.train.sampling.WithSeeds`), so a resumed run matches an uninterrupted one, with any number of
+DataLoader workers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from cxrkit.train.onnx_cache import OnnxFrozen, choose_engine
 from cxrkit.train.prefix import ResumedModel, find_boundary
 from cxrkit.train.prepare import RunData, prepare_data
 from cxrkit.train.runtime import Runtime
-from cxrkit.train.sampling import EpochSampler, oversampling_weights
+from cxrkit.train.sampling import EpochSampler, WithSeeds, oversampling_weights
 
 MAXIMIZE = {"val_loss": False, "val_accuracy": True, "val_auc": True}
 
@@ -130,7 +132,7 @@ class Trainer:
         self.sampler = EpochSampler(len(self.data.train), recipe.seed, runtime.rank, runtime.world_size, sample_weights)
         per_process = max(1, recipe.runtime.batch_size // runtime.world_size)
         self.train_loader = pipeline.make_loader(self.data.train, self.data.train_transform, per_process, runtime,
-                                                 self.sampler)
+                                                 WithSeeds(self.sampler))
         self.val_loader = None
         if len(self.data.val):
             self.val_loader = pipeline.make_loader(self.data.val, self.data.eval_transform,
@@ -230,7 +232,7 @@ class Trainer:
         recipe, runtime = self.recipe, self.runtime
         partial = stage.trainable != "head" and cut is not None
         cacheable = (stage.trainable == "head" or partial) and recipe.runtime.cache_features and not runtime.distributed
-        if cacheable and recipe.augment.policy != "none":
+        if cacheable and recipe.augment.enabled:
             self.log("feature cache off: augmentation changes the inputs every epoch")
             cacheable = False
         self._resumed = None
