@@ -31,6 +31,21 @@ def test_head_all_and_named_cut(mobilenet):
     assert 1280 * 3 < by_name.trainable_params < by_name.total_params
 
 
+def test_top_n_past_the_bottom_of_the_backbone_says_that_all_of_it_trains(mobilenet):
+    """``top:500`` on a backbone of fewer layers trains everything, ``top:0`` nothing but the head; the stage line
+    says so instead of leaving it to the parameter count."""
+    layers, blocks = len(layer_names(mobilenet.backbone)), len(block_names(mobilenet.backbone,
+                                                                           BACKBONES.get("mobilenet_v2")))
+    over = apply_trainable(mobilenet, f"top:{layers + 1}")
+    assert over.trainable_params == over.total_params
+    assert over.describe().endswith(f"; the backbone has {layers} layers, so all of it trains")
+    assert apply_trainable(mobilenet, f"top:{blocks}:blocks").note == f"the backbone has {blocks} blocks, so all of " \
+                                                                      "it trains"
+    assert apply_trainable(mobilenet, "top:0").note == "no backbone layer trains, only the head"
+    assert apply_trainable(mobilenet, f"top:{layers - 1}").note == ""
+    assert apply_trainable(mobilenet, "all").note == "" and apply_trainable(mobilenet, "head").note == ""
+
+
 def test_unknown_cut_layer_is_a_clear_error(mobilenet):
     with pytest.raises(CxrError, match="no layer named 'features.99'"):
         apply_trainable(mobilenet, "from:features.99")

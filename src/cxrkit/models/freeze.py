@@ -36,13 +36,14 @@ class FreezePlan:
     trainable_params: int
     total_params: int
     bn_statistics: int
+    note: str = ""
 
     def describe(self) -> str:
         keras_total = self.total_params + self.bn_statistics
         where = f" from {self.cut}" if self.cut else ""
         return (
             f"{self.trainable}{where}: {self.trainable_params:,} trainable of {self.total_params:,} parameters "
-            f"({keras_total:,} counting BatchNorm statistics, as Keras does)"
+            f"({keras_total:,} counting BatchNorm statistics, as Keras does)" + (f"; {self.note}" if self.note else "")
         )
 
 
@@ -114,7 +115,20 @@ def apply_trainable(model: nn.Module, trainable: str, blocks: list[str] | None =
     from cxrkit.models.classifier import count_parameters
 
     counts = count_parameters(model)
-    return FreezePlan(trainable, cut or None, counts["trainable"], counts["total"], counts["bn_statistics"])
+    return FreezePlan(trainable, cut or None, counts["trainable"], counts["total"], counts["bn_statistics"],
+                      _whole_or_nothing(backbone, trainable, cut, blocks))
+
+
+def _whole_or_nothing(backbone: nn.Module, trainable: str, cut: str | None, blocks: list[str] | None) -> str:
+    """For ``top:N`` that reaches past the bottom of the backbone (or is 0), what it amounts to; else ``""``."""
+    if not trainable.startswith("top:") or cut not in ("", None):
+        return ""
+    unit = trainable.removeprefix("top:").partition(":")[2]
+    unit = unit or "layers"
+    if cut is None:
+        return "no backbone layer trains, only the head"
+    total = len(layer_names(backbone) if unit == "layers" else blocks or [])
+    return f"the backbone has {total} {unit}, so all of it trains"
 
 
 def set_train_mode(model: nn.Module, freeze_batchnorm: bool = False) -> None:
