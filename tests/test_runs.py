@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cxrkit.errors import CxrError, first_line
-from cxrkit.runs import Run, atomic_write, atomic_write_text, safe_name
+from cxrkit.runs import Run, atomic_write, atomic_write_text, check_writable, safe_name, staged
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -88,6 +88,56 @@ def test_checkpoints_refuse_pickled_objects(tmp_path):
     torch.save({"x": fractions.Fraction(1, 3)}, run.checkpoint_path("last"))  # an arbitrary pickled class
     with pytest.raises(CxrError, match="cannot be read"):
         run.load_checkpoint("last")
+
+
+def test_a_damaged_or_torchscript_checkpoint_is_named_without_torch_s_advice(tmp_path):
+    """torch's message for such files advises loading with weights_only=False, which would run pickled code."""
+    run = Run.create(tmp_path, "r")
+    run.checkpoint_path("best").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CxrError) as err:
+        run.load_checkpoint("best")
+    assert str(err.value).endswith("best.pt cannot be read: it is not a checkpoint of tensors (damaged, or it holds "
+                                   "Python objects, which are not loaded)")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), run.checkpoint_path("last"))
+    with pytest.raises(CxrError, match=r"last\.pt cannot be read: it is a TorchScript model, not a checkpoint$"):
+        run.load_checkpoint("last")
+
+
+def test_a_run_owns_its_state_but_not_its_outputs(tmp_path):
+    run = Run.create(tmp_path, "r")
+    for owned in ("checkpoints/best.pt", "checkpoints/anything", "labels.json", "recipe.yaml", "splits.csv",
+                  "export/best.onnx", "export/last.int8.onnx"):
+        assert run.owns(run.path / owned), owned
+    assert "--engine onnx-int8" in run.owns(run.path / "export" / "best.int8.onnx")
+    assert run.owns(tmp_path / ".." / tmp_path.name / run.path.name / "labels.json")  # however it is spelled
+    for free in ("export/best.torchscript.pt", "export/mine.onnx", "eval/x/labels.json", "predictions.csv"):
+        assert run.owns(run.path / free) is None, free
+    assert run.owns(tmp_path / "labels.json") is None
+
+
+def test_check_writable_says_what_writing_would_say_and_makes_nothing(tmp_path):
+    (tmp_path / "file.txt").write_text("keep")
+    with pytest.raises(CxrError, match=r"cannot write here \(.*file\.txt is a file, not a folder\)"):
+        check_writable(tmp_path / "file.txt" / "out.csv")
+    with pytest.raises(CxrError, match=r"cannot write here \(is a directory\)"):
+        check_writable(tmp_path)
+    with pytest.raises(CxrError, match=r"/proc/x\.csv: cannot write here"):
+        check_writable("/proc/x.csv")
+    check_writable(tmp_path / "new" / "deeper" / "out.csv")
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_a_staged_file_replaces_the_earlier_one_only_when_complete(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_text("earlier")
+    with pytest.raises(RuntimeError), staged(path) as partial:
+        partial.write_text("half")
+        raise RuntimeError("the check failed")
+    assert path.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with staged(path) as partial:
+        assert partial.parent == tmp_path and partial.suffix == ".onnx" and partial != path
+        partial.write_text("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_open_rejects_non_runs(tmp_path):

@@ -8,6 +8,7 @@ a run killed at any moment keeps its last complete state.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,7 +17,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,6 +66,44 @@ def _why_not_a_folder(folder: Path) -> str | None:
     return None
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise the error :func:`atomic_write` would raise for ``path``, before the work that makes its content: a
+    folder, a file where a folder should be, or a place where no file can be created (probed by creating and
+    removing a temporary file in the nearest folder that exists; no folder is made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CxrError(f"{path}: cannot write here (is a directory)")
+    why = _why_not_a_folder(path.parent)
+    if why:
+        raise CxrError(f"{path}: cannot write here ({why})")
+    nearest = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=nearest, prefix=".cxrkit-probe-"):
+            pass
+    except OSError as err:
+        raise CxrError(f"{path}: cannot write here ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a file that is written, then checked or completed by several steps:
+    it replaces ``path`` when the ``with`` block ends without an error, and is removed otherwise, so ``path`` holds
+    the earlier file until the new one is whole."""
+    path = Path(path)
+    check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")  # the suffix may tell the format
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except CxrError as err:  # a message about the temporary file is about the file being made
+        if str(tmp) not in str(err):
+            raise
+        raise CxrError(str(err).replace(str(tmp), str(path))) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
     atomic_write(path, lambda fh: fh.write(data))
@@ -94,6 +134,10 @@ def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> st
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+RUN_FILES = ("recipe.yaml", "data.json", "labels.json", "splits.csv", "env.json", "metrics.csv", "cell.json")
+"""The files of a run directory that commands read; no output may replace them (see :meth:`Run.owns`)."""
 
 
 class Run:
@@ -192,9 +236,35 @@ class Run:
         if not path.is_file():
             raise CxrError(f"run {self.path} has no checkpoint {name} ({path})")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "looks like a TorchScript archive": the error below says it
+                warnings.simplefilter("ignore")
+                return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure to read is reported with the file name
-            raise CxrError(f"checkpoint {path} cannot be read: {first_line(err)}") from None
+            why = first_line(err)
+            if "TorchScript" in why:
+                why = "it is a TorchScript model, not a checkpoint"
+            elif why.startswith("Weights only load failed"):  # torch's advice to unpickle it anyway is not for us
+                why = "it is not a checkpoint of tensors (damaged, or it holds Python objects, which are not loaded)"
+            raise CxrError(f"checkpoint {path} cannot be read: {why}") from None
+
+    def owns(self, path: str | Path) -> str | None:
+        """What ``path`` is to this run when an output there would replace the run's own state: a checkpoint, one
+        of :data:`RUN_FILES`, or a file that ``--engine onnx`` / ``onnx-int8`` reuse (``export/<checkpoint>.onnx``,
+        ``.int8.onnx``); else None."""
+        target = Path(path).resolve()
+        root = self.path.resolve()
+        if not target.is_relative_to(root):
+            return None
+        relative = target.relative_to(root)
+        if relative.parts[:1] == ("checkpoints",):
+            return f"a checkpoint of run {self.path}"
+        if len(relative.parts) == 1 and relative.name in RUN_FILES:
+            return f"the {relative.name} of run {self.path}"
+        if len(relative.parts) == 2 and relative.parts[0] == "export" and relative.name.endswith(".onnx") and \
+                relative.name.split(".", 1)[0] in ("best", "last"):
+            engine = "onnx-int8" if relative.name.endswith(".int8.onnx") else "onnx"
+            return f"the file that --engine {engine} of run {self.path} uses"
+        return None
 
     def has_checkpoint(self, name: str) -> bool:
         return self.checkpoint_path(name).is_file()

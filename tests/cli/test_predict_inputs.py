@@ -86,6 +86,36 @@ def test_an_existing_output_file_survives_a_run_that_cannot_start(tiny_run, tmp_
     assert result.exit_code != 0 and out.read_text() == "earlier results\n"
 
 
+def test_the_output_file_s_suffix_chooses_the_format(tiny_run, cases, tmp_path):
+    """-o x.json used to get CSV unless --format json was given as well."""
+    image = str(cases["rgba-png"])
+    for name, first in (("p.json", "["), ("p.csv", "source,"), ("p.txt", "source,")):
+        result = CliRunner().invoke(app, ["predict", str(tiny_run), image, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / name).read_text().startswith(first), name
+    assert json.loads((tmp_path / "p.json").read_text())[0]["source"] == image
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), image, "-o", str(tmp_path / "q.json"),
+                                      "--format", "csv"])
+    assert result.exit_code != 0 and "names json but --format is csv" in str(result.exception)
+    assert not (tmp_path / "q.json").exists()
+
+
+def test_an_output_that_is_an_input_or_the_run_s_own_file_is_refused(tiny_run, cases, tmp_path):
+    """-o onto the image being predicted, or onto the run's checkpoint, replaced it and exited 0."""
+    image = tmp_path / "victim.png"
+    image.write_bytes(cases["rgba-png"].read_bytes())
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(tmp_path / "*.png"), "-o", str(image)])
+    assert result.exit_code != 0 and "is one of the images to predict" in str(result.exception)
+    assert image.read_bytes() == cases["rgba-png"].read_bytes()
+    checkpoint = tiny_run / "checkpoints" / "best.pt"
+    before = checkpoint.read_bytes()
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(image), "-o", str(checkpoint)])
+    assert result.exit_code != 0 and "is a checkpoint of run" in str(result.exception)
+    assert checkpoint.read_bytes() == before
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(image), "-o", "/proc/cxrkit-test.csv"])
+    assert result.exit_code != 0 and "cannot write here" in str(result.exception)
+
+
 def test_predict_applies_the_temperature_without_importing_scikit_learn(tiny_run, cases):
     """Predicting only applies a fitted temperature, so the metrics' libraries (scikit-learn, about 2 s to import)
     stay out of ``cxr predict`` and of the service, which predicts through the same ``Predictor``."""

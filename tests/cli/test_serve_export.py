@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -50,6 +51,49 @@ def test_export_writes_the_model_with_its_metadata(tiny_run, tmp_path, format_):
 def test_export_refuses_an_unknown_format(tiny_run):
     result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", "tflite"])
     assert result.exit_code != 0 and "not one of onnx, onnx-int8, torchscript" in str(result.exception)
+
+
+def test_onnx_names_its_batch_dimension(tiny_run, tmp_path):
+    import onnx
+
+    out = tmp_path / "model.onnx"
+    assert CliRunner().invoke(app, ["export", str(tiny_run), "-o", str(out)]).exit_code == 0
+    graph = onnx.load(str(out)).graph
+    assert [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 48, 48]
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", 2]
+
+
+def test_export_refuses_outputs_that_would_replace_the_run_s_state_and_options_of_another_format(tiny_run, tmp_path):
+    """-o onto a checkpoint made the run unreadable; int8 onto the fp32 engine file made --engine onnx run int8."""
+    import shutil
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for format_, target, owner in [("torchscript", "checkpoints/best.pt", "a checkpoint of run"),
+                                   ("onnx", "labels.json", "the labels.json of run"),
+                                   ("onnx-int8", "export/best.onnx", "the file that --engine onnx of run")]:
+        result = CliRunner().invoke(app, ["export", str(run), "-f", format_, "-o", str(run / target)])
+        assert result.exit_code != 0 and f"is {owner}" in str(result.exception), (format_, result.output)
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "torchscript", "--fp32-convs", "3"])
+    assert result.exit_code != 0
+    assert str(result.exception) == "--fp32-convs applies to --format onnx-int8 only, not torchscript"
+    result = CliRunner().invoke(app, ["export", str(run), "-o", "/proc/cxrkit-test.onnx"])
+    assert result.exit_code != 0 and "cannot write here" in str(result.exception)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # the default file of a format is its own to replace
+    assert CliRunner().invoke(app, ["export", str(run), "-o", str(run / "export" / "best.onnx")]).exit_code == 0
+
+
+def test_a_failed_check_leaves_the_earlier_export_in_place(tiny_run, tmp_path, monkeypatch):
+    import cxrkit.export
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the earlier export")
+    monkeypatch.setattr(cxrkit.export, "max_difference", lambda *args: 0.5)
+    result = CliRunner().invoke(app, ["export", str(tiny_run), "-o", str(out)])
+    assert result.exit_code != 0 and "differs from PyTorch by 5.00e-01 (over 1e-4); nothing was written" in str(
+        result.exception)
+    assert out.read_bytes() == b"the earlier export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
 def _free_port() -> int:

@@ -153,6 +153,29 @@ def test_int8_without_the_training_images_is_a_one_line_error(run, tmp_path):
     assert not (moved / "export" / "best.int8.onnx").exists()
 
 
+def test_an_int8_file_is_in_place_only_once_its_calibration_is_fitted(run, tmp_path, monkeypatch):
+    """The int8 file used to be written at its name first and given its own threshold and temperature after:
+    a failure (or kill -9) in between left a file with the fp32 model's calibration, replacing the earlier one."""
+    moved = Path(shutil.copytree(run, tmp_path / run.name))
+    engine_file = moved / "export" / "best.int8.onnx"
+    engine_file.unlink(missing_ok=True)
+    out = tmp_path / "model.int8.onnx"
+    out.write_bytes(b"the earlier export")
+
+    def fails(*args, **kwargs):
+        raise CxrError("the calibration failed")
+
+    monkeypatch.setattr(Predictor, "_use_int8_calibration", fails)
+    result = CliRunner().invoke(app, ["export", str(moved), "-f", "onnx-int8", "-o", str(out),
+                                      "--calibration-images", "4"])
+    assert result.exit_code != 0 and str(result.exception) == "the calibration failed"
+    assert out.read_bytes() == b"the earlier export" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.int8.onnx", run.name]
+    with pytest.raises(CxrError, match="the calibration failed"):
+        Predictor(moved, engine="onnx-int8")
+    assert sorted(p.name for p in (moved / "export").iterdir()) == ["best.onnx"]  # the fp32 source only
+
+
 def test_zero_calibration_images_is_refused_not_read_as_the_default(run):
     result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "--calibration-images", "0"])
     assert result.exit_code == 2 and "--calibration-images" in result.output
@@ -192,15 +215,19 @@ def test_cxr_export_keeps_the_first_convolutions_in_fp32_when_asked(run, tmp_pat
     assert read_metadata(run / "export" / "best.int8.onnx")["quantization"]["fp32_convs"] == 0
 
 
-@pytest.mark.parametrize("kept, message", [(-1, "cannot be negative (-1)"),
-                                           (10_000, "cannot keep the first 10000 convolutions in fp32; the model has")])
-def test_an_impossible_number_of_fp32_convolutions_is_a_one_line_error(run, tmp_path, kept, message):
+def test_an_impossible_number_of_fp32_convolutions_is_a_one_line_error(run, tmp_path):
     out = tmp_path / "bad.int8.onnx"
     result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(out),
-                                      "--calibration-images", "4", "--fp32-convs", str(kept)])
-    assert result.exit_code != 0
-    assert isinstance(result.exception, CxrError) and message in str(result.exception)
-    assert str(out) in str(result.exception) and not out.exists()
+                                      "--calibration-images", "4", "--fp32-convs", "10000"])
+    assert result.exit_code != 0 and isinstance(result.exception, CxrError)
+    message = "cannot keep the first 10000 convolutions in fp32; the model has"
+    assert str(result.exception).startswith(f"{out}: {message}")  # the file asked for, not its temporary name
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "--fp32-convs", "-1"])
+    assert result.exit_code == 2 and "--fp32-convs" in result.output  # refused before any work
+    with pytest.raises(CxrError, match=r"cannot be negative \(-1\)"):  # the library refuses it too
+        quantize_int8(run / "export" / "best.onnx", tmp_path / "x.onnx", iter([np.zeros((1, 3, 48, 48), np.float32)]),
+                      1, {}, fp32_convs=-1)
 
 
 def test_quantize_int8_can_keep_every_convolution_in_fp32(run, tmp_path):

@@ -26,55 +26,79 @@ def export(
     output: Optional[Path] = typer.Option(
         None, "--output", "-o", help="File to write (default RUN/export/<checkpoint>.onnx, .int8.onnx or "
                                      ".torchscript.pt)"),
-    calibration_images: int = typer.Option(
-        256, "--calibration-images", min=1, help="onnx-int8: training images whose activations set the int8 ranges"),
-    fp32_convs: int = typer.Option(
-        0, "--fp32-convs", help="onnx-int8: keep the first N convolutions in fp32 (more accurate, slower)"),
+    calibration_images: Optional[int] = typer.Option(
+        None, "--calibration-images", min=1,
+        help="onnx-int8: training images whose activations set the int8 ranges (default 256)"),
+    fp32_convs: Optional[int] = typer.Option(
+        None, "--fp32-convs", min=0, help="onnx-int8: keep the first N convolutions in fp32 (more accurate, slower; "
+                                          "default 0)"),
 ) -> None:
     """Export the model with labels, input size, mean/std, threshold and temperature in the file, and check it.
 
     onnx and torchscript hold the fp32 model and must give PyTorch's outputs (to 1e-4). onnx-int8 is quantized
     with ranges from training images and gets its own temperature and threshold, fitted on the validation split as
     the run's were; its decisions on the validation images are compared with the fp32 model's. When they differ
-    too often, keep the first convolutions in fp32 with --fp32-convs (see docs/performance.md)."""
+    too often, keep the first convolutions in fp32 with --fp32-convs (see docs/performance.md).
+
+    The file replaces an earlier one only once it is complete and checked; a failed export leaves nothing."""
     from cxrkit.errors import CxrError
+    from cxrkit.runs import Run, check_writable, staged
     from cxrkit.serve.predictor import Predictor
     from cxrkit.train.runtime import setup_runtime
 
     if format_ not in FORMATS:
         raise CxrError(f"--format {format_!r} is not one of {', '.join(FORMATS)}")
-    predictor = Predictor(run, checkpoint, runtime=setup_runtime("cpu", "fp32", channels_last=False, workers=0))
-    path = output or predictor.run.path / "export" / f"{checkpoint}{SUFFIXES[format_]}"
-    if format_ == "onnx-int8":
-        _export_int8(predictor, path, calibration_images, fp32_convs)
-        print(path)
-        return
+    if format_ != "onnx-int8":
+        given = [name for name, value in (("--calibration-images", calibration_images), ("--fp32-convs", fp32_convs))
+                 if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise CxrError(f"{' and '.join(given)} {verb} to --format onnx-int8 only, not {format_}")
+    opened = Run.open(run)
+    default = opened.path / "export" / f"{checkpoint}{SUFFIXES[format_]}"
+    path = output or default
+    owner = opened.owns(path) if Path(path).resolve() != default.resolve() else None
+    if owner:
+        raise CxrError(f"-o {path} is {owner}; choose another file")
+    check_writable(path)
+    predictor = Predictor(opened, checkpoint, runtime=setup_runtime("cpu", "fp32", channels_last=False, workers=0))
+    with staged(path) as partial:
+        if format_ == "onnx-int8":
+            _export_int8(predictor, partial, path, 256 if calibration_images is None else calibration_images,
+                         fp32_convs or 0)
+        else:
+            _export_fp32(predictor, format_, partial, path)
+    print(path)
+
+
+def _export_fp32(predictor: Predictor, format_: str, partial: Path, path: Path) -> None:
+    """Write ``format_`` to ``partial`` and check it against PyTorch; ``path`` is the name it will have."""
+    from cxrkit.errors import CxrError
     from cxrkit.export import max_difference
 
     metadata = predictor.export_metadata()
     size = predictor.preprocessing.size
-
     if format_ == "onnx":
         from cxrkit.export.onnx import OnnxModel, export_onnx
 
-        export_onnx(predictor.model, path, size, metadata)
-        exported = OnnxModel(path)
+        export_onnx(predictor.model, partial, size, metadata)
+        exported = OnnxModel(partial)
     else:
         from cxrkit.export.torchscript import export_torchscript, load_torchscript
 
-        export_torchscript(predictor.model, path, size, metadata)
-        exported, _ = load_torchscript(path)
+        export_torchscript(predictor.model, partial, size, metadata)
+        exported, _ = load_torchscript(partial)
     difference = max_difference(predictor.model, exported, size)
-    typer.echo(f"{format_}: {path.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
+    typer.echo(f"{format_}: {partial.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
                f"3x{size}x{size}; max |exported - PyTorch| on 4 random inputs: {difference:.2e}", err=True)
     if difference > 1e-4:
-        raise CxrError(f"{path}: the exported model differs from PyTorch by {difference:.2e} (over 1e-4)")
-    print(path)
+        raise CxrError(f"{path}: the exported model differs from PyTorch by {difference:.2e} (over 1e-4); "
+                       "nothing was written")
 
 
-def _export_int8(predictor: Predictor, path: Path, images: int, fp32_convs: int) -> None:
-    """Quantize to ``path``, fit its calibration, and compare its decisions with fp32 PyTorch's on the validation
-    split (a run without one is exported unchecked, with a note)."""
+def _export_int8(predictor: Predictor, partial: Path, path: Path, images: int, fp32_convs: int) -> None:
+    """Quantize to ``partial`` (named ``path`` once complete), fit its calibration, and compare its decisions with
+    fp32 PyTorch's on the validation split (a run without one is exported unchecked, with a note)."""
     import numpy as np
 
     from cxrkit.console import notes_console
@@ -88,8 +112,8 @@ def _export_int8(predictor: Predictor, path: Path, images: int, fp32_convs: int)
         val, note = None, f"not compared with fp32: {err}"
     fp32 = predictor.predict_dataset(val, console=console) if val is not None else None
     decided = predictor.decide(fp32) if fp32 is not None else []  # with the run's fp32 threshold
-    predictor.int8_file(predictor.model, console, images=images, path=path, fp32_convs=fp32_convs)
-    predictor.use_onnx(path, console)
+    predictor.int8_file(predictor.model, console, images=images, path=partial, fp32_convs=fp32_convs, name=path)
+    predictor.use_onnx(partial, console)
     if fp32 is not None:
         int8 = predictor.predict_dataset(val, console=console)
         decided8 = predictor.decide(int8)
@@ -108,5 +132,5 @@ def _export_int8(predictor: Predictor, path: Path, images: int, fp32_convs: int)
                      f"now {fp32_convs}) brings int8 closer to fp32 at some cost in speed; see docs/performance.md")
     threshold = "none" if predictor.threshold is None else f"{predictor.threshold:.4f}"
     size = predictor.preprocessing.size
-    typer.echo(f"onnx-int8: {path.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
+    typer.echo(f"onnx-int8: {partial.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
                f"3x{size}x{size}, temperature {predictor.temperature:.3f}, threshold {threshold}; {note}", err=True)

@@ -15,12 +15,19 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
+    from cxrkit.errors import CxrError
+
     console = Console()
     if layers is not None:
+        if pattern != "*":
+            raise CxrError(f"give a pattern ({pattern!r}) or --layers, not both")
         _print_layers(console, layers)
         return
     from cxrkit.models.backbones import list_backbones
     from cxrkit.models.weights import find_local_weights
+
+    if not list_backbones(pattern):
+        raise CxrError(f"no backbone matches {pattern!r}; `cxr models` lists them all")
 
     table = Table(title="backbones (--weights imagenet | none | FILE)")
     for column in ("name", "source", "input", "ImageNet weights"):

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -14,7 +14,9 @@ import typer
 def predict(
     run: Path = typer.Argument(..., help="Run directory"),
     inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns"),
-    format_: str = typer.Option("table", "--format", "-f", help="table, json or csv"),
+    format_: Optional[str] = typer.Option(
+        None, "--format", "-f", help="table, json or csv (default: table on stdout; for -o, json for a .json file, "
+                                     "else csv)"),
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -24,14 +26,15 @@ def predict(
 ) -> None:
     """Predict images; unreadable files are listed with the reason and make the exit status non-zero."""
     from cxrkit.errors import CxrError
-    from cxrkit.runs import atomic_write_text
+    from cxrkit.runs import Run, atomic_write_text
     from cxrkit.serve.predictor import Predictor, expand_inputs
 
-    if format_ not in ("table", "json", "csv"):
-        raise CxrError(f"--format {format_!r} is not table, json or csv")
+    format_ = _output_format(format_, output)
     paths = expand_inputs(inputs)
     if not paths:
         raise CxrError("no image found in " + " ".join(inputs))
+    if output is not None:
+        _check_output(output, Run.open(run), paths)
     predictor = Predictor(run, checkpoint=checkpoint, engine=engine)
     results = _predict_with_progress(predictor, paths, batch_size)
     failed = [r for r in results if r.error]
@@ -48,6 +51,35 @@ def predict(
     if failed:
         print(f"{len(failed)} of {len(results)} files could not be predicted", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _output_format(format_: str | None, output: Path | None) -> str:
+    """``--format``, or the one ``-o``'s suffix names; a file asked for as a table is CSV. A suffix that names the
+    other format than ``--format`` is refused, not written in the wrong format."""
+    from cxrkit.errors import CxrError
+
+    if format_ is not None and format_ not in ("table", "json", "csv"):
+        raise CxrError(f"--format {format_!r} is not table, json or csv")
+    if output is None:
+        return format_ or "table"
+    named = {".json": "json", ".csv": "csv"}.get(output.suffix.lower())
+    if format_ in ("json", "csv") and named not in (None, format_):
+        raise CxrError(f"-o {output} names {named} but --format is {format_}; give one of them")
+    return named or (format_ if format_ in ("json", "csv") else "csv")
+
+
+def _check_output(output: Path, run: Any, paths: list[str]) -> None:
+    """Refuse, before predicting, an output that cannot be written or would replace an input or the run's state."""
+    from cxrkit.errors import CxrError
+    from cxrkit.runs import check_writable
+
+    target = output.resolve()
+    if any(Path(p).resolve() == target for p in paths):
+        raise CxrError(f"-o {output} is one of the images to predict; choose another file")
+    owner = run.owns(output)
+    if owner:
+        raise CxrError(f"-o {output} is {owner}; choose another file")
+    check_writable(output)
 
 
 def _predict_with_progress(predictor: Any, paths: list[str], batch_size: int) -> list:

@@ -66,7 +66,20 @@ def export_graph(module: nn.Module, size: int, output: str, name: str | Path) ->
                                   external_data=False, verbose=False)
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
             raise CxrError(f"{name}: the model cannot be exported to ONNX: {first_line(err)}") from err
-        return onnx.load(str(raw))
+        return _name_batch_dimension(onnx.load(str(raw)))
+
+
+def _name_batch_dimension(proto: Any) -> Any:
+    """Call the dynamic first dimension ``batch`` wherever it appears (the exporter names it after an internal
+    symbol, such as ``s77``), as tools that show the model's inputs then do."""
+    symbol = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return proto
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
+    return proto
 
 
 def set_metadata(proto: Any, metadata: dict[str, Any]) -> None:

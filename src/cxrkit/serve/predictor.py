@@ -20,7 +20,7 @@ from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
 from cxrkit.errors import CxrError
 from cxrkit.models.weights import weights_digest
-from cxrkit.runs import Run
+from cxrkit.runs import Run, staged
 from cxrkit.train.loop import make_progress, predict
 from cxrkit.train.losses import probabilities
 from cxrkit.train.runtime import Runtime, setup_runtime
@@ -171,16 +171,18 @@ class Predictor:
         return export_onnx(model, path, self.preprocessing.size, self.export_metadata())
 
     def int8_file(self, model: torch.nn.Module, console: Any = None, images: int | None = None,
-                  path: Path | None = None, fp32_convs: int | None = None) -> Path:
+                  path: Path | None = None, fp32_convs: int | None = None, name: Path | None = None) -> Path:
         """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
         (metadata refreshed if calibration changed since) and it was quantized with this cxrkit's settings, else
         quantized from :meth:`onnx_file` with ranges measured on ``images`` training images (default
         :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and the first ``fp32_convs`` convolutions left in fp32
         (default: as many as the earlier file there kept, else none). Given ``path``, ``images`` or ``fp32_convs``,
-        it is always quantized afresh, to ``path``."""
+        it is always quantized afresh, to ``path`` (which messages call ``name`` when given). The run's own file
+        replaces the earlier one only once its calibration is fitted (a ``path`` is the caller's to complete)."""
         from cxrkit.export.quantize import CALIBRATION_IMAGES, SETTINGS, quantize_int8
 
         fresh = path is not None or images is not None or fp32_convs is not None
+        given = path
         path = path or self.run.path / "export" / f"{self.checkpoint}.int8.onnx"
         console = console or notes_console()
         if not fresh:
@@ -200,10 +202,15 @@ class Predictor:
         once = "" if fresh else " once"
         kept = f", the first {fp32_convs} convolutions kept in fp32" if fp32_convs else ""
         console.print(f"quantizing the {self.checkpoint} checkpoint to int8{once}, with ranges from up to {images} "
-                      f"training images{kept}: {path}")
+                      f"training images{kept}: {name or path}")
         metadata = {**self.export_metadata(), "quantization": {"range_split": "train"}}
         batches, count = self._calibration_batches(images, console)
-        return quantize_int8(source, path, batches, count, metadata, fp32_convs or 0)
+        if given is not None:
+            return quantize_int8(source, path, batches, count, metadata, fp32_convs or 0)
+        with staged(path) as partial:  # a file killed between quantizing and calibrating would carry fp32's values
+            quantize_int8(source, partial, batches, count, metadata, fp32_convs or 0)
+            self.use_onnx(partial, console)
+        return path
 
     def _reusable(self, path: Path, found: dict[str, Any]) -> bool:
         """Whether the exported file at ``path``, whose metadata is ``found``, holds these weights; its metadata is
@@ -228,8 +235,9 @@ class Predictor:
         from cxrkit.eval.calibrate import fit_calibration
         from cxrkit.export.onnx import update_metadata
 
-        follows = {key: self.labels_info.get(key) for key in ("calibrated_on", "temperature", "threshold",
-                                                               "threshold_method")}
+        run_labels = self.run.read_json("labels.json")  # the run's own, not the int8 values set below
+        follows = {key: run_labels.get(key) for key in ("calibrated_on", "temperature", "threshold",
+                                                         "threshold_method")}
         quantization = found.get("quantization", {})
         own = quantization.get("calibration")
         if not isinstance(own, dict) or own.get("follows") != follows:
