@@ -101,6 +101,14 @@ def test_external_validation_maps_labels_by_name(tmp_path):
     assert asked.exit_code == 0, asked.output
     assert f"note: {tmp_path / 'covid'} has no splits of its own, so --split val does not apply: all 8 images " \
            "were evaluated" in " ".join(asked.stderr.split())
+    assert "skipped" not in asked.stderr
+    broken = next((tmp_path / "covid").rglob("*.png")).with_name("broken.png")
+    broken.write_text("not an image")  # left out by the scan, and now said so (it used to be silent)
+    noted = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid"), "--map", "COVID=PNEUMONIA",
+                                     "--name", "adult-broken"])
+    assert noted.exit_code == 0, noted.output
+    assert f"skipped 1 file(s) that are not usable images in {tmp_path / 'covid'}; the first: {broken}" in " ".join(
+        noted.stderr.split())
 
 
 @pytest.mark.parametrize("bad", ["data.rooot=x", "stages.0.trainable=top14", "model.image_size=0"])

@@ -70,6 +70,42 @@ def test_files_give_overlays_raw_maps_and_a_check(run, data, tmp_path):
     assert len(_rows(out / "explain.csv")) == 2
 
 
+def test_resuming_follows_the_settings_and_the_file_and_explain_csv_covers_the_folder(run, data, tmp_path):
+    """An image was skipped when a .json of its name existed, whatever the settings or the file behind the name,
+    and explain.csv held only the last call's rows."""
+    normal = sorted((data / "train" / "NORMAL").iterdir())[0]
+    out = tmp_path / "out"
+
+    def explain(*args):
+        result = CliRunner().invoke(app, ["explain", str(run), *args, "--out", str(out), "--no-check"])
+        return result, {(Path(r["source"]).name, r["target"]) for r in _rows(out / "explain.csv")}
+
+    result, rows = explain(str(normal))
+    assert result.exit_code == 0, result.output
+    predicted = json.loads((out / f"{normal.stem}.json").read_text())["predicted"]
+    result, rows = explain(str(normal), "-t", "all")
+    assert "1 image explained before with other settings" in result.output
+    assert rows == {(normal.name, "NORMAL"), (normal.name, "PNEUMONIA")}
+    result, rows = explain(str(normal))  # back to the predicted class: the other class's files go
+    assert rows == {(normal.name, predicted)}
+    other = "PNEUMONIA" if predicted == "NORMAL" else "NORMAL"
+    assert not (out / f"{normal.stem}.{other}.png").exists() and not (out / f"{normal.stem}.{other}.npy").exists()
+    result, rows = explain(str(normal))
+    assert "1 image was already explained" in result.output
+
+    for folder, value in (("in1", 10), ("in2", 240)):  # two files of one name, explained in two calls
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((64, 64), value, dtype=np.uint8)).save(tmp_path / folder / "same.png")
+    explain(str(tmp_path / "in1" / "same.png"))
+    result, rows = explain(str(tmp_path / "in2" / "same.png"))
+    assert "already explained" not in result.output
+    assert json.loads((out / "same.json").read_text())["source"] == str(tmp_path / "in1" / "same.png")
+    assert json.loads((out / "same-2.json").read_text())["source"] == str(tmp_path / "in2" / "same.png")
+    assert len(rows) == 3 and sum(name == "same.png" for name, _ in rows) == 2
+    result, rows = explain(str(tmp_path / "missing.png"))  # a call where every file fails keeps the summary
+    assert result.exit_code != 0 and len(rows) == 3
+
+
 def test_every_class_and_another_method(run, data, tmp_path):
     image = sorted((data / "train" / "NORMAL").iterdir())[0]
     out = tmp_path / "all"
@@ -112,10 +148,16 @@ def test_bad_requests_are_one_line_errors(run, tmp_path):
         (["x.png", "--method", "gradkam"], "unknown CAM method"),
         (["x.png", "--layer", "layr4"], "did you mean backbone.layer4"),
         (["--grid", "--split", "holdout"], "no holdout split"),
+        (["x.png", "--remove", "0"], "--remove 0 must be above 0 and below 100 (percent)"),
+        (["x.png", "--opacity", "2"], "--opacity 2 must be from 0 to 1"),
+        (["x.png", "--random-maps", "0"], "--random-maps 0 must be at least 1"),
     ):
         result = CliRunner().invoke(app, ["explain", str(run), *args, "--out", str(tmp_path)])
         assert result.exit_code != 0
         assert message in str(result.exception) + result.output, (args, result.output)
+    (tmp_path / "afile").write_text("keep")
+    result = CliRunner().invoke(app, ["explain", str(run), "x.png", "--out", str(tmp_path / "afile")])
+    assert str(result.exception) == f"--out {tmp_path / 'afile'} is a file, not a folder"
 
 
 def test_multilabel_explains_each_label(tmp_path):

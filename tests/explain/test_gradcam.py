@@ -166,3 +166,25 @@ def test_input_box_matches_the_crop_the_transform_takes(width, height):
     assert build_transform(pre)(Image.fromarray(outside))[0].max() < 0.01  # ...and nothing outside it shows
     squash = Preprocessing(size=64, mean=(0, 0, 0), std=(1, 1, 1))
     assert input_box(squash, width, height) == (0, 0, width, height)
+
+
+def test_the_heatmap_covers_exactly_the_image_it_was_computed_over():
+    """The image was drawn centred on pixel indices (-0.5 ... W-0.5) and the map on the box's edges (0 ... W), so
+    the map sat half a pixel right of and below the image (a quarter of a 1x1 image)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cxrkit.explain.plots import Explained, _draw
+
+    for size in ((1, 1), (6, 3)):
+        image = Image.new("L", size, 128)
+        item = Explained(image, np.random.default_rng(0).random((4, 4)), (0.0, 0.0, *map(float, size)), "PNEUMONIA",
+                         0.9, "PNEUMONIA", "x.png", None)
+        figure, ax = plt.subplots()
+        _draw(ax, item, 0.5, 512)
+        drawn, heat = (tuple(shown.get_extent()) for shown in ax.images)
+        assert drawn == heat == (0, size[0], size[1], 0)
+        assert tuple(ax.get_xlim()) == (0, size[0]) and tuple(ax.get_ylim()) == (size[1], 0)
+        plt.close(figure)

@@ -43,14 +43,20 @@ def explain(
     if bool(inputs) == grid:
         raise CxrError("give images to explain, or --grid for a split (not both)")
     method_info(method)
-    if not 0 < remove < 100 or not 0 <= opacity <= 1 or batch_size < 1 or random_maps < 1:
-        raise CxrError("--remove must be in (0, 100), --opacity in [0, 1], --batch-size and --random-maps >= 1")
+    for wrong, rule in ((not 0 < remove < 100, f"--remove {remove:g} must be above 0 and below 100 (percent)"),
+                        (not 0 <= opacity <= 1, f"--opacity {opacity:g} must be from 0 to 1"),
+                        (batch_size < 1, f"--batch-size {batch_size} must be at least 1"),
+                        (random_maps < 1, f"--random-maps {random_maps} must be at least 1")):
+        if wrong:
+            raise CxrError(rule)
     options = ExplainOptions(method, layer, tuple(target), check, remove, random_maps, opacity, batch_size, seed)
     console = notes_console()
     from cxrkit.serve.predictor import Predictor
 
     predictor = Predictor(run, checkpoint=checkpoint)
     out_dir = out or predictor.run.path / "explain" / method.lower().replace("+", "p")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CxrError(f"--out {out_dir} is a file, not a folder")
     if grid:
         from cxrkit.explain.grid import explain_grid
 
@@ -83,7 +89,13 @@ def _explain_inputs(predictor, inputs: list[str], out_dir: Path, options, overwr
         console.print(f"{len(result.rows)} heatmaps, heatmap vs random region: {verdict_summary(checks)}",
                       highlight=False)
     if result.skipped:
-        console.print(f"{result.skipped} images were already explained in {out_dir} (--overwrite redoes them)")
+        images = "image was" if result.skipped == 1 else "images were"
+        console.print(f"{result.skipped} {images} already explained in {out_dir} with these settings (--overwrite "
+                      "redoes them)", highlight=False)
+    if result.redone:
+        images = "image" if result.redone == 1 else "images"
+        console.print(f"{result.redone} {images} explained before with other settings in {out_dir} were explained "
+                      "again", highlight=False)
     for _path, reason in result.failed:
         print(f"error: {reason}", file=sys.stderr)
     print(out_dir / "explain.csv")

@@ -89,6 +89,13 @@ class LabelledImages:
     def read(self, index: int) -> Image.Image:
         return self.reader(self.items[index])
 
+    def skipped_note(self, where: str = "") -> str | None:
+        """One line on the files the scan left out (how many, and the first with its reason), or None."""
+        if not self.skipped:
+            return None
+        source, reason = self.skipped[0]
+        return f"skipped {len(self.skipped)} file(s) that are not usable images{where}; the first: {source}: {reason}"
+
     def subset(self, indices: Sequence[int]) -> LabelledImages:
         return LabelledImages(self.spec, [self.items[i] for i in indices], self.reader, list(self.skipped))
 

@@ -41,6 +41,11 @@ def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[Lab
         return ds.subset(splits[split]), ds.spec.name, False, split
     task = cfg.task if cfg.task == "normal-bacterial-viral" else "auto"
     ds = pipeline.load_data(DataConfig(root=data, task=task, name=cfg.name if cfg.format == "medmnist" else None))
+    note = ds.skipped_note(f" in {data}")
+    if note:  # as cxr train says it of the training data
+        from cxrkit.console import notes_console
+
+        notes_console().print(note, highlight=False)
     own = [i for i, it in enumerate(ds.items) if it.split == split]
     if any(it.split for it in ds.items):
         if not own:

@@ -2,14 +2,17 @@
 
 Per image and explained class the output folder gets ``<name>.<class>.png`` (overlay), ``<name>.<class>.npy``
 (the raw map over the model input, float32 in [0, 1]) and one ``<name>.json`` with the probabilities, the box of
-the original image the map covers and the faithfulness check; ``explain.csv`` sums them up. Every file is written
-atomically, and an image whose ``.json`` exists is not redone, so an interrupted run over thousands of images
-resumes where it stopped.
+the original image the map covers, the faithfulness check and the settings that made them; ``explain.csv`` sums
+up every image in the folder. Every file is written atomically, and an image whose ``.json`` records the same
+source file and settings is not redone, so an interrupted run over thousands of images resumes where it stopped.
+An image explained before with other settings (target, layer, checkpoint, check) is explained again and its old
+files go; another file with the same name gets a name of its own (``<name>-2``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +74,7 @@ class FilesResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: int = 0
+    redone: int = 0
 
 
 def explain_batch(explainer: Explainer, predictor: Predictor, images: Sequence[Any], options: ExplainOptions,
@@ -130,39 +134,88 @@ def verdict_summary(checks: Sequence[dict[str, Any]]) -> str:
     return f"{parts} (mean extra drop in p {mean:+.3f})"
 
 
-def _safe_names(paths: Sequence[str]) -> list[str]:
-    """Output names from file stems: only ``[A-Za-z0-9._-]``, made unique in input order."""
-    seen: dict[str, int] = {}
+def settings_of(predictor: Predictor, options: ExplainOptions) -> dict[str, Any]:
+    """What an image's maps and check depend on besides the image: kept in its ``.json`` to decide resuming."""
+    return {"checkpoint": predictor.checkpoint, "weights_sha256": predictor.weights_sha256, "method": options.method,
+            "layer": options.layer, "targets": list(options.targets), "check": options.check,
+            "percent": options.percent, "n_random": options.n_random, "seed": options.seed,
+            "opacity": options.opacity, "temperature": predictor.temperature, "threshold": predictor.threshold}
+
+
+def _record(out_dir: Path, name: str) -> dict[str, Any] | None:
+    """The ``<name>.json`` of an explained image, or None (absent, unreadable, or another kind of file)."""
+    try:
+        record = json.loads((out_dir / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "rows" in record and "source" in record else None
+
+
+def _names(paths: Sequence[str], out_dir: Path) -> list[str]:
+    """Output names from file stems (only ``[A-Za-z0-9._-]``), unique in input order; a name whose record in
+    ``out_dir`` belongs to another file is passed over (``<stem>-2``, ``-3``...), so runs into one folder never
+    mistake one image for another."""
+    used: set[str] = set()
     names = []
     for path in paths:
         stem = safe_name(Path(path).stem, "image")
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+        for k in range(1, len(paths) + 10_000):
+            name = stem if k == 1 else f"{stem}-{k}"
+            record = _record(out_dir, name) if name not in used else None
+            if name not in used and (record is None or _same_file(record["source"], path)):
+                break
+        used.add(name)
+        names.append(name)
     return names
 
 
-def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrite: bool,
+def _same_file(a: Any, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError):  # one of them is gone: compare the names
+        return str(a) == str(b)
+
+
+def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrite: bool, settings: dict[str, Any],
              result: FilesResult, batch_size: int) -> Iterator[list[tuple[str, str, Any]]]:
-    """Batches of ``(path, name, image)``; unreadable files go to ``result.failed``, done ones are reloaded."""
+    """Batches of ``(path, name, image)``; unreadable files go to ``result.failed``, images done with these
+    settings are reloaded, and the files of images done with others are removed (they are made again)."""
     from cxrkit.data.images import read_image
 
     batch: list[tuple[str, str, Any]] = []
     for path, name in zip(paths, names):
-        record = out_dir / f"{name}.json"
-        if record.is_file() and not overwrite:
-            result.rows += json.loads(record.read_text())["rows"]
+        record = _record(out_dir, name)
+        if record is not None and not overwrite and record.get("settings") == settings:
+            result.rows += record["rows"]
             result.skipped += 1
             continue
         try:
-            batch.append((path, name, read_image(path)))
+            image = read_image(path)
         except CxrError as err:
             result.failed.append((path, str(err)))
             continue
+        if record is not None:
+            result.redone += record.get("settings") != settings
+            for row in record["rows"]:
+                for kind in ("png", "npy"):
+                    if isinstance(row.get(kind), str) and row[kind] == Path(row[kind]).name:
+                        (out_dir / row[kind]).unlink(missing_ok=True)
+        batch.append((path, name, image))
         if len(batch) == batch_size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def folder_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """The summary rows of every image explained in ``out_dir``, by output name."""
+    rows = []
+    for path in sorted(out_dir.glob("*.json")):
+        record = _record(out_dir, path.stem)
+        if record is not None:
+            rows += record["rows"]
+    return rows
 
 
 def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Path, options: ExplainOptions,
@@ -177,10 +230,11 @@ def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     result = FilesResult()
     bar = progress.add_task("explain", total=len(paths), rate="") if progress is not None else None
-    names = _safe_names(paths)
+    names = _names(paths, out_dir)
+    settings = settings_of(predictor, options)
     processed = 0
     with Explainer(predictor.model, predictor.task, options.method, options.layer, predictor.temperature) as ex:
-        for batch in _decoded(paths, names, out_dir, overwrite, result, options.batch_size):
+        for batch in _decoded(paths, names, out_dir, overwrite, settings, result, options.batch_size):
             probs, maps = explain_batch(ex, predictor, [im for _, _, im in batch], options)
             decided = predictor.decide(probs)
             for (path, name, image), p, predicted, image_maps in zip(batch, probs, decided, maps):
@@ -190,14 +244,14 @@ def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Pat
                 atomic_write_json(out_dir / f"{name}.json", {
                     "source": str(path), "predicted": predicted, "box": [round(v, 2) for v in box],
                     "probabilities": {n: round(float(q), 6) for n, q in zip(predictor.labels, p)},
-                    "method": ex.method_name, "layer": ex.layer_name, "rows": rows})
+                    "method": ex.method_name, "layer": ex.layer_name, "settings": settings, "rows": rows})
                 result.rows += rows
             processed += len(batch)
             if bar is not None:
                 progress.update(bar, completed=processed + result.skipped + len(result.failed))
     if bar is not None:
         progress.update(bar, completed=len(paths))
-    atomic_write_text(out_dir / "explain.csv", csv_text(result.rows, SUMMARY_COLUMNS))
+    atomic_write_text(out_dir / "explain.csv", csv_text(folder_rows(out_dir), SUMMARY_COLUMNS))
     return result
 
 

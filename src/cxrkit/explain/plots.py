@@ -60,12 +60,15 @@ def _display(image: Any, side: int) -> tuple[np.ndarray, float]:
 
 def _draw(ax: Any, item: Explained, opacity: float, side: int) -> Any:
     pixels, scale = _display(item.image, side)
-    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation="antialiased")
+    height, width = pixels.shape[:2]
+    # both in pixel-edge coordinates (the box's): by default imshow centres pixel i on i, half a pixel off the box
+    ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation="antialiased",
+              extent=(0, width, height, 0))
     left, top, right, bottom = (v * scale for v in item.box)
     shown = ax.imshow(item.heatmap, cmap=CMAP, alpha=opacity, vmin=0.0, vmax=1.0, extent=(left, right, bottom, top),
                       interpolation="bilinear")
-    ax.set_xlim(-0.5, pixels.shape[1] - 0.5)
-    ax.set_ylim(pixels.shape[0] - 0.5, -0.5)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
