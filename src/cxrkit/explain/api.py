@@ -11,6 +11,7 @@ files go; another file with the same name gets a name of its own (``<name>-2``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -159,7 +160,7 @@ def _names(paths: Sequence[str], out_dir: Path) -> list[str]:
     names = []
     for path in paths:
         stem = safe_name(Path(path).stem, "image")
-        for k in range(1, len(paths) + 10_000):
+        for k in itertools.count(1):
             name = stem if k == 1 else f"{stem}-{k}"
             record = _record(out_dir, name) if name not in used else None
             if name not in used and (record is None or _same_file(record["source"], path)):
@@ -178,8 +179,8 @@ def _same_file(a: Any, b: str) -> bool:
 
 def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrite: bool, settings: dict[str, Any],
              result: FilesResult, batch_size: int) -> Iterator[list[tuple[str, str, Any]]]:
-    """Batches of ``(path, name, image)``; unreadable files go to ``result.failed``, images done with these
-    settings are reloaded, and the files of images done with others are removed (they are made again)."""
+    """Batches of ``(path, name, image)``; unreadable files go to ``result.failed``, and images done with these
+    settings are reloaded."""
     from cxrkit.data.images import read_image
 
     batch: list[tuple[str, str, Any]] = []
@@ -196,16 +197,22 @@ def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrit
             continue
         if record is not None:
             result.redone += record.get("settings") != settings
-            for row in record["rows"]:
-                for kind in ("png", "npy"):
-                    if isinstance(row.get(kind), str) and row[kind] == Path(row[kind]).name:
-                        (out_dir / row[kind]).unlink(missing_ok=True)
         batch.append((path, name, image))
         if len(batch) == batch_size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def _remove_stale(out_dir: Path, earlier: dict[str, Any] | None, rows: list[dict[str, Any]]) -> None:
+    """Remove the maps of an image's earlier record that its new record (already written) no longer lists."""
+    kept = {row[kind] for row in rows for kind in ("png", "npy")}
+    for row in earlier["rows"] if earlier is not None else []:
+        for kind in ("png", "npy"):
+            name = row.get(kind)
+            if isinstance(name, str) and name == Path(name).name and name not in kept:
+                (out_dir / name).unlink(missing_ok=True)
 
 
 def folder_rows(out_dir: Path) -> list[dict[str, Any]]:
@@ -239,12 +246,14 @@ def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Pat
             decided = predictor.decide(probs)
             for (path, name, image), p, predicted, image_maps in zip(batch, probs, decided, maps):
                 box = input_box(predictor.preprocessing, *image.size)
+                earlier = _record(out_dir, name)
                 rows = [_write_map(out_dir, name, path, image, box, m, predicted, predictor, ex, options)
                         for m in image_maps]
                 atomic_write_json(out_dir / f"{name}.json", {
                     "source": str(path), "predicted": predicted, "box": [round(v, 2) for v in box],
                     "probabilities": {n: round(float(q), 6) for n, q in zip(predictor.labels, p)},
                     "method": ex.method_name, "layer": ex.layer_name, "settings": settings, "rows": rows})
+                _remove_stale(out_dir, earlier, rows)
                 result.rows += rows
             processed += len(batch)
             if bar is not None:
