@@ -79,6 +79,26 @@ def test_report_before_any_evaluation_goes_in_the_run(run):
     assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 1  # the training curves
 
 
+def test_damaged_figures_are_drawn_again_and_a_damaged_run_is_refused(run):
+    """A figure file that is not a PNG was embedded as one (newer than its sources, it was never redrawn); a stale
+    training-curves figure stood in for a missing metrics.csv; a run without labels.json got a report of n/a."""
+    evaluation = run / "eval" / "test"
+    build_report(run)
+    (evaluation / "roc.png").write_text("notpng")
+    (evaluation / "extra.png").write_text("notpng either")  # not cxrkit's: left alone, and not embedded
+    page = build_report(run).read_text()
+    assert (evaluation / "roc.png").read_bytes().startswith(b"\x89PNG")
+    images = re.findall(r'<img src="([^"]*)"', page)
+    assert len(images) == 6 and all(src.startswith("data:image/png;base64,iVBORw0KGgo") for src in images)
+    (run / "metrics.csv").unlink()
+    assert len(re.findall(r'<img src="', build_report(run).read_text())) == 5  # no curves without a history
+    for name in ("labels.json", "data.json"):
+        broken = Path(shutil.copytree(run, run.parent / f"no-{name}"))
+        (broken / name).unlink()
+        with pytest.raises(CxrError, match=f"has no {name}"):
+            build_report(broken)
+
+
 def test_unknown_evaluation_is_a_clear_error(run):
     with pytest.raises(CxrError, match="no evaluation 'nope'.*test"):
         build_report(run, "nope")

@@ -81,13 +81,13 @@ def build_report(run_dir: str | Path, eval_name: str | None = None) -> Path:
     out = eval_dir or run.path
     recipe_text = run.file("recipe.yaml").read_text()
     recipe = _load_yaml(recipe_text)
-    labels = _read_json(run, "labels.json")
+    labels = run.read_json("labels.json")  # written when training starts: a run without it is damaged
     metrics = _read_json(run, Path("eval") / eval_dir.name / "metrics.json") if eval_dir else {}
     figures = _figures(run, out, eval_dir, labels, metrics)
     sections = {
         "summary": _summary(run, recipe, labels, metrics, eval_dir),
         "recipe": _recipe(recipe, recipe_text),
-        "data": _data(recipe, _read_json(run, "data.json")),
+        "data": _data(recipe, run.read_json("data.json")),
         "metrics": _metrics(metrics, run.read_metrics()),
         "figures": _figure_grid(figures),
         "environment": _environment(_read_json(run, "env.json")),
@@ -125,9 +125,21 @@ def _load_yaml(text: str) -> dict[str, Any]:
     return loaded if isinstance(loaded, dict) else {}
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    """Whether ``path`` is a file that starts as a PNG does (a damaged figure is drawn again, not embedded)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(24)[:8] == _PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def _stale(path: Path, *sources: Path) -> bool:
-    """True when ``path`` is missing or older than any existing source."""
-    if not path.is_file():
+    """True when ``path`` is missing, not a PNG, or older than any existing source."""
+    if not _is_png(path):
         return True
     mtime = path.stat().st_mtime
     return any(s.is_file() and s.stat().st_mtime > mtime for s in sources)
@@ -142,7 +154,7 @@ def _figures(run: Run, out: Path, eval_dir: Path | None, labels: dict, metrics: 
     rows = run.read_metrics()
     if rows and _stale(curves, run.file("metrics.csv")):
         plot_training_curves({run.name: rows}, curves, title=f"Training curves: {run.name}")
-    if curves.is_file():
+    if rows and _is_png(curves):  # without metrics.csv an earlier figure would show a history the report lacks
         figures.append(("Training curves (red dashed lines: stage boundaries)", curves))
     if eval_dir is None:
         return figures
@@ -150,10 +162,11 @@ def _figures(run: Run, out: Path, eval_dir: Path | None, labels: dict, metrics: 
     if any(_stale(eval_dir / f"{key}.png", *sources) for key in ("roc", "pr", "confusion", "output_distribution")):
         _draw_eval_figures(eval_dir, labels, metrics)
     for key, caption in EVAL_FIGURES.items():
-        if (eval_dir / f"{key}.png").is_file():
+        if _is_png(eval_dir / f"{key}.png"):
             figures.append((caption, eval_dir / f"{key}.png"))
     known = {f"{key}.png" for key in EVAL_FIGURES} | {curves.name}
-    figures += [(p.stem.replace("_", " "), p) for p in sorted(eval_dir.glob("*.png")) if p.name not in known]
+    figures += [(p.stem.replace("_", " "), p) for p in sorted(eval_dir.glob("*.png"))
+                if p.name not in known and _is_png(p)]
     return figures
 
 
