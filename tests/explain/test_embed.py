@@ -94,8 +94,12 @@ def test_conv_layers_and_flatten(run, tmp_path):
     assert block["module"] == "backbone.features.9" and block["pool"] == "avg" and len(block["layer_shape"]) == 3
     assert block["feature_dim"] == block["layer_shape"][0] and head["feature_dim"] == 2
     assert [r["source"] for r in block["rows"]] == [r["source"] for r in head["rows"]]  # one forward pass, same rows
-    (flat,) = _embed(run, tmp_path / "flat", "--layer", "features.9", "--pool", "flatten")
+    (flat,) = _embed(run, tmp_path, "--layer", "features.9", "--pool", "flatten")
     assert flat["pool"] == "flatten" and flat["feature_dim"] == int(np.prod(flat["layer_shape"]))
+    # into the same folder: the flattened map has files of its own, the pooled map's are still there
+    found = {p.stem.split("-train-", 1)[1]: p for p in tmp_path.glob("*-train-features_9*.json")}
+    assert sorted(found) == ["features_9-flatten-tsne", "features_9-tsne"], found
+    assert json.loads(found["features_9-tsne"].read_text())["pool"] == "avg"
 
 
 def test_umap(run, tmp_path):

@@ -312,9 +312,12 @@ def embed_run(
     out_dir = Path(out) if out is not None else predictor.run.path / "embed"
     maps = []
     for layer in chosen:
-        stem = _file_stem(ds_name, split, layer.name.replace(".", "_"), method, view.label or "")
+        pooled = pool if len(shapes[layer.path]) > 1 else "none"
+        # a flattened map is another feature set than the pooled one: its files must not replace the pooled map's
+        stem = _file_stem(ds_name, split, layer.name.replace(".", "_"), "flatten" if pooled == "flatten" else "",
+                          method, view.label or "")
         summary = {**context, "layer": layer.name, "module": layer.path, "layer_shape": shapes[layer.path],
-                   "pool": pool if len(shapes[layer.path]) > 1 else "none"}
+                   "pool": pooled}
         maps.append(_map_layer(features[layer.path], true, predicted, probs, images, predictor.labels, summary,
                                perplexity, out_dir / stem))
     return maps
