@@ -82,6 +82,7 @@ def test_resuming_follows_the_settings_and_the_file_and_explain_csv_covers_the_f
 
     result, rows = explain(str(normal))
     assert result.exit_code == 0, result.output
+    assert "1 heatmap (no faithfulness check)" in result.output
     predicted = json.loads((out / f"{normal.stem}.json").read_text())["predicted"]
     result, rows = explain(str(normal), "-t", "all")
     assert "1 image explained before with other settings" in result.output

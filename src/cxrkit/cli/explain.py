@@ -85,9 +85,11 @@ def _explain_inputs(predictor, inputs: list[str], out_dir: Path, options, overwr
     with make_progress(console) as progress:
         result = explain_files(predictor, paths, out_dir, options, overwrite, progress)
     checks = [r for r in result.rows if r.get("verdict")]
+    heatmaps = f"{len(result.rows)} heatmap{'' if len(result.rows) == 1 else 's'}"
     if checks:
-        console.print(f"{len(result.rows)} heatmaps, heatmap vs random region: {verdict_summary(checks)}",
-                      highlight=False)
+        console.print(f"{heatmaps}, heatmap vs random region: {verdict_summary(checks)}", highlight=False)
+    elif result.rows:
+        console.print(f"{heatmaps} (no faithfulness check)", highlight=False)
     if result.skipped:
         images = "image was" if result.skipped == 1 else "images were"
         console.print(f"{result.skipped} {images} already explained in {out_dir} with these settings (--overwrite "
