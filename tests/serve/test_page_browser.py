@@ -38,14 +38,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_run):
+def server(tiny_run, request):
+    """The service on loopback; ``@pytest.mark.parametrize("server", [{...}], indirect=True)`` sets
+    :class:`~cxrkit.serve.app.ServeSettings` fields."""
     import uvicorn
 
     from cxrkit.serve.app import ServeSettings, create_app
 
     port = _free_port()
-    config = uvicorn.Config(create_app(ServeSettings(str(tiny_run), engine="torch")), host="127.0.0.1", port=port,
-                            log_level="warning")
+    settings = ServeSettings(str(tiny_run), engine="torch", **getattr(request, "param", {}))
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -93,3 +95,27 @@ def test_upload_a_real_xray_and_see_the_result(server, tmp_path):
     assert all(url.startswith((server, "data:")) for url in requests), requests  # no outside assets
     assert shot.stat().st_size > 30_000
     print(f"screenshot: {shot}", file=sys.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", [{"heatmaps": False}], indirect=True)
+def test_a_service_without_heatmaps_shows_the_result_without_a_picture(server):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
+    xray = _real_xray()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(server + "/", wait_until="load")
+            page.wait_for_function("document.getElementById('model-line').textContent.includes('mobilenet_v3_small')")
+            page.set_input_files("#file", str(xray))
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            assert page.text_content("#label") in ("NORMAL", "PNEUMONIA") and xray.name in page.text_content("#status")
+            assert page.is_hidden("#picture") and page.is_visible("#bars")
+        finally:
+            browser.close()
+    assert any(url.endswith("/v1/predict") for url in requests) and not any("heatmap" in url for url in requests)

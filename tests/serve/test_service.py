@@ -214,6 +214,19 @@ def test_heatmaps_come_from_the_model_loaded_at_start_up(tiny_run, tmp_path, cas
         assert response.json()["heatmap"]["class"] in labels and str(moved.parent) not in response.text
 
 
+def test_a_service_without_heatmaps_refuses_them_and_loads_no_second_model(tiny_run, cases):
+    with TestClient(create_app(ServeSettings(str(tiny_run), engine="onnx", heatmaps=False))) as c:
+        assert c.app.state.service.cam_predictor is None  # with onnx, heatmaps would need an fp32 PyTorch copy
+        assert c.get("/v1/model").json()["heatmaps"] is False
+        for url, files in (("/v1/predict", _upload(cases["rgba-png"])),
+                           ("/v1/predict/batch", {"files": _upload(cases["rgba-png"])["file"]})):
+            refused = c.post(f"{url}?heatmap=true", files=files)
+            assert refused.status_code == 400 and "--no-heatmaps" in refused.json()["error"], refused.text
+            assert c.post(url, files=files).status_code == 200
+    with TestClient(create_app(ServeSettings(str(tiny_run), engine="onnx"))) as c:
+        assert c.get("/v1/model").json()["heatmaps"] is True and c.app.state.service.cam_predictor is not None
+
+
 def test_a_model_call_whose_callers_have_gone_is_skipped():
     ran, gate = [], threading.Event()
 

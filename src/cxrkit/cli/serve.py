@@ -24,6 +24,9 @@ def serve(
     max_files: int = typer.Option(32, "--max-files", help="Most files in one batch request"),
     max_batch: int = typer.Option(16, "--max-batch", help="Most images in one model call"),
     batch_window_ms: float = typer.Option(5.0, "--batch-window-ms", help="How long a request waits for company"),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps",
+                                  help="Offer Grad-CAM heatmaps (?heatmap=true); off: refused with 400, and no "
+                                       "second fp32 model is loaded for them"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a run over HTTP: POST /v1/predict, /v1/predict/batch, GET /v1/model, /v1/health, the page at /."""
@@ -48,7 +51,7 @@ def serve(
     threads = max(1, usable_cores() // workers) if workers > 1 else None
     settings = ServeSettings(str(path), checkpoint, resolved, api_key, max_upload_mb, timeout_s=timeout,
                              max_files=max_files, max_batch=max_batch, batch_window_ms=batch_window_ms,
-                             threads=threads)
+                             threads=threads, heatmaps=heatmaps)
     typer.echo(f"serving {path.name} ({resolved} engine) on http://{host}:{port} with {workers} worker(s)", err=True)
     if workers == 1:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)

@@ -51,6 +51,7 @@ class ServeSettings:
     max_batch: int = 16
     batch_window_ms: float = 5.0
     threads: int | None = None
+    heatmaps: bool = True
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

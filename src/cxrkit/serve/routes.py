@@ -23,6 +23,10 @@ def api_router(settings: ServeSettings) -> APIRouter:
 
     secured = [Depends(require_key)]
 
+    def check_heatmap(heatmap: bool) -> None:
+        if heatmap and not settings.heatmaps:
+            raise RequestError(400, "heatmaps are off in this service (it was started with --no-heatmaps)")
+
     @router.get("/health", summary="Liveness; never needs the API key")
     async def health(request: Request) -> dict[str, Any]:
         service = request.app.state.service
@@ -37,6 +41,7 @@ def api_router(settings: ServeSettings) -> APIRouter:
     @router.post("/predict", dependencies=secured, summary="Predict one image (multipart field `file`)")
     async def predict(request: Request, file: UploadFile = File(...),
                       heatmap: bool = Query(False, description="add Grad-CAM pictures (base64 PNG)")) -> dict:
+        check_heatmap(heatmap)
         count = len((await request.form()).getlist("file"))  # the form is parsed once; this is its cached copy
         if count > 1:
             raise RequestError(400, f"{count} files in the field `file`; this endpoint predicts one image, "
@@ -46,6 +51,7 @@ def api_router(settings: ServeSettings) -> APIRouter:
     @router.post("/predict/batch", dependencies=secured, summary="Predict several images (multipart field `files`)")
     async def predict_batch(request: Request, files: list[UploadFile] = File(...),
                             heatmap: bool = Query(False, description="add Grad-CAM pictures (base64 PNG)")) -> dict:
+        check_heatmap(heatmap)
         if len(files) > settings.max_files:
             raise RequestError(413, f"{len(files)} files in one request; the limit is {settings.max_files}")
         uploads = [(f.filename, await f.read()) for f in files]

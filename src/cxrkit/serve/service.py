@@ -30,7 +30,8 @@ class Service:
     """The model of one worker process, used as an async context manager (the batcher lives inside it).
 
     Everything it answers from is loaded here, at start-up: the predictor, and the fp32 PyTorch model Grad-CAM
-    needs when the predictor is not one. A run moved or edited later changes nothing until a restart.
+    needs when the predictor is not one (not with ``--no-heatmaps``). A run moved or edited later changes nothing
+    until a restart.
     """
 
     def __init__(self, settings: ServeSettings):
@@ -40,7 +41,7 @@ class Service:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         self.predictor = Predictor(settings.run, settings.checkpoint, engine=settings.engine)
-        self.cam_predictor = self._load_cam_predictor()
+        self.cam_predictor = self._load_cam_predictor() if settings.heatmaps else None
         self.batcher: MicroBatcher[tuple[str, Any, float], Prediction] = MicroBatcher(
             self.predictor.predict_decoded, settings.max_batch, settings.batch_window_ms)
         # a decode can take far more memory than its upload (a 400 KB float TIFF: ~2 GB): one per thread at once
@@ -175,7 +176,7 @@ class Service:
             "model": p.model_id, "labels": p.labels, "task": p.task, "positive": p.labels_info.get("positive"),
             "input_size": [3, size, size], "preprocessing": p.preprocessing.to_dict(), "threshold": p.threshold,
             "threshold_method": p.labels_info.get("threshold_method"), "temperature": p.temperature,
-            "metrics": evaluations, "cxrkit_version": __version__,
+            "metrics": evaluations, "heatmaps": self.settings.heatmaps, "cxrkit_version": __version__,
             "limits": {"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels,
                        "max_files": self.settings.max_files, "timeout_s": self.settings.timeout_s},
         }

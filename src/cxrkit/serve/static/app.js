@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let apiKey = sessionStorage.getItem("cxr-api-key") || "";
+let heatmaps = true;  // the service's /v1/model says whether it offers them (`cxr serve --no-heatmaps`)
 
 function headers() {
   return apiKey ? { "X-API-Key": apiKey } : {};
@@ -27,6 +28,7 @@ async function loadModel() {
     return;
   }
   $("key-box").hidden = true;
+  heatmaps = info.heatmaps !== false;
   const m = info.model;
   $("model-line").textContent =
     `${m.backbone}, run ${m.run} (${m.checkpoint}), labels: ${info.labels.join(", ")}`;
@@ -68,6 +70,7 @@ function show(result) {
   const m = result.model;
   $("model-id").textContent = `${m.backbone} · ${m.run} · weights ${m.weights_sha256.slice(0, 12)} · ${m.engine}`;
   $("timing").textContent = `${result.timing_ms.request.toFixed(0)} ms on the server`;
+  $("picture").hidden = !result.heatmap;
   if (result.heatmap) {
     $("image").src = "data:image/png;base64," + result.heatmap.image_png;
     $("map").src = "data:image/png;base64," + result.heatmap.map_png;
@@ -82,7 +85,8 @@ async function predict(file) {
   const body = new FormData();
   body.append("file", file, file.name);
   try {
-    const response = await fetch("/v1/predict?heatmap=true", { method: "POST", body, headers: headers() });
+    const url = heatmaps ? "/v1/predict?heatmap=true" : "/v1/predict";
+    const response = await fetch(url, { method: "POST", body, headers: headers() });
     const result = await response.json();
     if (!response.ok) {
       setStatus(result.error || `error ${response.status}`, true);
