@@ -128,7 +128,7 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
     assert result.exit_code == 0, result.output
     data = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "data.json").read_text())
     reasons = {Path(s["source"]).name: s["reason"] for s in data["skipped"]}
-    assert "skipped 2 file(s) that are not usable images, all listed in" in result.stderr
+    assert "skipped 2 file(s) that are not usable images (the run's data.json lists them all)" in result.stderr
     assert "truncated" in reasons["IM-9999-0001.jpeg"]
     assert "not an image" in reasons["person999_virus_1.jpeg"]
     assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out
@@ -196,8 +196,12 @@ def test_calibrate_infers_its_method_from_a_target_and_refuses_a_conflict(tmp_pa
 
 
 def test_a_missing_split_and_unmapped_labels_are_explained(tmp_path):
-    run = _train(tmp_path, "--data", str(kermany_folder(tmp_path / "k", per_class=8, size=32)),
-                 "--set", "data.split.ratios=[0.75,0.25]")
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "runs"), *TINY, "--data",
+                                      str(kermany_folder(tmp_path / "k", per_class=8, size=32)),
+                                      "--set", "data.split.ratios=[0.75,0.25]"])
+    assert result.exit_code == 0, result.output
+    assert "not calibrated: the run has no validation split" in result.stderr  # it used to say nothing
+    run = Path(result.stdout.strip().splitlines()[-1])
     result = CliRunner().invoke(app, ["evaluate", str(run), "--split", "val"])
     assert result.exit_code != 0 and str(result.exception).endswith("has no val split (it has train, test)")
     covid_like(tmp_path / "covid", per_class=2, size=32)

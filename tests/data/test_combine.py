@@ -85,6 +85,9 @@ def test_duplicate_sources_are_left_out(tmp_path):
     ds = combine([covid, load_folder(tmp_path / "covid19", name="again")], "dup")
     assert len(ds) == 6
     assert len([why for _, why in ds.skipped if why.startswith("duplicate")]) == 6
+    (tmp_path / "linked").symlink_to(tmp_path / "covid19")  # the same files by another path: still duplicates
+    ds = combine([covid, load_folder(tmp_path / "linked", name="linked")], "dup")
+    assert len(ds) == 6 and len([why for _, why in ds.skipped if why.startswith("duplicate")]) == 6
 
 
 def test_combine_refuses_multilabel_and_empty():

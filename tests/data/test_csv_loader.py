@@ -42,6 +42,33 @@ def test_nih_format_is_detected_and_multilabel(tmp_path):
     assert ds.read(0).mode == "L"
 
 
+def test_nih_rows_with_unknown_or_no_findings_or_listed_again_are_skipped_with_their_line(tmp_path):
+    """A misspelt finding, or a blank Finding Labels, used to read as "no finding" (every label negative), and an
+    image listed twice became two items."""
+    path = _nih(tmp_path)
+    for name in ("00000005_000.png", "00000006_000.png"):
+        save_gray(tmp_path / "images" / name, (8, 8))
+    path.write_text(path.read_text() + "00000005_000.png,Pneumonai|Nodule,0,5,50,M,PA\n"
+                    "00000006_000.png,,0,6,50,M,PA\n" "00000001_000.png,Hernia,0,1,50,M,PA\n")
+    ds = load_csv(path)
+    assert len(ds) == 4
+    reasons = {source.rsplit("/", 1)[-1]: reason for source, reason in ds.skipped}
+    assert reasons["00000005_000.png"] == f"unknown finding 'pneumonai' ({path.name} line 7)"
+    assert reasons["00000006_000.png"] == f"no Finding Labels ({path.name} line 8)"
+    assert reasons["00000001_000.png"] == f"listed again ({path.name} line 9; first on line 2)"
+
+
+def test_generic_csv_rows_listing_one_file_twice_or_no_path_are_skipped(tmp_path):
+    for i in range(4):
+        save_gray(tmp_path / "img" / f"{i}.png", (8, 8))
+    path = tmp_path / "labels.csv"
+    path.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg/2.png,a\nimg/3.png,b\n"
+                    f"{tmp_path}/img/../img/0.png,b\n,a\n")
+    ds = load_csv(path)
+    assert len(ds) == 4 and [reason for _, reason in ds.skipped] == [
+        "listed again (labels.csv line 6; first on line 2)", "no image path (labels.csv line 7)"]
+
+
 @pytest.mark.parametrize("folder", ["", "images_001/images"])
 def test_nih_images_beside_the_csv_or_in_original_folders(tmp_path, folder):
     ds = load_csv(_nih(tmp_path, folder))

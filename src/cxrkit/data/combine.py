@@ -9,6 +9,7 @@ Example (study 5, normal / COVID-19 / viral pneumonia)::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,14 +69,16 @@ def combine(parts: Sequence[LabelledImages], name: str) -> LabelledImages:
     items: list[Item] = []
     skipped: list[tuple[str, str]] = []
     part_of_source: dict[str, int] = {}
+    part_of_file: dict[str, int] = {}  # by real path: a folder reached through a link is the same folder
     for k, part in enumerate(parts):
         skipped.extend(part.skipped)
         new_index = [find_label(label, labels) for label in part.spec.labels]
         for it in part.items:
-            if it.source in part_of_source:
-                skipped.append((it.source, f"duplicate: already in part {part_of_source[it.source]} of {name}"))
+            real = os.path.realpath(it.source)
+            if real in part_of_file:
+                skipped.append((it.source, f"duplicate: already in part {part_of_file[real]} of {name}"))
                 continue
-            part_of_source[it.source] = k
+            part_of_source[it.source] = part_of_file[real] = k
             patient = f"{part.spec.name}:{it.patient}" if prefix else it.patient
             items.append(Item(it.source, patient, new_index[it.target], it.split if keep_splits else None))
     task = "binary" if len(labels) == 2 else "multiclass"

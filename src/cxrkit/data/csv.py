@@ -92,13 +92,25 @@ def _load_nih(
     index = _nih_image_index(path, image_dir)
     splits = _nih_official_splits(path.parent)
     items, skipped = [], []
-    for row in rows:
+    seen: dict[str, int] = {}
+    names = {name.lower() for name in known}
+    for line, row in enumerate(rows, start=2):
         image = row.get("Image Index", "")
         file = index.get(image)
         if file is None:
-            skipped.append((image or f"{path} (row without Image Index)", "image file not found"))
+            skipped.append((image or f"{path} line {line}", "image file not found" if image else
+                            f"no Image Index ({path.name} line {line})"))
             continue
+        why = _missing_or_repeated(path, line, image, file, seen)
         findings = {f.strip().lower() for f in row.get("Finding Labels", "").split("|") if f.strip()}
+        unknown = sorted(findings - names)
+        if why is None and not findings:  # "No Finding" is how the file says none; blank says nothing
+            why = f"no Finding Labels ({path.name} line {line})"
+        if why is None and unknown:  # a typo would otherwise read as a negative for every finding
+            why = f"unknown finding {unknown[0]!r} ({path.name} line {line})"
+        if why:
+            skipped.append((str(file), why))
+            continue
         target = tuple(1.0 if lab.lower() in findings else 0.0 for lab in chosen)
         patient = row.get("Patient ID") or str(file)
         items.append(Item(str(file), patient, target, splits.get(image)))
@@ -169,6 +181,20 @@ def _load_generic(
     return ds
 
 
+def _missing_or_repeated(path: Path, line: int, value: str, file: Path, seen: dict[str, int]) -> str | None:
+    """Why row ``line`` (naming ``value``, found at ``file``) cannot be an item: no path, no file, or a file an
+    earlier row already listed (by its real path, however it is spelled); None when it can."""
+    if not value:
+        return f"no image path ({path.name} line {line})"
+    if not file.is_file():
+        return "image file not found"
+    real = os.path.realpath(file)
+    if real in seen:
+        return f"listed again ({path.name} line {line}; first on line {seen[real]})"
+    seen[real] = line
+    return None
+
+
 def _resolve(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
@@ -186,11 +212,13 @@ def _row_meta(path: Path, line: int, row: dict[str, str], cols: tuple[str | None
 def _generic_single(path: Path, rows: list[dict[str, str]], cols: tuple, base: Path, task: str) -> LabelledImages:
     path_col, label_col, *meta_cols = cols
     found, skipped = [], []
+    seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         file = _resolve(base, row.get(path_col, ""))
         label = row.get(label_col, "")
-        if not row.get(path_col) or not file.is_file():
-            skipped.append((str(file), "image file not found"))
+        why = _missing_or_repeated(path, line, row.get(path_col, ""), file, seen)
+        if why:
+            skipped.append((str(file), why))
         elif not label:
             skipped.append((str(file), f"no label ({path.name} line {line})"))
         else:
@@ -210,10 +238,12 @@ def _generic_multi(
 ) -> LabelledImages:
     path_col, *meta_cols = cols
     items, skipped = [], []
+    seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         file = _resolve(base, row.get(path_col, ""))
-        if not row.get(path_col) or not file.is_file():
-            skipped.append((str(file), "image file not found"))
+        why = _missing_or_repeated(path, line, row.get(path_col, ""), file, seen)
+        if why:
+            skipped.append((str(file), why))
             continue
         target = []
         for col in columns:

@@ -103,8 +103,12 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
     import torch
     from torch.utils.data import DataLoader
 
-    if len({item.source for item in ds.items}) != len(ds):
-        raise CxrError("the dataset lists the same image twice; the decoded-image cache needs unique sources")
+    seen: set[str] = set()
+    for item in ds.items:
+        if item.source in seen:
+            raise CxrError(f"the dataset lists {item.source} twice; the decoded-image cache needs each image once "
+                           "(or set runtime.cache_images=false)")
+        seen.add(item.source)
     folder = (root or cache_root()) / "decoded"
     key = cache_key(ds.items, pre)
     path, meta_path = folder / f"{key}.u8", folder / f"{key}.json"

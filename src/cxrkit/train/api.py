@@ -81,6 +81,9 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         trainer.fit(resume=last)
         if runtime.is_main and len(trainer.data.val):
             calibrate_after_training(run, runtime, console)
+        elif runtime.is_main:
+            console.print("not calibrated: the run has no validation split (temperature 1; a binary run decides at "
+                          "0.5); `cxr calibrate` needs one too", highlight=False)
     except BaseException:
         if created is not None and runtime.is_main:
             _discard_unstarted(created)

@@ -75,7 +75,7 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
                        f"({', '.join(ds.spec.labels)}); a classifier needs images of at least 2 classes")
     resumed = run is not None and run.file("splits.csv").is_file()
     if ds.skipped and console is not None and runtime.is_main and not resumed:
-        where = f", all listed in {run.file('data.json')}" if run is not None else ""
+        where = " (the run's data.json lists them all)" if run is not None else ""  # written below, if all goes well
         console.print(ds.skipped_note(where), highlight=False)
     splits = load_splits(run.file("splits.csv"), ds) if resumed else pipeline.split_data(ds, recipe.data)
     if not len(splits.get("train", [])):
