@@ -207,3 +207,19 @@ def test_a_missing_split_and_unmapped_labels_are_explained(tmp_path):
     covid_like(tmp_path / "covid", per_class=2, size=32)
     result = CliRunner().invoke(app, ["evaluate", str(run), "--data", str(tmp_path / "covid")])
     assert "--map COVID=LABEL on the command line" in str(result.exception)
+
+
+def test_own_splits_that_share_a_patient_are_noted(tmp_path):
+    """A dataset's own splits are kept, but one patient in two of them made held-out numbers optimistic silently."""
+    import shutil
+
+    root = kermany_folder(tmp_path / "k", per_class=8, size=32, splits=("train", "val", "test"))
+    args = ["train", "--data", str(root), "--out", str(tmp_path / "runs"), *TINY]
+    clean = CliRunner().invoke(app, args)
+    assert clean.exit_code == 0, clean.output
+    assert "more than one split" not in clean.stderr
+    shutil.copy(root / "train" / "NORMAL" / "IM-1000-0001.jpeg", root / "test" / "NORMAL" / "IM-1000-0003.jpeg")
+    shared = CliRunner().invoke(app, args)
+    assert shared.exit_code == 0, shared.output
+    assert "note: the dataset's own splits put 1 patient(s) in more than one split (the first: IM-1000)" in " ".join(
+        shared.stderr.split())

@@ -47,6 +47,18 @@ def split_counts(ds: LabelledImages, splits: dict[str, np.ndarray]) -> dict[str,
     return out
 
 
+def patients_in_several_splits(ds: LabelledImages, splits: dict[str, np.ndarray]) -> list[str]:
+    """The patients with images in more than one split, in item order."""
+    first: dict[str, str] = {}
+    found: dict[str, None] = {}
+    for name, idx in splits.items():
+        for i in idx:
+            patient = ds.items[int(i)].patient
+            if first.setdefault(patient, name) != name:
+                found[patient] = None
+    return list(found)
+
+
 def environment() -> dict[str, Any]:
     return {
         "cxrkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -80,6 +92,11 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
     splits = load_splits(run.file("splits.csv"), ds) if resumed else pipeline.split_data(ds, recipe.data)
     if not len(splits.get("train", [])):
         raise CxrError("the training split is empty")
+    shared = patients_in_several_splits(ds, splits) if recipe.data.split.group_by_patient else []
+    if shared and console is not None and runtime.is_main and not resumed:  # only a dataset's own splits can
+        console.print(f"note: the dataset's own splits put {len(shared)} patient(s) in more than one split (the "
+                      f"first: {shared[0]}), so held-out numbers may be optimistic; data.split.use_own=false makes "
+                      "patient-grouped splits", highlight=False)
     pre = pipeline.resolve_preprocessing(recipe.model)
     augment = pipeline.augmentation(recipe.augment)
     source = _decoded(ds, pre, recipe, runtime, console)
