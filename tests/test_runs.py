@@ -192,6 +192,12 @@ def test_first_line_of_an_exception():
     assert first_line(ValueError("\n  first\nsecond")) == "first"
     assert first_line(IndexError()) == "IndexError"
     assert first_line(OSError(f"cannot read {io.BytesIO()!r}")) == "cannot read the file"
+    # a line that announces the next ones keeps them (it used to end the message at "plugins:")
+    plugins = f"Unable to decode as exceptions were raised by all available plugins:\n  pillow: cannot identify " \
+              f"image file {io.BytesIO()!r}\n  pylibjpeg: no decoder\n  gdcm: absent\n  rle: absent\n"
+    assert first_line(RuntimeError(plugins)) == ("Unable to decode as exceptions were raised by all available "
+                                                 "plugins: pillow: cannot identify image file the file; pylibjpeg: "
+                                                 "no decoder; gdcm: absent")
 
 
 def test_names_cannot_place_runs_or_evaluations_outside_their_folders(tmp_path):

@@ -12,11 +12,15 @@ class CxrError(Exception):
 
 def first_line(err: BaseException) -> str:
     """An exception's message as one short line for a user: its first non-blank line with object addresses
-    (``<_io.BytesIO object at 0x7f...>``) left out, or the exception's type name when the message is empty."""
+    (``<_io.BytesIO object at 0x7f...>``) left out, or the exception's type name when the message is empty. A first
+    line that ends in a colon announces the next lines, so up to three of them follow it, joined by ``; `` (pydicom:
+    ``Unable to decode as exceptions were raised by all available plugins:`` and one line per plugin)."""
     import re
 
     text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:4])}"
     return lines[0] if lines else type(err).__name__
 
 
