@@ -110,6 +110,11 @@ def test_scan_skips_and_reports_non_images(tmp_path):
     (cls / "Thumbs.db").write_bytes(b"\0" * 10)
     (cls / "empty.png").write_bytes(b"")
     (cls / "fake.jpeg").write_text("not really a jpeg")
+    (cls / "more" / "deeper").mkdir(parents=True)
+    for name in ("a.png", "deeper/b.png"):  # a nested folder: its count of files says what is lost
+        (cls / "more" / name).write_bytes(b"x")
+    (root / "stray.png").write_bytes(b"x")  # no class folder: no class
+    (root / "README.md").write_text("about the data")  # not an image: not worth a line
     ds = load_folder(root)
     reasons = {src.rsplit("/", 1)[-1]: why for src, why in ds.skipped}
     assert reasons == {
@@ -118,6 +123,8 @@ def test_scan_skips_and_reports_non_images(tmp_path):
         "Thumbs.db": "hidden or system file",
         "empty.png": "empty file",
         "fake.jpeg": "not an image (unrecognised content)",
+        "more": "nested folder ignored (2 files in it)",
+        "stray.png": "image outside a class folder ignored (it has no class)",
     }
     assert len(ds) == 6
     unchecked = load_folder(root, check=False)

@@ -128,10 +128,13 @@ def _scan(root: Path, check: bool, skipped: list[tuple[str, str]]) -> list[tuple
     """All candidate image files as (path, class folder name, split or None), sorted."""
     subdirs = _visible_dirs(root)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_DIRS]
+    _stray_images(root, skipped)
     if split_dirs:
         for d in subdirs:
             if d not in split_dirs:
                 skipped.append((str(d), "folder ignored: not a split folder (train/val/test) beside split folders"))
+        for d in split_dirs:
+            _stray_images(d, skipped)
         class_dirs = [(c, SPLIT_DIRS[d.name.lower()]) for d in split_dirs for c in _visible_dirs(d)]
     else:
         class_dirs = [(c, None) for c in subdirs]
@@ -146,6 +149,13 @@ def _scan(root: Path, check: bool, skipped: list[tuple[str, str]]) -> list[tuple
     return files
 
 
+def _stray_images(folder: Path, skipped: list[tuple[str, str]]) -> None:
+    """Report image files lying where class folders are expected: they have no class."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            skipped.append((str(path), "image outside a class folder ignored (it has no class)"))
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
 
@@ -153,7 +163,8 @@ def _visible_dirs(folder: Path) -> list[Path]:
 def _reject_reason(path: Path, check: bool) -> str | None:
     """Why a file in a class folder is not a usable image, or None; reads at most a few bytes."""
     if path.is_dir():
-        return "nested folder ignored"
+        inside = sum(1 for f in path.rglob("*") if f.is_file())
+        return f"nested folder ignored ({inside} file{'' if inside == 1 else 's'} in it)"
     if path.name.startswith(".") or path.name.lower() in SYSTEM_FILES:
         return "hidden or system file"
     suffix = path.suffix.lower()
