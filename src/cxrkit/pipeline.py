@@ -41,10 +41,13 @@ def anchor_paths(recipe: Recipe) -> Recipe:
     """``recipe`` with relative data roots and weight files made absolute (from the working directory), so that the
     recipe saved in a run works from any directory. Paths with ``${VARS}`` or ``~`` stay as written: they are
     expanded where the run is used."""
+    from cxrkit.data.sources import is_medmnist_name
 
     def anchor(path: str | None) -> str | None:
         if path is None or "$" in path or path.startswith("~") or os.path.isabs(path):
             return path
+        if not os.path.exists(path) and "/" not in path and is_medmnist_name(path):
+            return path  # --data pneumoniamnist: a dataset's name, found in the data folder
         return os.path.abspath(path)
 
     data = dataclasses.replace(recipe.data, root=anchor(recipe.data.root),

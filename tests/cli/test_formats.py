@@ -65,6 +65,15 @@ def test_medmnist_npz_with_its_own_splits(tmp_path):
     assert metrics["n"] == 8 and metrics["labels"] == ["normal", "pneumonia"]
 
 
+def test_medmnist_by_name_from_the_data_folder(tmp_path, monkeypatch):
+    """--data pneumoniamnist was made a path under the working directory before its name was recognised."""
+    medmnist_npz(tmp_path / "mm" / "pneumoniamnist.npz", {"train": 24, "val": 8, "test": 8})
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "mm"))
+    monkeypatch.chdir(tmp_path)
+    run = _train(tmp_path, "--data", "pneumoniamnist")
+    assert json.loads((run / "data.json").read_text())["dataset"]["name"] == "pneumoniamnist"
+
+
 def test_combined_sources_three_classes_with_dense_head_and_oversampling(tmp_path):
     covid_like(tmp_path / "covid", per_class=8, size=32)
     kermany_folder(tmp_path / "kermany", per_class=8, size=32)
@@ -223,3 +232,12 @@ def test_own_splits_that_share_a_patient_are_noted(tmp_path):
     assert shared.exit_code == 0, shared.output
     assert "note: the dataset's own splits put 1 patient(s) in more than one split (the first: IM-1000)" in " ".join(
         shared.stderr.split())
+
+
+def test_a_csv_whose_every_path_is_wrong_says_why_it_has_no_images(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,label\nnowhere/a.png,x\nnowhere/b.png,y\n")
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path), *TINY])
+    assert result.exit_code != 0
+    assert str(result.exception) == (f"dataset {tmp_path / 'labels.csv'} has no images; skipped 2 file(s) that are "
+                                     f"not usable images; the first: {tmp_path / 'nowhere' / 'a.png'}: image file "
+                                     "not found")

@@ -82,7 +82,7 @@ def resolve_format(cfg: SimpleNamespace) -> str:
     if cfg.format == "combine":
         return "combine"
     root = Path(cfg.root).expanduser() if cfg.root is not None else None
-    if cfg.format in ("auto", "medmnist") and root is not None and not root.exists() and _is_medmnist_name(cfg.root):
+    if cfg.format in ("auto", "medmnist") and root is not None and not root.exists() and is_medmnist_name(cfg.root):
         # ``--data pneumoniamnist``: a MedMNIST name, looked up in the default data folder
         cfg.name, cfg.root, root = str(cfg.root).lower(), None, None
     if cfg.format == "medmnist" or (cfg.format == "auto" and _is_medmnist(cfg, root)):
@@ -112,7 +112,8 @@ def _is_medmnist(cfg: SimpleNamespace, root: Path | None) -> bool:
     return str(cfg.name).lower() in medmnist_info()
 
 
-def _is_medmnist_name(root: str) -> bool:
+def is_medmnist_name(root: str) -> bool:
+    """Whether ``root`` is the name of a MedMNIST dataset (``pneumoniamnist``), not a path."""
     from cxrkit.data.medmnist import medmnist_info
 
     return root.lower() in medmnist_info()

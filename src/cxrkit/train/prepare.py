@@ -81,7 +81,8 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
 
     ds = pipeline.load_data(recipe.data)
     if not len(ds):
-        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has no images")
+        why = ds.skipped_note()  # e.g. a CSV whose every path is wrong: say how and where
+        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has no images" + (f"; {why}" if why else ""))
     if ds.spec.task != "multilabel" and len(ds.spec.labels) < 2:
         raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has one class only "
                        f"({', '.join(ds.spec.labels)}); a classifier needs images of at least 2 classes")
