@@ -62,11 +62,13 @@ def test_generic_csv_rows_listing_one_file_twice_or_no_path_are_skipped(tmp_path
     for i in range(4):
         save_gray(tmp_path / "img" / f"{i}.png", (8, 8))
     path = tmp_path / "labels.csv"
+    (tmp_path / "img" / "broken.png").write_text("not a png")  # skipped as a folder scan skips it
     path.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg/2.png,a\nimg/3.png,b\n"
-                    f"{tmp_path}/img/../img/0.png,b\n,a\n")
+                    f"{tmp_path}/img/../img/0.png,b\n,a\nimg/broken.png,a\n")
     ds = load_csv(path)
     assert len(ds) == 4 and [reason for _, reason in ds.skipped] == [
-        "listed again (labels.csv line 6; first on line 2)", "no image path (labels.csv line 7)"]
+        "listed again (labels.csv line 6; first on line 2)", "no image path (labels.csv line 7)",
+        "not an image (unrecognised content)"]
 
 
 @pytest.mark.parametrize("folder", ["", "images_001/images"])

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cxrkit.data.base import DatasetSpec, Item, LabelledImages
-from cxrkit.data.images import read_item
+from cxrkit.data.images import content_problem, read_item
 from cxrkit.data.labels import find_label, order_labels, select_labels, single_label_task
 from cxrkit.errors import CxrError
 
@@ -182,8 +182,9 @@ def _load_generic(
 
 
 def _missing_or_repeated(path: Path, line: int, value: str, file: Path, seen: dict[str, int]) -> str | None:
-    """Why row ``line`` (naming ``value``, found at ``file``) cannot be an item: no path, no file, or a file an
-    earlier row already listed (by its real path, however it is spelled); None when it can."""
+    """Why row ``line`` (naming ``value``, found at ``file``) cannot be an item: no path, no file, a file an earlier
+    row already listed (by its real path, however it is spelled), or one whose header rules it out as a folder scan
+    would (:func:`~cxrkit.data.images.content_problem`); None when it can."""
     if not value:
         return f"no image path ({path.name} line {line})"
     if not file.is_file():
@@ -192,7 +193,7 @@ def _missing_or_repeated(path: Path, line: int, value: str, file: Path, seen: di
     if real in seen:
         return f"listed again ({path.name} line {line}; first on line {seen[real]})"
     seen[real] = line
-    return None
+    return content_problem(file)
 
 
 def _resolve(base: Path, value: str) -> Path:

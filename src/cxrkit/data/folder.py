@@ -13,15 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cxrkit.data.base import DatasetSpec, Item, LabelledImages
-from cxrkit.data.images import (
-    DICOM_SUFFIXES,
-    IMAGE_SUFFIXES,
-    SNIFF_BYTES,
-    header_problem,
-    read_item,
-    sniff_format,
-    truncation_reason,
-)
+from cxrkit.data.images import IMAGE_SUFFIXES, content_problem, read_item
 from cxrkit.data.labels import find_label, order_labels, select_labels, single_label_task
 from cxrkit.errors import CxrError
 
@@ -170,19 +162,7 @@ def _reject_reason(path: Path, check: bool) -> str | None:
     suffix = path.suffix.lower()
     if suffix and suffix not in IMAGE_SUFFIXES:
         return f"not an image file extension ({suffix})"
-    if not check:
-        return None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-    except OSError as e:
-        return f"cannot read file ({e.strerror or e})"
-    if not head:
-        return "empty file"
-    fmt = sniff_format(head)
-    if fmt is None and suffix not in DICOM_SUFFIXES:
-        return "not an image (unrecognised content)"
-    return truncation_reason(path, fmt) or header_problem(path, fmt)
+    return content_problem(path) if check else None
 
 
 def _split_pneumonia(

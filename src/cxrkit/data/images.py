@@ -113,6 +113,22 @@ def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = D
     return None
 
 
+def content_problem(path: str | os.PathLike) -> str | None:
+    """Why a file's first bytes and header already rule it out as an image (unreadable, empty, no known image
+    format, truncated, too many pixels, an unusable DICOM), or None. Reads the header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"cannot read file ({e.strerror or e})"
+    if not head:
+        return "empty file"
+    fmt = sniff_format(head)
+    if fmt is None and not str(path).lower().endswith(DICOM_SUFFIXES):
+        return "not an image (unrecognised content)"
+    return truncation_reason(path, fmt) or header_problem(path, fmt)
+
+
 def sniff_format(head: bytes) -> str | None:
     """Name the image format from a file's first bytes (at least 132 for DICOM), or None if unrecognised."""
     if is_dicom_bytes(head):
