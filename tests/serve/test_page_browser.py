@@ -7,6 +7,7 @@ test's tmp_path (its path is printed).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -60,13 +61,12 @@ def server(tiny_run, request):
     thread.join(timeout=30)
 
 
-@pytest.mark.slow
-def test_upload_a_real_xray_and_see_the_result(server, tmp_path):
+@contextlib.contextmanager
+def _uploaded(server: str, xray: Path):
+    """The page in chromium after ``xray`` was dropped on it and its result shown: ``(page, requested URLs)``."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-    xray = _real_xray()
-    shot = tmp_path / "page.png"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -78,20 +78,26 @@ def test_upload_a_real_xray_and_see_the_result(server, tmp_path):
             page.wait_for_function("document.getElementById('model-line').textContent.includes('mobilenet_v3_small')")
             page.set_input_files("#file", str(xray))
             page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-            label = page.text_content("#label")
-            assert label in ("NORMAL", "PNEUMONIA")
-            bars = page.eval_on_selector_all(".bar .fill", "els => els.map(e => parseFloat(e.style.width))")
-            assert len(bars) == 2 and sum(bars) == pytest.approx(100, abs=0.1)
-            assert xray.name in page.text_content("#status")
-            size = page.eval_on_selector("#image", "e => [e.complete, e.naturalWidth, e.naturalHeight]")
-            overlay = page.eval_on_selector("#map", "e => [e.complete, e.naturalWidth, e.naturalHeight]")
-            assert size[0] and size[1] > 100 and overlay == size  # the heatmap covers the image exactly
-            page.fill("#opacity", "80")
-            page.dispatch_event("#opacity", "input")
-            assert page.eval_on_selector("#map", "e => e.style.opacity") == "0.8"
-            page.screenshot(path=str(shot), full_page=True)
+            assert page.text_content("#label") in ("NORMAL", "PNEUMONIA") and xray.name in page.text_content("#status")
+            yield page, requests
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_upload_a_real_xray_and_see_the_result(server, tmp_path):
+    xray = _real_xray()
+    shot = tmp_path / "page.png"
+    with _uploaded(server, xray) as (page, requests):
+        bars = page.eval_on_selector_all(".bar .fill", "els => els.map(e => parseFloat(e.style.width))")
+        assert len(bars) == 2 and sum(bars) == pytest.approx(100, abs=0.1)
+        size = page.eval_on_selector("#image", "e => [e.complete, e.naturalWidth, e.naturalHeight]")
+        overlay = page.eval_on_selector("#map", "e => [e.complete, e.naturalWidth, e.naturalHeight]")
+        assert size[0] and size[1] > 100 and overlay == size  # the heatmap covers the image exactly
+        page.fill("#opacity", "80")
+        page.dispatch_event("#opacity", "input")
+        assert page.eval_on_selector("#map", "e => e.style.opacity") == "0.8"
+        page.screenshot(path=str(shot), full_page=True)
     assert all(url.startswith((server, "data:")) for url in requests), requests  # no outside assets
     assert shot.stat().st_size > 30_000
     print(f"screenshot: {shot}", file=sys.stderr)
@@ -100,22 +106,6 @@ def test_upload_a_real_xray_and_see_the_result(server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("server", [{"heatmaps": False}], indirect=True)
 def test_a_service_without_heatmaps_shows_the_result_without_a_picture(server):
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
-    xray = _real_xray()
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(server + "/", wait_until="load")
-            page.wait_for_function("document.getElementById('model-line').textContent.includes('mobilenet_v3_small')")
-            page.set_input_files("#file", str(xray))
-            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-            assert page.text_content("#label") in ("NORMAL", "PNEUMONIA") and xray.name in page.text_content("#status")
-            assert page.is_hidden("#picture") and page.is_visible("#bars")
-        finally:
-            browser.close()
+    with _uploaded(server, _real_xray()) as (page, requests):
+        assert page.is_hidden("#picture") and page.is_visible("#bars")
     assert any(url.endswith("/v1/predict") for url in requests) and not any("heatmap" in url for url in requests)

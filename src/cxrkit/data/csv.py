@@ -101,7 +101,7 @@ def _load_nih(
             skipped.append((image or f"{path} line {line}", "image file not found" if image else
                             f"no Image Index ({path.name} line {line})"))
             continue
-        why = _missing_or_repeated(path, line, image, file, seen)
+        why = _row_problem(path, line, image, file, seen)
         findings = {f.strip().lower() for f in row.get("Finding Labels", "").split("|") if f.strip()}
         unknown = sorted(findings - names)
         if why is None and not findings:  # "No Finding" is how the file says none; blank says nothing
@@ -181,7 +181,7 @@ def _load_generic(
     return ds
 
 
-def _missing_or_repeated(path: Path, line: int, value: str, file: Path, seen: dict[str, int]) -> str | None:
+def _row_problem(path: Path, line: int, value: str, file: Path, seen: dict[str, int]) -> str | None:
     """Why row ``line`` (naming ``value``, found at ``file``) cannot be an item: no path, no file, a file an earlier
     row already listed (by its real path, however it is spelled), or one whose header rules it out as a folder scan
     would (:func:`~cxrkit.data.images.content_problem`); None when it can."""
@@ -217,7 +217,7 @@ def _generic_single(path: Path, rows: list[dict[str, str]], cols: tuple, base: P
     for line, row in enumerate(rows, start=2):
         file = _resolve(base, row.get(path_col, ""))
         label = row.get(label_col, "")
-        why = _missing_or_repeated(path, line, row.get(path_col, ""), file, seen)
+        why = _row_problem(path, line, row.get(path_col, ""), file, seen)
         if why:
             skipped.append((str(file), why))
         elif not label:
@@ -242,7 +242,7 @@ def _generic_multi(
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         file = _resolve(base, row.get(path_col, ""))
-        why = _missing_or_repeated(path, line, row.get(path_col, ""), file, seen)
+        why = _row_problem(path, line, row.get(path_col, ""), file, seen)
         if why:
             skipped.append((str(file), why))
             continue

@@ -132,7 +132,7 @@ def _is_png(path: Path) -> bool:
     """Whether ``path`` is a file that starts as a PNG does (a damaged figure is drawn again, not embedded)."""
     try:
         with path.open("rb") as fh:
-            return fh.read(24)[:8] == _PNG_SIGNATURE
+            return fh.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE
     except OSError:
         return False
 
