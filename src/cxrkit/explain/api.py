@@ -178,12 +178,12 @@ def _same_file(a: Any, b: str) -> bool:
 
 
 def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrite: bool, settings: dict[str, Any],
-             result: FilesResult, batch_size: int) -> Iterator[list[tuple[str, str, Any]]]:
-    """Batches of ``(path, name, image)``; unreadable files go to ``result.failed``, and images done with these
-    settings are reloaded."""
+             result: FilesResult, batch_size: int) -> Iterator[list[tuple[str, str, Any, dict[str, Any] | None]]]:
+    """Batches of ``(path, name, image, earlier record or None)``; unreadable files go to ``result.failed``, and
+    images done with these settings are reloaded."""
     from cxrkit.data.images import read_image
 
-    batch: list[tuple[str, str, Any]] = []
+    batch: list[tuple[str, str, Any, dict[str, Any] | None]] = []
     for path, name in zip(paths, names):
         record = _record(out_dir, name)
         if record is not None and not overwrite and record.get("settings") == settings:
@@ -197,7 +197,7 @@ def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrit
             continue
         if record is not None:
             result.redone += record.get("settings") != settings
-        batch.append((path, name, image))
+        batch.append((path, name, image, record))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -242,11 +242,10 @@ def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Pat
     processed = 0
     with Explainer(predictor.model, predictor.task, options.method, options.layer, predictor.temperature) as ex:
         for batch in _decoded(paths, names, out_dir, overwrite, settings, result, options.batch_size):
-            probs, maps = explain_batch(ex, predictor, [im for _, _, im in batch], options)
+            probs, maps = explain_batch(ex, predictor, [im for _, _, im, _ in batch], options)
             decided = predictor.decide(probs)
-            for (path, name, image), p, predicted, image_maps in zip(batch, probs, decided, maps):
+            for (path, name, image, earlier), p, predicted, image_maps in zip(batch, probs, decided, maps):
                 box = input_box(predictor.preprocessing, *image.size)
-                earlier = _record(out_dir, name)
                 rows = [_write_map(out_dir, name, path, image, box, m, predicted, predictor, ex, options)
                         for m in image_maps]
                 atomic_write_json(out_dir / f"{name}.json", {
