@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -292,6 +293,10 @@ def _validate(recipe: Recipe) -> None:
             )
         if stage.epochs < 0 or stage.lr <= 0:
             raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+        patience = stage.early_stopping.patience
+        if patience is not None and patience < 0:
+            raise CxrError(f"recipe key stages.{i}.early_stopping.patience: {patience} is negative (0 stops at the "
+                           "first epoch that does not improve; leave it out never to stop early)")
     from cxrkit.data.splits import check_ratios
 
     try:
@@ -310,6 +315,8 @@ def _validate(recipe: Recipe) -> None:
     weights = recipe.loss.class_weights
     if isinstance(weights, str) and weights != "balanced":
         raise CxrError(f"recipe key loss.class_weights: {weights!r} is not 'balanced' or a list of numbers")
+    if isinstance(weights, list) and (not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)):
+        raise CxrError(f"recipe key loss.class_weights: {weights} must be finite and not negative, and not all 0")
     if recipe.runtime.batch_size < 1:
         raise CxrError("recipe key runtime.batch_size must be at least 1")
 
@@ -371,14 +378,40 @@ def _fix_floats(node: Any) -> Any:
 def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Build a checked :class:`Recipe` from a mapping plus ``key=value`` overrides."""
     data = _fix_floats(data or {})
-    base_stages = [dataclasses.asdict(StageConfig())]
-    for key, value in parse_overrides(overrides or []):
-        if key.startswith("stages.") and "stages" not in data:
-            data["stages"] = base_stages
-        _set_dotted(data, key, value)
+    apply_overrides(data, parse_overrides(overrides or []))
     recipe = _from_dict(Recipe, data)
     _validate(recipe)
     return recipe
+
+
+def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Set dotted ``pairs`` in the recipe mapping ``data`` in order (in place; ``stages.N`` of a recipe without
+    stages starts from one default stage) and return it.
+
+    A stage that dotted keys add must say what trains and for how long: ``stages.2.lr=1e-5`` on a two-stage recipe
+    (whose log counts stages from 1) would otherwise add a default 10-epoch head stage silently."""
+    added: dict[int, tuple[int, list[str]]] = {}  # a new stage's index -> (stages before it, its keys)
+    for key, value in pairs:
+        parts = key.split(".")
+        if parts[0] == "stages" and len(parts) > 1:
+            if not data.get("stages"):
+                data["stages"] = [dataclasses.asdict(StageConfig())]
+            if isinstance(data["stages"], list) and parts[1].isdigit() and len(parts) > 2:
+                index = int(parts[1])
+                if index in added:
+                    added[index][1].append(key)
+                elif index >= len(data["stages"]):
+                    added[index] = (len(data["stages"]), [key])
+        elif key == "stages":
+            added.clear()  # every stage given in full
+        _set_dotted(data, key, value)
+    for index, (before, keys) in added.items():
+        missing = [name for name in ("trainable", "epochs") if f"stages.{index}.{name}" not in keys]
+        if missing:
+            which = f", stages.0 to stages.{before - 1} (the training log counts them from 1)" if before else ""
+            raise CxrError(f"override {keys[0]}: the recipe has {before} stage(s){which}; to add stages.{index}, also "
+                           "set " + " and ".join(f"stages.{index}.{name}" for name in missing))
+    return data
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

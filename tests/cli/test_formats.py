@@ -164,6 +164,8 @@ def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path, 
     ("one class", "has one class only (NORMAL); a classifier needs images of at least 2 classes"),
     ("missing weights", "weights.safetensors"),
     ("unknown layer", "nolayer"),
+    ("unknown layer in stage 2", "recipe key stages.1.trainable: trainable 'from:nolayer': the backbone has no layer "
+                                 "named 'nolayer'"),  # it used to fail after stage 1 had trained
     ("no epochs", "every stage has 0 epochs"),
 ])
 def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(tmp_path, case, message):
@@ -172,6 +174,7 @@ def test_a_run_that_fails_before_its_first_epoch_leaves_no_directory(tmp_path, c
         "one level up": ["--data", str(tmp_path / "data")],
         "missing weights": ["--weights", str(tmp_path / "weights.safetensors")],
         "unknown layer": ["--set", "stages.0.trainable=from:nolayer"],
+        "unknown layer in stage 2": ["--set", "stages.1.trainable=from:nolayer", "--set", "stages.1.epochs=1"],
         "no epochs": ["--epochs", "0"],
     }.get(case, [])
     if case == "one class":
@@ -241,3 +244,15 @@ def test_a_csv_whose_every_path_is_wrong_says_why_it_has_no_images(tmp_path):
     assert str(result.exception) == (f"dataset {tmp_path / 'labels.csv'} has no images; skipped 2 file(s) that are "
                                      f"not usable images; the first: {tmp_path / 'nowhere' / 'a.png'}: image file "
                                      "not found")
+
+
+def test_a_dataset_with_only_a_test_folder_and_a_split_without_test_images_are_explained(tmp_path):
+    only_test = kermany_folder(tmp_path / "only", per_class=4, size=32, splits=("test",))
+    result = CliRunner().invoke(app, ["train", "--data", str(only_test), "--out", str(tmp_path / "runs"), *TINY])
+    assert result.exit_code != 0
+    assert str(result.exception) == ("only: its own splits hold no training images (8 test); add a train split, or "
+                                     "set data.split.use_own: false to split all of them")
+    result = CliRunner().invoke(app, ["train", "--data", str(kermany_folder(tmp_path / "k", per_class=8, size=32)),
+                                      "--out", str(tmp_path / "runs"), *TINY, "--set", "data.split.ratios=[1,0,0]"])
+    assert result.exit_code == 0, result.output
+    assert "note: the test split is empty" in result.stderr

@@ -216,8 +216,10 @@ def test_early_stopping_restores_the_stage_best_and_best_pt_follows_its_monitor(
     rows, restored, log = train("restored", *stop)
     kept_rows, kept, kept_log = train("kept", *stop, "stages.0.early_stopping.restore_best=false",
                                       "runtime.checkpoint_monitor=val_auc")
-    for log_, rows_ in ((log, rows), (kept_log, kept_rows)):
-        assert len(rows_) == 2 and "early stopping: val_loss has not improved for 1 epochs" in log_
+    zero_rows, _, zero_log = train("zero", *stop[:2], "stages.0.early_stopping.patience=0",
+                                   "stages.0.early_stopping.min_delta=100")  # as Keras: stop at the first worse
+    for log_, rows_ in ((log, rows), (kept_log, kept_rows), (zero_log, zero_rows)):  # patience 0 stopped after 1
+        assert len(rows_) == 2 and "early stopping: val_loss has not improved for 1 epoch(s)" in log_
     assert rows[0] == {**one_rows[0], "train_seconds": rows[0]["train_seconds"], "val_seconds": rows[0]["val_seconds"],
                        "images_per_second": rows[0]["images_per_second"]}  # the same first epoch
     head = [key for key in one["last"]["model"] if key.startswith("head")]

@@ -191,3 +191,26 @@ def test_confidence_intervals_and_formats():
     assert scores["test_accuracy_ci95_low"] == 0.85 and "test_auc_ci95_low" not in scores
     assert Column("test_accuracy", "ci", "ci").text(scores) == "0.850–0.940"
     assert [format_duration(s) for s in (42, 725, 10_920)] == ["42s", "12m 05s", "3h 02m"]
+
+
+def test_the_printed_table_keeps_its_numbers_in_80_columns(compared):
+    """Rich squeezed every column of a wide leaderboard to nothing in an 80-column pipe; columns now go instead."""
+    import io
+
+    from rich.console import Console
+
+    from cxrkit.compare.leaderboard import write_leaderboard
+
+    plan = plan_comparison(compared["spec"], compared["out"])
+    rows = list(csv.DictReader(compared["leaderboard"].open()))
+    printed = {}
+    for width in (80, 300):
+        console = Console(width=width, file=io.StringIO(), color_system=None)
+        write_leaderboard(plan, console)
+        printed[width] = console.file.getvalue()
+        assert max(map(len, printed[width].splitlines())) <= width
+        for row in rows:  # every cell's line shows its test AUC, the sort column
+            line = next(line for line in printed[width].splitlines() if f" {row['cell']} " in line)
+            assert f"{float(row['test_auc']):.4f}" in line, (width, line)
+    assert "more column(s) in" in printed[80] and "test acc" in printed[300] and "more column(s)" not in printed[300]
+    assert "trainable / total" not in printed[80] and "trainable / total" in " ".join(printed[300].split())

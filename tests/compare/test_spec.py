@@ -35,13 +35,18 @@ def test_shorthands_dotted_axes_and_mapping_merges(tmp_path):
         "stages.1.trainable": ["from:features.denseblock4", "from:features.denseblock3"],
         "tweak": {"wide": {"model": {"hidden": [64]}, "stages.0.epochs": 2}},
     }
-    cells = _cells(tmp_path, matrix)
+    with pytest.raises(CxrError, match=r"cell densenet121-imagenet-from-features.denseblock4-wide: override "
+                                       r"stages.1.trainable: the recipe has 1 stage\(s\), .*also set stages.1.epochs"):
+        _cells(tmp_path, matrix)  # it used to add a default 10-epoch stage around the cut-off alone
+    from .helpers import TINY_SET
+
+    cells = _cells(tmp_path, matrix, set=[*TINY_SET, "stages.1.epochs=1"])
     assert [c.id for c in cells] == [
         "densenet121-imagenet-from-features.denseblock4-wide", "densenet121-imagenet-from-features.denseblock3-wide",
         "densenet121-none-from-features.denseblock4-wide", "densenet121-none-from-features.denseblock3-wide",
     ]
     recipe = cells[1].recipe
-    assert recipe.stages[1].trainable == "from:features.denseblock3"
+    assert recipe.stages[1].trainable == "from:features.denseblock3" and recipe.stages[1].epochs == 1
     assert recipe.stages[0].epochs == 2 and recipe.model.hidden == [64]
     assert recipe.model.image_size == 32  # the nested mapping merged; it did not replace model
 

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,29 @@ def test_a_tiny_balanced_dataset_splits_instead_of_failing_inside_scikit_learn()
     splits = assign_splits(ds, ratios=(0.7, 0.1, 0.2), seed=0)
     _check_partition(ds, splits)
     assert all(len(splits[s]) > 0 for s in ("train", "val", "test"))
+
+
+def test_own_splits_without_training_images_are_an_error():
+    ds = _dataset(20, split="test")
+    with pytest.raises(CxrError, match=r"its own splits hold no training images \(\d+ test\); .*use_own: false"):
+        assign_splits(ds)  # it used to say "cannot split 0 images of 0 patient(s)"
+    assert len(assign_splits(ds, use_own=False)["train"])
+
+
+def test_split_notes_say_what_came_out_other_than_asked():
+    from cxrkit.train.prepare import split_notes
+
+    ds = _dataset()
+    assert split_notes(ds, assign_splits(ds, ratios=(0.7, 0.1, 0.2)), (0.7, 0.1, 0.2)) == []
+    coarse = split_notes(ds, assign_splits(ds, ratios=(0.98, 0.01, 0.01)), (0.98, 0.01, 0.01))
+    assert len(coarse) == 1 and re.fullmatch(r"note: the splits came out at val [4-6]%, test [4-6]% of the images, "
+                                             r"against 1%, 1% asked: .* steps of 1/20 at the finest", coarse[0])
+    no_test = split_notes(ds, assign_splits(ds, ratios=(1.0, 0.0, 0.0)), (1.0, 0.0, 0.0))
+    assert len(no_test) == 1 and no_test[0].startswith("note: the test split is empty")
+    negatives = np.flatnonzero(ds.targets() == 0)
+    positives = np.flatnonzero(ds.targets() == 1)
+    splits = {"train": np.concatenate([negatives[:-20], positives]), "val": negatives[-20:-10],
+              "test": negatives[-10:]}
+    assert split_notes(ds, splits, (0.7, 0.1, 0.2))[-2:] == [
+        "note: the val split has no image of pneumonia (10 images), so per-class metrics for it there are undefined",
+        "note: the test split has no image of pneumonia (10 images), so per-class metrics for it there are undefined"]

@@ -164,3 +164,22 @@ def test_a_relative_run_path_gives_the_same_report(run, monkeypatch):
     monkeypatch.chdir(run.parent)
     relative = build_report(Path(run.name)).read_text()
     assert "Accuracy" in relative and relative == absolute
+
+
+def test_open_without_a_browser_says_so_and_still_prints_the_path(evaluated, tmp_path, monkeypatch):
+    import webbrowser
+
+    import typer
+
+    from cxrkit.cli.report import report
+
+    monkeypatch.setenv("BROWSER", str(tmp_path / "no-such-browser"))
+    monkeypatch.setattr(webbrowser, "_tryorder", None)  # read $BROWSER again
+    app = typer.Typer()
+    app.command()(report)
+    run = Path(shutil.copytree(evaluated, tmp_path / "run"))
+    result = CliRunner().invoke(app, [str(run), "--eval", "test", "--open"])
+    assert result.exit_code == 0, result.output
+    path = run / "eval" / "test" / "report.html"
+    assert result.stdout.strip().splitlines()[-1] == str(path)
+    assert f"note: no web browser could be started here; open {path} yourself" in " ".join(result.stderr.split())

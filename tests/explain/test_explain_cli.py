@@ -152,6 +152,9 @@ def test_bad_requests_are_one_line_errors(run, tmp_path):
         (["x.png", "--remove", "0"], "--remove 0 must be above 0 and below 100 (percent)"),
         (["x.png", "--opacity", "2"], "--opacity 2 must be from 0 to 1"),
         (["x.png", "--random-maps", "0"], "--random-maps 0 must be at least 1"),
+        (["x.png", "--per-cell", "2", "--pick", "random"], "--per-cell, --pick are for --grid"),  # were ignored
+        (["x.png", "--split", "test"], "--split is for --grid"),
+        (["--grid", "--overwrite"], "--overwrite is for images, not --grid"),
     ):
         result = CliRunner().invoke(app, ["explain", str(run), *args, "--out", str(tmp_path)])
         assert result.exit_code != 0

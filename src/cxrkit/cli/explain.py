@@ -9,6 +9,7 @@ import typer
 
 
 def explain(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory"),
     inputs: Optional[list[str]] = typer.Argument(None, help="Image files, folders or glob patterns"),
     grid: bool = typer.Option(False, "--grid", help="Examples of each (true, predicted) cell of a split"),
@@ -42,6 +43,12 @@ def explain(
 
     if bool(inputs) == grid:
         raise CxrError("give images to explain, or --grid for a split (not both)")
+    given = [f"--{name.rstrip('_').replace('_', '-')}"
+             for name in (("overwrite",) if grid else ("split", "data", "map_", "per_cell", "pick"))
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]  # typer's own click
+    if given:
+        raise CxrError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
+                       f"{'images, not --grid' if grid else '--grid'}")
     method_info(method)
     for wrong, rule in ((not 0 < remove < 100, f"--remove {remove:g} must be above 0 and below 100 (percent)"),
                         (not 0 <= opacity <= 1, f"--opacity {opacity:g} must be from 0 to 1"),

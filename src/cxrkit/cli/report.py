@@ -22,5 +22,9 @@ def report(
     if open_:
         import webbrowser
 
-        webbrowser.open(path.resolve().as_uri())
+        if not webbrowser.open(path.resolve().as_uri()):
+            from cxrkit.console import notes_console
+
+            notes_console().print(f"note: no web browser could be started here; open {path} yourself",
+                                  highlight=False)
     print(path)

@@ -199,12 +199,48 @@ def _print_table(console: Console, plan: Plan, rows: list[dict[str, Any]], colum
 
     table = Table(title=f"{plan.spec.name}: {len(rows)} cells, sorted by {plan.spec.sort}")
     columns = [c for c in columns if not c.key.startswith("first_epoch")]  # the files have them; keep this narrow
+    columns, left_out, error_width = fit_columns(columns, rows, console.width, plan.spec.sort)
     for column in columns:
         short = column.key in ("cell", "error")
         table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=short,
-                         max_width=48 if column.key == "error" else None, overflow="ellipsis")
+                         max_width=error_width if column.key == "error" else None, overflow="ellipsis")
     for row in rows:
         table.add_row(*(column.text(row) for column in columns))
     console.print(table)
+    if left_out:
+        console.print(f"{left_out} more column(s) in {plan.root / 'leaderboard.md'} (they do not fit "
+                      f"{console.width} characters)", highlight=False)
     if len(set(fingerprints.values())) > 1:
         console.print("[yellow]warning: the cells do not all share one split (splits.csv differs)[/]")
+
+
+ERROR_WIDTH = 48
+
+
+def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
+                sort: str) -> tuple[list[Column], int, int]:
+    """The columns whose full text fits ``width`` characters in a table, how many were left out, and the width the
+    error column may take (its text is cut with an ellipsis).
+
+    Rich squeezes a table that is too wide until its numbers vanish (an 80-column pipe or CI log). The first to go
+    are intervals, then parameter counts, the axis columns (the cell id already names the axes), training time and
+    best val accuracy, then the other scores from the right; the cell, its status and error, and the sort column
+    stay."""
+
+    def natural(column: Column, error_width: int = ERROR_WIDTH) -> int:
+        words = [len(word) for word in column.header.split()]
+        cells = [len(column.text(row)) for row in rows]
+        return min(max(words + cells), error_width if column.key == "error" else width) + 3  # padding, border
+
+    kept = list(columns)
+    order = ([c for c in kept if c.kind == "ci"] + [c for c in kept if c.kind == "params"]
+             + [c for c in kept if c.kind == "text" and c.key not in ("cell", "status", "error", "training_time")]
+             + [c for c in kept if c.key in ("training_time", "best_val_accuracy")]
+             + [c for c in reversed(kept) if c.kind == "score" and c.key not in (sort, "best_val_accuracy")])
+    least = 12  # the error column gives way down to this before other columns go
+    for column in order:
+        if sum(natural(c, least) for c in kept) + 1 <= width:
+            break
+        kept.remove(column)
+    others = sum(natural(c) for c in kept if c.key != "error") + 1
+    return kept, len(columns) - len(kept), max(least, min(ERROR_WIDTH, width - others - 3))

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from cxrkit.config import Recipe, StageConfig, load_recipe, load_yaml, parse_overrides, recipe_from_dict
+from cxrkit.config import Recipe, load_recipe, load_yaml, parse_overrides, recipe_from_dict
 from cxrkit.errors import CxrError, first_line
 from cxrkit.models.backbones import BACKBONES
 
@@ -268,14 +268,9 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
 
 def apply_pairs(data: dict[str, Any], pairs: Pairs) -> dict[str, Any]:
     """A deep copy of the recipe mapping ``data`` with dotted ``pairs`` set in order."""
-    from cxrkit.config import _set_dotted  # the one implementation of dotted keys (lists, stage appends)
+    from cxrkit.config import apply_overrides  # the one implementation of dotted keys (lists, stage appends)
 
-    data = copy.deepcopy(data)
-    for key, value in pairs:
-        if key.startswith("stages.") and not data.get("stages"):
-            data["stages"] = [dataclasses.asdict(StageConfig())]
-        _set_dotted(data, key, copy.deepcopy(value))
-    return data
+    return apply_overrides(copy.deepcopy(data), copy.deepcopy(pairs))
 
 
 def expand_cells(spec: ComparisonSpec) -> list[Cell]:
@@ -286,8 +281,8 @@ def expand_cells(spec: ComparisonSpec) -> list[Cell]:
         cell_id = "-".join(v.slug for v in combo) or "base"
         labels = {axis.name: value.label for axis, value in zip(spec.matrix, combo)}
         overrides = [pair for value in combo for pair in value.overrides]
-        data = apply_pairs(spec.base, [*spec.set, *overrides, *spec.overrides, ("name", f"{spec.name}-{cell_id}")])
         try:
+            data = apply_pairs(spec.base, [*spec.set, *overrides, *spec.overrides, ("name", f"{spec.name}-{cell_id}")])
             recipe = recipe_from_dict(data)
             BACKBONES.get(recipe.model.backbone)  # an unknown backbone fails here, not after the other cells trained
         except CxrError as err:

@@ -62,14 +62,19 @@ def assign_splits(
     own = [it.split for it in ds.items]
     has_own = [s is not None for s in own]
     if use_own and any(has_own) and not all(has_own):
+        first = next(it.source for it in ds.items if it.split is None)
         raise CxrError(
-            f"{ds.spec.name}: {has_own.count(False)} of {len(own)} items have no split of their own; "
-            "pass use_own=False to split everything"
+            f"{ds.spec.name}: {has_own.count(False)} of {len(own)} items have no split of their own (the first: "
+            f"{first}); give every item a split, or set data.split.use_own: false to split them all"
         )
     y = _strata(ds)
     groups = _groups(ds, group_by_patient)
     if use_own and own and all(has_own):
         out = {s: np.flatnonzero(np.asarray(own) == s) for s in SPLITS}
+        if not len(out["train"]):
+            held = ", ".join(f"{len(out[s])} {s}" for s in SPLITS if len(out[s]))
+            raise CxrError(f"{ds.spec.name}: its own splits hold no training images ({held}); add a train split, "
+                           "or set data.split.use_own: false to split all of them")
         missing = {s: r for s, r in wanted.items() if s != "train" and len(out[s]) == 0}
         pool_ratio = wanted["train"] + sum(missing.values())
         carved = _carve(out["train"], missing, pool_ratio, y, groups, seed)

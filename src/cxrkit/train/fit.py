@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cxrkit import pipeline
 from cxrkit.config import Recipe, StageConfig
+from cxrkit.errors import CxrError
 from cxrkit.models.freeze import apply_trainable, set_train_mode
 from cxrkit.models.weights import weights_digest
 from cxrkit.runs import Run
@@ -121,6 +122,11 @@ class Trainer:
         # a resumed run takes every weight from its checkpoint, so it needs no pretrained file
         self.model = pipeline.build_model(recipe.model, len(spec.labels), weights="none" if resuming else None)
         self.model = runtime.prepare_model(self.model)
+        for i, stage in enumerate(recipe.stages):  # a wrong layer name fails now, not after the stages before it
+            try:
+                apply_trainable(self.model, stage.trainable)
+            except CxrError as err:
+                raise CxrError(f"recipe key stages.{i}.trainable: {err}") from None
         weights = class_weights_for(spec.task, list(spec.labels), self.data.train.targets(), recipe.loss.class_weights)
         self.loss_fn = build_loss(spec.task, weights, recipe.loss.label_smoothing).to(runtime.device)
         if weights is not None and runtime.is_main:
@@ -213,12 +219,12 @@ class Trainer:
                 if scheduler is not None:
                     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
                     scheduler.step(row[stage.early_stopping.monitor]) if plateau else scheduler.step()
-                tracker.stopped = patience is not None and tracker.bad_epochs >= patience
+                tracker.stopped = patience is not None and tracker.bad_epochs >= max(patience, 1)  # as Keras
                 self.save("last", self._epoch_state(index, stage_epoch + 1, optimizer, scheduler, tracker))
                 if self.runtime.is_main and self.run is not None:
                     self.run.write_metrics(self.rows)
         if tracker.stopped:
-            self.log(f"early stopping: {tracker.monitor} has not improved for {patience} epochs")
+            self.log(f"early stopping: {tracker.monitor} has not improved for {tracker.bad_epochs} epoch(s)")
         self._finish_stage(index, stage.early_stopping.restore_best and tracker.best is not None)
 
     def _stage_inputs(self, stage: StageConfig, cut: str | None, progress: Any) -> tuple[Any, Any, Any, Any]:

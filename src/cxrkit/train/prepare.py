@@ -59,6 +59,35 @@ def patients_in_several_splits(ds: LabelledImages, splits: dict[str, np.ndarray]
     return list(found)
 
 
+def split_notes(ds: LabelledImages, splits: dict[str, np.ndarray], ratios: Any) -> list[str]:
+    """What a user should know about splits that came out other than the recipe asked: a held-out split that is
+    empty, one much larger or smaller than its ratio (patient-grouped folds come in steps of 1/20 at the finest),
+    and classes with no image (for multilabel: no positive) in a held-out split, whose metrics there are
+    undefined."""
+    from cxrkit.data.splits import check_ratios
+
+    wanted = check_ratios(ratios)
+    total = sum(len(idx) for idx in splits.values())
+    notes = []
+    if not len(splits.get("test", [])):
+        notes.append("note: the test split is empty (data.split.ratios gives it none, or the dataset's own splits "
+                     "have none), so `cxr evaluate` has no held-out images of this run to report on")
+    off = {s: len(splits.get(s, [])) / total for s, r in wanted.items()
+           if total and abs(len(splits.get(s, [])) / total - r) > max(0.02, r / 2)}
+    if off:
+        notes.append("note: the splits came out at " + ", ".join(f"{s} {100 * f:.0f}%" for s, f in off.items())
+                     + " of the images, against " + ", ".join(f"{100 * wanted[s]:.0f}%" for s in off)
+                     + " asked: patients are kept whole and folds are stratified, in steps of 1/20 at the finest")
+    for name in ("val", "test"):
+        idx = splits.get(name, [])
+        absent = [label for label, n in ds.subset(idx).class_counts().items() if n == 0] if len(idx) else []
+        if absent:
+            what = "positive image" if ds.spec.task == "multilabel" else "image"
+            notes.append(f"note: the {name} split has no {what} of {', '.join(absent)} ({len(idx)} images), so "
+                         f"per-class metrics for {'it' if len(absent) == 1 else 'them'} there are undefined")
+    return notes
+
+
 def environment() -> dict[str, Any]:
     return {
         "cxrkit": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
@@ -98,6 +127,9 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
         console.print(f"note: the dataset's own splits put {len(shared)} patient(s) in more than one split (the "
                       f"first: {shared[0]}), so held-out numbers may be optimistic; data.split.use_own=false makes "
                       "patient-grouped splits", highlight=False)
+    if console is not None and runtime.is_main and not resumed:
+        for note in split_notes(ds, splits, recipe.data.split.ratios):
+            console.print(note, highlight=False)
     pre = pipeline.resolve_preprocessing(recipe.model)
     augment = pipeline.augmentation(recipe.augment)
     source = _decoded(ds, pre, recipe, runtime, console)
