@@ -47,7 +47,8 @@ def _throwaway_run(folder: Path) -> Path:
             Image.fromarray(pixels).save(folder / "data" / "train" / label / f"person{i}_{label.lower()}_{i}.jpeg")
     out = subprocess.run([*CXR, "train", "--data", str(folder / "data"), "--out", str(folder / "runs"),
                           "--backbone", "mobilenet_v2", "--weights", "none", "--set", "stages.0.epochs=1",
-                          "--set", "stages.1.epochs=1", "--set", "runtime.batch_size=8"],
+                          "--set", "stages.1.trainable=head", "--set", "stages.1.epochs=1",
+                          "--set", "runtime.batch_size=8"],
                          capture_output=True, text=True, check=True)
     return Path(out.stdout.strip().splitlines()[-1])
 

@@ -28,6 +28,6 @@ def tiny_run(tmp_path_factory):
         "train", "--data", str(data), "--out", str(tmp_path_factory.mktemp("tiny-runs")),
         "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48",
         "--set", "runtime.batch_size=8", "--set", "runtime.workers=0",
-        "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1"])
+        "--set", "stages.0.epochs=1", "--set", "stages.1.trainable=head", "--set", "stages.1.epochs=1"])
     assert result.exit_code == 0, result.output
     return Path(result.stdout.strip().splitlines()[-1])

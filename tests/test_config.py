@@ -35,6 +35,7 @@ def test_override_can_append_a_stage():
         ("loss.class_weights=[-1, 1]", r"must be finite and not negative, and not all 0"),  # trained to a loss < 0
         ("loss.class_weights=[0, 0]", r"must be finite and not negative, and not all 0"),  # NaN loss, traceback
         ("stages.0.early_stopping.patience=-1", "patience: -1 is negative"),
+        ("model.hidden=[0]", r"recipe key model.hidden: \[0\] must be sizes of at least 1"),
         ("stages.1.lr=1e-5", r"override stages.1.lr: the recipe has 1 stage\(s\), stages.0 to stages.0 \(the "
                              r"training log counts them from 1\); to add stages.1, also set stages.1.trainable and "
                              r"stages.1.epochs"),

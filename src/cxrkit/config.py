@@ -317,6 +317,9 @@ def _validate(recipe: Recipe) -> None:
         raise CxrError(f"recipe key loss.class_weights: {weights!r} is not 'balanced' or a list of numbers")
     if isinstance(weights, list) and (not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights)):
         raise CxrError(f"recipe key loss.class_weights: {weights} must be finite and not negative, and not all 0")
+    if any(size < 1 for size in recipe.model.hidden):
+        raise CxrError(f"recipe key model.hidden: {recipe.model.hidden} must be sizes of at least 1 (one per dense "
+                       "layer; [] for none)")
     if recipe.runtime.batch_size < 1:
         raise CxrError("recipe key runtime.batch_size must be at least 1")
 

@@ -58,6 +58,13 @@ def test_multilabel_nih_csv_with_the_torch_and_int8_engines(tmp_path):
         val = sum(row["split"] == "val" for row in csv.DictReader(f))
     assert f"of {val * 14} image-finding decisions (" in result.stderr
 
+    before = (run / "labels.json").read_text()  # a binary threshold rule on 14 findings was accepted and ignored
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--target-sensitivity", "0.9"])
+    assert result.exit_code != 0 and str(result.exception) == (
+        "--target-sensitivity choose a binary run's threshold; this multilabel run decides by a 0.5 threshold on "
+        "each label. Without them, cxr calibrate fits its temperature")
+    assert (run / "labels.json").read_text() == before
+
 
 def test_medmnist_npz_with_its_own_splits(tmp_path):
     medmnist_npz(tmp_path / "mm" / "pneumoniamnist.npz", {"train": 24, "val": 8, "test": 8})
@@ -256,3 +263,18 @@ def test_a_dataset_with_only_a_test_folder_and_a_split_without_test_images_are_e
                                       "--out", str(tmp_path / "runs"), *TINY, "--set", "data.split.ratios=[1,0,0]"])
     assert result.exit_code == 0, result.output
     assert "note: the test split is empty" in result.stderr
+    # --backbone names the run: the defaults' "run" does not name one, so it is appended
+    assert Path(result.stdout.strip().splitlines()[-1]).name.startswith("run-mobilenet_v3_small-")
+
+
+def test_a_run_is_named_after_the_backbone_that_replaced_the_recipe_s(tmp_path):
+    from cxrkit.cli.train import _named_for_backbone
+    from cxrkit.config import load_recipe
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "kermany-densenet121-weighted.yaml"
+    base = load_recipe(recipe)
+    assert _named_for_backbone(load_recipe(recipe, ["model.backbone=googlenet"]), base).name == (
+        "kermany-googlenet-weighted")
+    assert _named_for_backbone(base, base).name == "kermany-densenet121-weighted"
+    named = load_recipe(recipe, ["model.backbone=googlenet", "name=mine"])
+    assert _named_for_backbone(named, base).name == "mine"  # a name of the user's own stays

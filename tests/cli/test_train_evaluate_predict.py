@@ -186,7 +186,7 @@ def _losses(data, out, sets):
 def test_augmented_training_does_not_depend_on_the_number_of_workers(data, tmp_path):
     """Each image's augmentation is seeded from (seed, epoch) and the loaders do not draw from the global random
     stream, so one DataLoader worker gives the losses of none (they used to differ from the second epoch on)."""
-    sets = ["stages.0.trainable=all", "stages.0.epochs=2", "stages.1.epochs=0", "augment.policy=light",
+    sets = ["stages.0.trainable=all", "stages.0.epochs=2", "augment.policy=light",
             "model.dropout=0.3", "runtime.precision=fp32"]
     in_process, _ = _losses(data, tmp_path / "none", [*sets, "runtime.workers=0"])
     one_worker, _ = _losses(data, tmp_path / "one", [*sets, "runtime.workers=1"])
@@ -201,7 +201,7 @@ def test_early_stopping_restores_the_stage_best_and_best_pt_follows_its_monitor(
 
     def train(name, *sets):
         result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / name), *TINY,
-                                          "--set", "stages.1.epochs=0", "--set", "runtime.precision=fp32",
+                                          "--set", "runtime.precision=fp32",
                                           *[arg for kv in sets for arg in ("--set", kv)]])
         assert result.exit_code == 0, result.output
         run = Path(result.stdout.strip().splitlines()[-1])
@@ -309,7 +309,8 @@ def test_decoded_image_cache_trains_exactly_as_decoding_every_epoch(data, tmp_pa
     for cache in ("true", "false"):
         result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / cache), *TINY,
                                           "--set", "augment.policy=light", "--set", "stages.0.epochs=2",
-                                          "--set", "stages.1.epochs=1", "--set", "runtime.precision=fp32",
+                                          "--set", "stages.1.trainable=head", "--set", "stages.1.epochs=1",
+                                          "--set", "runtime.precision=fp32",
                                           "--set", f"runtime.cache_images={cache}"])
         assert result.exit_code == 0, result.output
         run = Path(result.stdout.strip().splitlines()[-1])
@@ -325,7 +326,7 @@ def test_flips_alone_are_augmentation(data, tmp_path, monkeypatch):
     """``augment: {policy: none, hflip: true}`` flips training images: features are not cached (they used to be,
     and the flips were silently dropped), and the run records the augmentation."""
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
-    _, log = _losses(data, tmp_path, ["stages.0.epochs=1", "stages.1.epochs=0", "augment.hflip=true"])
+    _, log = _losses(data, tmp_path, ["stages.0.epochs=1", "augment.hflip=true"])
     assert "feature cache off: augmentation" in log and "cached backbone features" not in log
     run = next(tmp_path.glob("*/data.json")).parent
     assert json.loads((run / "data.json").read_text())["augment"]["hflip"] is True

@@ -251,6 +251,20 @@ def test_multilabel_undefined_labels_are_none() -> None:
     _round_trips(m)
 
 
+def test_a_label_without_positives_has_no_recall_and_is_left_out_of_the_macro_means() -> None:
+    """A finding absent from a split read recall 0 and F1 0 and pulled f1_macro down."""
+    y = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    probs = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.9], [0.8, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    m = compute_metrics("multilabel", ["a", "never", "c"], y, probs)
+    assert m["per_class"]["never"]["recall"] is None  # no positive: undefined, not 0
+    assert m["per_class"]["never"]["precision"] == 0.0 and m["per_class"]["never"]["f1"] == 0.0  # one false alarm
+    assert m["f1_macro"] == pytest.approx(2 / 3) and m["recall_macro"] == pytest.approx(1.0)
+    quiet = compute_metrics("multilabel", ["a", "never", "c"], y, np.where(np.arange(3) == 1, 0.1, probs))
+    assert quiet["per_class"]["never"] == {"precision": None, "recall": None, "f1": None, "support": 0, "n_known": 4}
+    assert quiet["f1_macro"] == pytest.approx(1.0) and quiet["recall_macro"] == pytest.approx(1.0)
+    _round_trips(quiet)
+
+
 def test_multilabel_all_unknown_does_not_crash() -> None:
     m = compute_metrics("multilabel", ["a", "b"], np.full((3, 2), np.nan), np.full((3, 2), 0.5))
     assert m["accuracy"] is None and m["auc"] is None and m["log_loss"] is None and m["f1_weighted"] is None

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY,
                                       "--set", "stages.0.epochs=3", "--set", "stages.0.lr=3e-3",
-                                      "--set", "stages.1.epochs=1"])
+                                      "--set", "stages.1.trainable=head", "--set", "stages.1.epochs=1"])
     assert result.exit_code == 0, result.output
     return Path(result.stdout.strip().splitlines()[-1])
 

@@ -1,6 +1,7 @@
 """ONNX export of a trained run and the ``--engine onnx`` path of predict and evaluate."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,3 +82,47 @@ def test_an_unknown_engine_is_a_one_line_error(run, data):
     result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0], "--engine", "tensorrt"])
     assert result.exit_code != 0
     assert "engine 'tensorrt' is not one of auto, torch, onnx" in str(result.exception) + result.output
+
+
+def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpoint(data, tmp_path):
+    """`cxr calibrate` used to leave RUN/export/ with the old threshold (the ONNX file until its next use, the
+    TorchScript file for good), and a calibration fitted on `last` was silently used for `best`."""
+    import torch
+    from synth import kermany_folder
+
+    from cxrkit.export.torchscript import load_torchscript
+
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(kermany_folder(tmp_path / "xray", per_class=10, size=48)), "--out", str(tmp_path),
+        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48", "--epochs", "1",
+        "--set", "runtime.workers=0", "--set", "data.split.ratios=[0.5,0.3,0.2]"])  # both classes in val
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    for fmt in ("onnx", "torchscript", "onnx-int8"):
+        result = CliRunner().invoke(app, ["export", str(run), "-f", fmt])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--target-sensitivity", "1", "--no-temperature"])
+    assert result.exit_code == 0, result.output
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["threshold_method"] == "sensitivity>=1" and labels["calibrated_checkpoint"] == "best"
+    wanted = {key: labels[key] for key in ("threshold", "temperature", "threshold_method", "calibrated_checkpoint")}
+    onnx = read_metadata(run / "export" / "best.onnx")
+    _, scripted = load_torchscript(run / "export" / "best.torchscript.pt")
+    for meta in (onnx, scripted):
+        assert {key: meta[key] for key in wanted} == wanted
+    follows = read_metadata(run / "export" / "best.int8.onnx")["quantization"]["calibration"]["follows"]
+    assert follows["threshold"] == labels["threshold"] and follows["threshold_method"] == "sensitivity>=1"
+    assert "brought the calibration of" in result.stderr and "best.torchscript.pt" in result.stderr
+
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=False)  # make last differ from best
+    last["model"] = {key: value + 0.01 if key.startswith("head") else value for key, value in last["model"].items()}
+    torch.save(last, run / "checkpoints" / "last.pt")
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--checkpoint", "last"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "labels.json").read_text())["calibrated_checkpoint"] == "last"
+    result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0]])
+    assert result.exit_code == 0, result.output
+    assert ("note: the run's temperature and threshold were fitted on other weights (the last checkpoint as it was "
+            "then), not on this best checkpoint") in " ".join(result.stderr.split())
+    result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0], "--checkpoint", "last"])
+    assert result.exit_code == 0 and "fitted on other weights" not in result.stderr

@@ -14,7 +14,9 @@ import pytest
 from badinputs import CASES, write_cases
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner
 
+from cxrkit.cli.main import app as cli
 from cxrkit.serve.app import ServeSettings, create_app
 from cxrkit.serve.batcher import MicroBatcher
 from cxrkit.serve.predictor import Predictor
@@ -358,6 +360,25 @@ def test_unreadable_metrics_files_do_not_break_the_model_endpoint(tiny_run, tmp_
     metrics = response.json()["metrics"]
     assert metrics["good"]["n"] == 10 and metrics["good"]["accuracy"] == 0.9
     assert metrics["half-written"] == metrics["a-list"] == {"error": "unreadable metrics.json"}
+    assert metrics["good"]["as_served"] is False  # it names no model or calibration
+
+
+def test_the_model_endpoint_says_which_evaluations_were_measured_as_served(tiny_run, tmp_path):
+    """/v1/model listed an evaluation made before `cxr calibrate` next to the new threshold, as if it were current."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--split", "test", "--name", "before"])
+    assert result.exit_code == 0, result.output
+    labels = json.loads((run / "labels.json").read_text())
+    with TestClient(create_app(ServeSettings(str(run), engine="torch"))) as c:
+        current = c.get("/v1/model").json()["metrics"]["before"]
+    assert current["as_served"] is True and current["threshold"] == labels["threshold"]
+    assert current["checkpoint"] == "best" and current["engine"] == "torch"
+    (run / "labels.json").write_text(json.dumps({**labels, "threshold": 0.25}))  # as a new calibration leaves it
+    with TestClient(create_app(ServeSettings(str(run), engine="torch"))) as c:
+        model = c.get("/v1/model").json()
+    assert model["threshold"] == 0.25
+    assert model["metrics"]["before"]["as_served"] is False
+    assert model["metrics"]["before"]["threshold"] == labels["threshold"]
 
 
 def test_two_files_in_a_single_predict_are_refused(client, cases):

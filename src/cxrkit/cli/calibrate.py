@@ -25,9 +25,11 @@ def calibrate(
 
     from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
-    from cxrkit.eval.calibrate import calibrate_run
+    from cxrkit.eval.calibrate import calibrate_run, calibration_notes
     from cxrkit.serve.predictor import Predictor
 
+    threshold_options = [name for name, value in (("--method", method), ("--target-sensitivity", target_sensitivity))
+                         if value is not None]
     if method is None:
         method = "youden" if target_sensitivity is None else "sensitivity"
     if method not in ("youden", "sensitivity"):
@@ -37,6 +39,20 @@ def calibrate(
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise CxrError(f"--target-sensitivity {target_sensitivity} is not in (0, 1]")
     console = notes_console()
-    info = calibrate_run(Predictor(run, checkpoint=checkpoint), method, target_sensitivity, temperature, console)
-    keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after")
+    predictor = Predictor(run, checkpoint=checkpoint, check_calibration=False)
+    if predictor.task != "binary" and threshold_options:
+        rule = "the most probable class" if predictor.task == "multiclass" else "a 0.5 threshold on each label"
+        raise CxrError(f"{' and '.join(threshold_options)} choose a binary run's threshold; this {predictor.task} "
+                       f"run decides by {rule}. Without them, cxr calibrate fits its temperature")
+    info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
+    for note in calibration_notes(info):
+        console.print(note, highlight=False)
+    refreshed = predictor.refresh_exports(console)
+    if refreshed:
+        console.print("brought the calibration of " + ", ".join(str(path) for path in refreshed) + " up to date",
+                      highlight=False)
+    console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported with "
+                  "(their threshold_method and calibrated_checkpoint say which); export them again", highlight=False)
+    keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after",
+            "calibrated_checkpoint")
     print(json.dumps({k: info.get(k) for k in keys}, indent=2))

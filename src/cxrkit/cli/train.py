@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
+
+if TYPE_CHECKING:
+    from cxrkit.config import Recipe
 
 
 def _flag_overrides(data: str | None, task: str | None, backbone: str | None, weights: str | None,
@@ -24,6 +27,19 @@ def _flag_overrides(data: str | None, task: str | None, backbone: str | None, we
     if epochs is not None:
         pairs += [f"stages.{i}.epochs={epochs}" for i in range(max(stages, 1))]
     return pairs
+
+
+def _named_for_backbone(config: Recipe, base: Recipe) -> Recipe:
+    """``config`` (``base`` with overrides) named after its backbone when the overrides changed it and kept the
+    name: ``kermany-densenet121-weighted`` trained with ``--backbone googlenet`` is ``kermany-googlenet-weighted``
+    (a name without the backbone gets it appended), so its run folder does not claim another backbone."""
+    import dataclasses
+
+    old, new = base.model.backbone, config.model.backbone
+    if old == new or config.name != base.name:
+        return config
+    name = config.name.replace(old, new) if old in config.name else f"{config.name}-{new}"
+    return dataclasses.replace(config, name=name)
 
 
 def train(
@@ -52,8 +68,9 @@ def train(
             raise CxrError("--resume continues a run with its saved recipe; do not pass a recipe or overrides")
         run = train_recipe(resume=Run.open(resume), console=console)
     else:
-        stages = len(load_recipe(recipe).stages)
-        config = load_recipe(recipe, _flag_overrides(data, task, backbone, weights, epochs, out, stages) + set_)
-        run = train_recipe(config, console=console)
+        base = load_recipe(recipe)
+        config = load_recipe(recipe, _flag_overrides(data, task, backbone, weights, epochs, out, len(base.stages))
+                             + set_)
+        run = train_recipe(_named_for_backbone(config, base), console=console)
     if os.environ.get("RANK", "0") == "0":
         print(run.path)

@@ -32,7 +32,8 @@ def calibrate_run(
         The updated ``labels.json`` content.
     """
     info = {**predictor.labels_info,
-            **fit_calibration(predictor, method, target_sensitivity, temperature, console, strict_threshold)}
+            **fit_calibration(predictor, method, target_sensitivity, temperature, console, strict_threshold),
+            "calibrated_checkpoint": predictor.checkpoint, "calibrated_weights_sha256": predictor.weights_sha256}
     predictor.run.write_json("labels.json", info)
     predictor.labels_info = info
     return info
@@ -77,3 +78,26 @@ def fit_calibration(
             info["threshold"] = float(threshold)
             info["threshold_method"] = (f"sensitivity>={target_sensitivity:g}" if method == "sensitivity" else method)
     return info
+
+
+def calibration_notes(info: dict[str, Any]) -> list[str]:
+    """What a user should know about a calibration (``labels.json`` content): a temperature at the end of its
+    search interval, and a validation ECE that the temperature made worse."""
+    from cxrkit.eval.calibration import TEMPERATURE_BOUNDS
+
+    notes = []
+    t, n = float(info.get("temperature") or 1.0), info.get("calibration_images")
+    low, high = TEMPERATURE_BOUNDS
+    if t <= low * 1.001:
+        notes.append(f"note: the temperature stopped at its lower bound {low:g}: the {n} validation images are "
+                     "separated (nearly) perfectly, so sharper is always better there and the probabilities are as "
+                     "sharp as allowed; more validation images give a meaningful fit")
+    elif t >= high * 0.999:
+        notes.append(f"note: the temperature stopped at its upper bound {high:g}: on the {n} validation images the "
+                     "model does no better than chance, so its probabilities are flattened as far as allowed")
+    before, after = info.get("val_ece_before"), info.get("val_ece_after")
+    if before is not None and after is not None and after > before + 1e-9:
+        notes.append(f"note: validation ECE rose ({before:.4f} -> {after:.4f}): the temperature minimises the "
+                     f"log-loss, not ECE, which is noisy on {n} images; `cxr calibrate RUN --no-temperature` keeps "
+                     "the raw probabilities")
+    return notes

@@ -259,7 +259,10 @@ def _label_metrics(y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> dict[str, 
         undefined = dict.fromkeys(("accuracy", "auc", "average_precision", "precision", "recall", "f1"))
         matrices = {"confusion_matrix": np.zeros((2, 2), dtype=int), "confusion_matrix_normalized": np.zeros((2, 2))}
         return {**undefined, "support": 0, "n_known": 0, **matrices}
-    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, average="binary", pos_label=1, zero_division=0)
+    # zero_division=nan: a label with no positives has no recall, and one also never predicted has no precision or
+    # F1; they are None (n/a) and left out of the macro means, as a class that does not occur is for multi-class
+    precision, recall, f1 = (None if math.isnan(v) else float(v) for v in precision_recall_fscore_support(
+        y, pred, average="binary", pos_label=1, zero_division=np.nan)[:3])
     return {
         "accuracy": accuracy_score(y, pred),
         "auc": _binary_auc(y == 1, p),

@@ -28,8 +28,14 @@ def export_torchscript(model: nn.Module, path: str | Path, size: int, metadata: 
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(fp32, torch.zeros(2, 3, size, size))
-        atomic_write(path, lambda fh: torch.jit.save(traced, fh, _extra_files={METADATA_FILE: json.dumps(metadata)}))
+    _save(traced, path, metadata)
     return Path(path)
+
+
+def _save(module: torch.jit.ScriptModule, path: str | Path, metadata: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
+        atomic_write(path, lambda fh: torch.jit.save(module, fh, _extra_files={METADATA_FILE: json.dumps(metadata)}))
 
 
 def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -39,3 +45,16 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated")
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return module, json.loads(extra[METADATA_FILE] or "{}")
+
+
+def update_torchscript_metadata(path: str | Path, changes: dict[str, Any]) -> bool:
+    """Set ``changes`` in the ``cxrkit.json`` of the TorchScript file at ``path`` (replaced atomically); False when
+    they are there already, or the file is not a TorchScript file of cxrkit's."""
+    try:
+        module, metadata = load_torchscript(path)
+    except (RuntimeError, ValueError, OSError):
+        return False
+    if not metadata or all(metadata.get(key) == value for key, value in changes.items()):
+        return False
+    _save(module, path, {**metadata, **changes})
+    return True

@@ -66,6 +66,8 @@ class Prediction:
 
 
 ENGINES = ("torch", "onnx", "onnx-int8")
+# What an exported file carries of the run's calibration (labels.json), to use it and to tell which one it is.
+CALIBRATION_KEYS = ("threshold", "temperature", "threshold_method", "calibrated_on", "calibrated_checkpoint")
 
 
 def resolve_engine(engine: str) -> str:
@@ -105,10 +107,12 @@ class Predictor:
             on first use with ranges from the run's training images; see :mod:`cxrkit.export.quantize`) or
             ``auto`` (:func:`resolve_engine`).
         console: where the one-off ONNX export is announced (rich console; default: stderr).
+        check_calibration: note when the run's temperature and threshold were fitted on other weights (another
+            checkpoint); off for the calibration itself.
     """
 
     def __init__(self, run: str | Path | Run, checkpoint: str = "best", runtime: Runtime | None = None,
-                 engine: str = "torch", console: Any = None):
+                 engine: str = "torch", console: Any = None, check_calibration: bool = True):
         if engine not in ("auto", *ENGINES):
             raise CxrError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
         engine = resolve_engine(engine)
@@ -129,6 +133,13 @@ class Predictor:
         self.checkpoint = checkpoint
         self.engine = engine
         self.weights_sha256 = weights_digest(model)
+        fitted_on = self.labels_info.get("calibrated_weights_sha256")
+        if check_calibration and fitted_on and fitted_on != self.weights_sha256:
+            (console or notes_console()).print(
+                f"note: the run's temperature and threshold were fitted on other weights (the "
+                f"{self.labels_info.get('calibrated_checkpoint')} checkpoint as it was then), not on this "
+                f"{checkpoint} checkpoint; `cxr calibrate {self.run.path} --checkpoint {checkpoint}` fits them for it",
+                highlight=False)
         self.model: torch.nn.Module
         if engine == "torch":
             self.model = self.runtime.prepare_model(model).eval()
@@ -156,7 +167,38 @@ class Predictor:
             "weights_sha256": self.weights_sha256, "labels": self.labels, "task": self.task,
             "positive": self.labels_info.get("positive"), "preprocessing": self.preprocessing.to_dict(),
             "threshold": self.threshold, "temperature": self.temperature, "cxrkit_version": __version__,
+            **{key: self.labels_info.get(key) for key in CALIBRATION_KEYS[2:]},
         }
+
+    def refresh_exports(self, console: Any = None) -> list[Path]:
+        """Bring the calibration that the run's own exported files (``RUN/export/``) carry up to date with the run's
+        (after ``cxr calibrate``), so that a file copied from there has the current temperature and threshold: fp32
+        ONNX and TorchScript files get the run's, and int8 files fit their own again (see
+        :meth:`_use_int8_calibration`). Returns the files brought up to date."""
+        from cxrkit.export.onnx import update_metadata
+        from cxrkit.export.torchscript import update_torchscript_metadata
+
+        folder = self.run.path / "export"
+        calibration = {key: self.labels_info.get(key) for key in CALIBRATION_KEYS}
+        calibration["temperature"] = self.temperature
+        refreshed = []
+        for path in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+            found = _exported_metadata(path)
+            if not found or path.name.startswith("."):
+                continue
+            if "quantization" in found:
+                checkpoint = str(found.get("checkpoint") or "best")
+                if checkpoint in ("best", "last") and path.name == f"{checkpoint}.int8.onnx":
+                    Predictor(self.run, checkpoint, engine="onnx-int8", console=console, check_calibration=False)
+                    if _exported_metadata(path) != found:  # its own calibration fitted again
+                        refreshed.append(path)
+            elif any(found.get(key) != value for key, value in calibration.items()):
+                update_metadata(path, {**found, **calibration})
+                refreshed.append(path)
+        for path in sorted(folder.glob("*.torchscript.pt")) if folder.is_dir() else []:
+            if not path.name.startswith(".") and update_torchscript_metadata(path, calibration):
+                refreshed.append(path)
+        return refreshed
 
     def onnx_file(self, model: torch.nn.Module, console: Any = None) -> Path:
         """``RUN/export/<checkpoint>.onnx`` for these weights: reused when its weights checksum matches (metadata

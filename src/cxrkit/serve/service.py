@@ -169,7 +169,9 @@ class Service:
         from cxrkit import __version__
 
         p = self.predictor
-        evaluations = {path.parent.name: _evaluation_summary(path)
+        served = {"checkpoint": p.checkpoint, "engine": p.engine, "threshold": p.threshold,
+                  "temperature": p.temperature}
+        evaluations = {path.parent.name: _evaluation_summary(path, served)
                        for path in sorted((p.run.path / "eval").glob("*/metrics.json"))}
         size = p.preprocessing.size
         return {
@@ -182,17 +184,27 @@ class Service:
         }
 
 
-def _evaluation_summary(path: Path) -> dict[str, Any]:
-    """The headline numbers of an evaluation's ``metrics.json``; ``{"error": ...}`` when it cannot be read or is not
-    a JSON object (e.g. half-written by a running ``cxr evaluate``)."""
+def _evaluation_summary(path: Path, served: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of an evaluation's ``metrics.json`` with the model and calibration they were measured
+    with, and ``as_served``: whether those are the ``served`` ones (an evaluation from before ``cxr calibrate``, or of
+    another engine or checkpoint, is not). ``{"error": ...}`` when the file cannot be read or is not a JSON object
+    (e.g. half-written by a running ``cxr evaluate``)."""
     try:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):  # ValueError: invalid JSON or text
         metrics = None
     if not isinstance(metrics, dict):
         return {"error": "unreadable metrics.json"}
-    return {key: metrics.get(key) for key in (
-        "dataset", "split", "n", "accuracy", "auc", "f1_macro", "sensitivity", "specificity", "ece")}
+    summary = {key: metrics.get(key) for key in (
+        "dataset", "split", "n", "accuracy", "auc", "f1_macro", "sensitivity", "specificity", "ece", *served)}
+    summary["as_served"] = all(_same(summary[key], value) for key, value in served.items())
+    return summary
+
+
+def _same(measured: Any, served: Any) -> bool:
+    if isinstance(measured, (int, float)) and isinstance(served, (int, float)):
+        return abs(float(measured) - float(served)) <= 1e-9 * max(1.0, abs(float(served)))
+    return measured == served
 
 
 def _fp32_runtime() -> Any:

@@ -34,16 +34,18 @@ def calibrate_after_training(run: Run, runtime: Runtime, console: Console) -> No
     """Fit the temperature and the binary operating threshold on the validation split (rank 0, one process)."""
     import dataclasses
 
-    from cxrkit.eval.calibrate import calibrate_run
+    from cxrkit.eval.calibrate import calibrate_run, calibration_notes
     from cxrkit.serve.predictor import Predictor
 
     single = dataclasses.replace(runtime, rank=0, world_size=1)
-    info = calibrate_run(Predictor(run, runtime=single), strict_threshold=False)
+    info = calibrate_run(Predictor(run, runtime=single, check_calibration=False), strict_threshold=False)
     parts = [f"temperature {info['temperature']:.3f}",
              f"val ECE {info['val_ece_before']:.4f} -> {info['val_ece_after']:.4f}"]
     if info.get("threshold") is not None:
         parts.append(f"threshold {info['threshold']:.4f} ({info['threshold_method']})")
     console.print("calibrated on the validation split: " + ", ".join(parts), highlight=False)
+    for note in calibration_notes(info):
+        console.print(note, highlight=False)
 
 
 def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, console: Console | None = None,

@@ -187,7 +187,11 @@ class Trainer:
     def fit_stage(self, index: int, resume: dict[str, Any] | None) -> None:
         stage, runtime = self.recipe.stages[index], self.runtime
         plan = apply_trainable(self.model, stage.trainable)
-        self.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)} {stage.name}[/]: {plan.describe()}")
+        momentum = f", momentum {stage.momentum:g}" if stage.optimizer in ("sgd", "rmsprop") else ""
+        nesterov = " (Nesterov)" if stage.optimizer == "sgd" and stage.momentum > 0 else ""
+        decay = f", weight decay {stage.weight_decay:g}" if stage.weight_decay else ""
+        self.log(f"[bold]stage {index + 1}/{len(self.recipe.stages)} {stage.name}[/]: {plan.describe()}; "
+                 f"{stage.optimizer} lr {stage.lr:g}{momentum}{nesterov}{decay}, {stage.epochs} epoch(s)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(stage, params)
         scheduler = make_scheduler(stage, optimizer)
