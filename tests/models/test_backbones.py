@@ -148,6 +148,34 @@ def test_missing_imagenet_weights_say_which_file_where(offline, name, hint):
         build_backbone(name, "imagenet", weights_dirs=[offline / "elsewhere"])
 
 
+@pytest.mark.parametrize("proxy", [None, "http://proxy:3128"])
+def test_an_unreachable_hub_is_read_from_its_cache_only(offline, monkeypatch, proxy):
+    """Offline, the Hugging Face hub retried each download for about a minute, printing every attempt, before the
+    error; now its cache is read at once. Behind a proxy only the download itself can tell, so it is left alone."""
+    import socket
+
+    from huggingface_hub import constants
+
+    seen = []
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    def from_hub(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise OSError("not in the local cache")
+
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    if proxy:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", from_hub)
+    with pytest.raises(CxrError, match="no ImageNet weights for efficientnet_b0"):
+        build_backbone("efficientnet_b0", "imagenet")
+    assert seen == [proxy is None] and constants.HF_HUB_OFFLINE is False
+
+
 def test_non_network_download_errors_are_not_hidden(offline, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("checksum mismatch")

@@ -10,13 +10,14 @@ and must fit the library model exactly (``strict=True``), either the full ImageN
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def _download(spec: BackboneSpec, weights_dirs: PathLike | Sequence[PathLike] | 
     _log.info("%s: ImageNet weights from %s (%s cache)", spec.name, spec.weights_url, spec.source)
     try:
         if spec.source == "timm":
-            return _feature_extractor(spec, _library_model(spec, pretrained=True))
+            with _hub_offline_if_unreachable():
+                return _feature_extractor(spec, _library_model(spec, pretrained=True))
         from torchvision.models import get_model_weights
 
         state = get_model_weights(spec.arch)[spec.tag].get_state_dict(progress=True, check_hash=True)
@@ -258,6 +260,39 @@ def _download(spec: BackboneSpec, weights_dirs: PathLike | Sequence[PathLike] | 
             raise
         raise CxrError(_no_weights_message(spec, weights_dirs, error)) from error
     return _load_state(spec, state, f"the weights from {spec.weights_url}")
+
+
+HUB_HOST = "huggingface.co"
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(timeout: float = 3.0) -> Iterator[None]:
+    """The Hugging Face hub in offline mode (its cache only) while its host cannot be reached: otherwise each
+    download retries for about a minute, printing every attempt, before it fails. Skipped behind a proxy, which
+    only the download itself can use."""
+    import socket
+
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm without the hub: nothing to switch
+        yield
+        return
+    unreachable = False
+    if not proxied and not constants.HF_HUB_OFFLINE:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        except OSError as error:
+            unreachable = True
+            _log.info("%s cannot be reached (%s): the hub's cache only", HUB_HOST, error)
+    if not unreachable:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _is_network_error(error: BaseException) -> bool:

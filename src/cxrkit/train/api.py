@@ -78,8 +78,10 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         seed_everything(recipe.seed)
         trainer = Trainer(recipe, run, runtime, console, resuming=last is not None)
         if runtime.is_main:
-            console.print(f"run {run.path}\n{trainer.data.spec.name}: {len(trainer.data.train)} train, "
-                          f"{len(trainer.data.val)} val images; {runtime.describe()}", highlight=False)
+            spec = trainer.data.spec
+            console.print(f"run {run.path}\n{spec.name} ({spec.task}: {', '.join(spec.labels)}): "
+                          f"{len(trainer.data.train)} train, {len(trainer.data.val)} val images; "
+                          f"{runtime.describe()}", highlight=False)
         trainer.fit(resume=last)
         if runtime.is_main and len(trainer.data.val):
             calibrate_after_training(run, runtime, console)
