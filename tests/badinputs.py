@@ -17,6 +17,8 @@ CASES: dict[str, tuple[str, str]] = {
     "truncated-jpeg": ("cut.jpeg", r"cut\.jpeg: corrupt or truncated"),
     "truncated-dicom": ("cut.dcm", r"cut\.dcm: .*(truncated|cannot|corrupt|pixel data)"),
     "huge-png": ("huge.png", r"huge\.png: image .*(too large|over the limit)"),
+    "blank-png": ("blank.png", r"blank\.png: blank image \(every pixel is 0 of 255\): nothing to classify"),
+    "blank-dicom": ("flat.dcm", r"flat\.dcm: blank image \(every pixel is \d+ of 255\)"),
     "16bit-png": ("deep.png", "ok"),
     "cmyk-jpeg": ("cmyk.jpeg", "ok"),
     "palette-png": ("palette.png", "ok"),
@@ -46,6 +48,8 @@ def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     paths["truncated-dicom"].write_bytes(dicom[: len(dicom) - size * size])  # cut inside the pixel data
     (folder / "whole.dcm").unlink()
     png_header_only(paths["huge-png"], 20000, 20000)
+    Image.new("L", (size, size)).save(paths["blank-png"])  # models gave such images confident probabilities
+    write_dicom(paths["blank-dicom"], np.full((size, size), 2000, dtype=np.uint16), "MONOCHROME2")
     Image.fromarray(pixels.astype(np.uint16) * 257).save(paths["16bit-png"])
     Image.fromarray(pixels).convert("CMYK").save(paths["cmyk-jpeg"])
     Image.fromarray(pixels).convert("P").save(paths["palette-png"])

@@ -129,6 +129,20 @@ def content_problem(path: str | os.PathLike) -> str | None:
     return truncation_reason(path, fmt) or header_problem(path, fmt)
 
 
+BLANK_LEVELS = 2  # an 8-bit image whose pixels all lie within this many grey levels of each other is blank
+
+
+def blank_problem(image: Image.Image) -> str | None:
+    """Why a decoded image cannot be classified because it shows nothing (every pixel the same grey, give or take
+    :data:`BLANK_LEVELS`: an unexposed or failed acquisition, a placeholder), or None. A model still returns
+    confident-looking probabilities for such an image, so prediction refuses it."""
+    low, high = image.convert("L").getextrema()
+    if high - low > BLANK_LEVELS:
+        return None
+    level = f"{low}" if low == high else f"{low} to {high}"
+    return f"blank image (every pixel is {level} of 255): nothing to classify"
+
+
 def sniff_format(head: bytes) -> str | None:
     """Name the image format from a file's first bytes (at least 132 for DICOM), or None if unrecognised."""
     if is_dicom_bytes(head):

@@ -411,14 +411,17 @@ class Predictor:
     def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
         """Predict files in batches, in the order given; an unreadable file yields a :class:`Prediction` with
         ``error`` set."""
-        from cxrkit.data.images import read_image
+        from cxrkit.data.images import blank_problem, read_image
 
         pending: list[Prediction | tuple[str, Any, float]] = []  # in input order: failures and decoded images
         decoded = 0
         for path in paths:
             start = time.perf_counter()
             try:
-                pending.append((path, read_image(path), (time.perf_counter() - start) * 1000))
+                image = read_image(path)
+                if why := blank_problem(image):
+                    raise CxrError(f"{path}: {why}")
+                pending.append((path, image, (time.perf_counter() - start) * 1000))
                 decoded += 1
             except CxrError as err:
                 pending.append(Prediction(path, model=self.model_id, error=str(err)))
