@@ -217,3 +217,19 @@ def test_opening_a_file_as_a_run_says_so(tmp_path):
         Run.open(tmp_path / "notes.txt")
     with pytest.raises(CxrError, match=r"run .*nowhere does not exist"):
         Run.open(tmp_path / "nowhere")
+
+
+def test_resuming_removes_the_temporary_files_of_killed_writes(tmp_path):
+    """A write killed half-way (kill -9) left a hidden temporary file as large as a checkpoint, for good."""
+    run = Run.create(tmp_path, "r")
+    leftovers = [run.path / ".metrics.csv.k2j3_x.tmp", run.path / "checkpoints" / ".last.pt.a8b9c0.tmp",
+                 run.path / "checkpoints" / ".stage_best.pt.4242.link",
+                 run.path / "export" / ".best.int8.onnx.4242.partial.onnx"]
+    kept = [run.path / "checkpoints" / "last.pt", run.path / ".notes", run.path / "export" / "best.onnx",
+            run.path / "my.tmp"]
+    for path in leftovers + kept:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    assert run.remove_leftovers() == 4
+    assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
+    assert run.remove_leftovers() == 0

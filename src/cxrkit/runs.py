@@ -168,6 +168,20 @@ class Run:
         (path / "checkpoints").mkdir()
         return cls(path)
 
+    def remove_leftovers(self) -> int:
+        """Remove the hidden temporary files that writes killed half-way left in the run (``.X.*.tmp`` of
+        :func:`atomic_write`, ``.X.<pid>.partial.*`` of :func:`staged`, ``.X.<pid>.link``): the real files were never
+        touched, but a killed checkpoint write leaves one as large as a checkpoint. For a run no process is writing,
+        such as one being resumed. Returns how many were removed."""
+        pattern = re.compile(r"^\..+\.(tmp|link)$|^\..+\.\d+\.partial(\.[^.]+)?$")
+        removed = 0
+        for folder in (self.path, self.path / "checkpoints", self.path / "export"):
+            for entry in folder.iterdir() if folder.is_dir() else []:
+                if pattern.match(entry.name) and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     @classmethod
     def open(cls, path: str | Path) -> Run:
         """Open an existing run; a clear error when ``path`` is not one."""

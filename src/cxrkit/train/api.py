@@ -59,6 +59,8 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
     last = None
     if resume is not None:
         run = resume
+        if removed := run.remove_leftovers():
+            console.print(f"removed {removed} temporary file(s) that the interrupted run left", highlight=False)
         recipe = load_recipe(run.file("recipe.yaml"))
         last = run.load_checkpoint("last") if run.has_checkpoint("last") else None
     assert recipe is not None
