@@ -185,6 +185,7 @@ def test_split_notes_say_what_came_out_other_than_asked():
     coarse = split_notes(ds, assign_splits(ds, ratios=(0.98, 0.01, 0.01)), (0.98, 0.01, 0.01))
     assert len(coarse) == 1 and re.fullmatch(r"note: the splits came out at val [4-6]%, test [4-6]% of the images, "
                                              r"against 1%, 1% asked: .* steps of 1/20 at the finest", coarse[0])
+    assert split_notes(ds, assign_splits(ds, ratios=(0.98, 0.01, 0.01)), (0.98, 0.01, 0.01), carved=False) == []
     no_test = split_notes(ds, assign_splits(ds, ratios=(1.0, 0.0, 0.0)), (1.0, 0.0, 0.0))
     assert len(no_test) == 1 and no_test[0].startswith("note: the test split is empty")
     negatives = np.flatnonzero(ds.targets() == 0)

@@ -59,11 +59,11 @@ def patients_in_several_splits(ds: LabelledImages, splits: dict[str, np.ndarray]
     return list(found)
 
 
-def split_notes(ds: LabelledImages, splits: dict[str, np.ndarray], ratios: Any) -> list[str]:
+def split_notes(ds: LabelledImages, splits: dict[str, np.ndarray], ratios: Any, carved: bool = True) -> list[str]:
     """What a user should know about splits that came out other than the recipe asked: a held-out split that is
-    empty, one much larger or smaller than its ratio (patient-grouped folds come in steps of 1/20 at the finest),
-    and classes with no image (for multilabel: no positive) in a held-out split, whose metrics there are
-    undefined."""
+    empty, one much larger or smaller than its ratio (patient-grouped folds come in steps of 1/20 at the finest;
+    only when the held-out splits were ``carved``, not kept from the dataset's own), and classes with no image
+    (for multilabel: no positive) in a held-out split, whose metrics there are undefined."""
     from cxrkit.data.splits import check_ratios
 
     wanted = check_ratios(ratios)
@@ -73,7 +73,7 @@ def split_notes(ds: LabelledImages, splits: dict[str, np.ndarray], ratios: Any) 
         notes.append("note: the test split is empty (data.split.ratios gives it none, or the dataset's own splits "
                      "have none), so `cxr evaluate` has no held-out images of this run to report on")
     off = {s: len(splits.get(s, [])) / total for s, r in wanted.items()
-           if total and abs(len(splits.get(s, [])) / total - r) > max(0.02, r / 2)}
+           if carved and total and abs(len(splits.get(s, [])) / total - r) > max(0.02, r / 2)}
     if off:
         notes.append("note: the splits came out at " + ", ".join(f"{s} {100 * f:.0f}%" for s, f in off.items())
                      + " of the images, against " + ", ".join(f"{100 * wanted[s]:.0f}%" for s in off)
@@ -128,7 +128,8 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
                       f"first: {shared[0]}), so held-out numbers may be optimistic; data.split.use_own=false makes "
                       "patient-grouped splits", highlight=False)
     if console is not None and runtime.is_main and not resumed:
-        for note in split_notes(ds, splits, recipe.data.split.ratios):
+        own = recipe.data.split.use_own and any(it.split in ("val", "test") for it in ds.items)  # kept as given
+        for note in split_notes(ds, splits, recipe.data.split.ratios, carved=not own):
             console.print(note, highlight=False)
     pre = pipeline.resolve_preprocessing(recipe.model)
     augment = pipeline.augmentation(recipe.augment)
