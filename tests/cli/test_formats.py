@@ -61,7 +61,7 @@ def test_multilabel_nih_csv_with_the_torch_and_int8_engines(tmp_path):
     before = (run / "labels.json").read_text()  # a binary threshold rule on 14 findings was accepted and ignored
     result = CliRunner().invoke(app, ["calibrate", str(run), "--target-sensitivity", "0.9"])
     assert result.exit_code != 0 and str(result.exception) == (
-        "--target-sensitivity choose a binary run's threshold; this multilabel run decides by a 0.5 threshold on "
+        "--target-sensitivity chooses a binary run's threshold; this multilabel run decides by a 0.5 threshold on "
         "each label. Without them, cxr calibrate fits its temperature")
     assert (run / "labels.json").read_text() == before
 
@@ -276,5 +276,8 @@ def test_a_run_is_named_after_the_backbone_that_replaced_the_recipe_s(tmp_path):
     assert _named_for_backbone(load_recipe(recipe, ["model.backbone=googlenet"]), base).name == (
         "kermany-googlenet-weighted")
     assert _named_for_backbone(base, base).name == "kermany-densenet121-weighted"
+    main = load_recipe(recipe.with_name("pneumonia-mobilenetv2.yaml"))  # names mobilenet_v2 without its "_"
+    assert _named_for_backbone(load_recipe(recipe.with_name("pneumonia-mobilenetv2.yaml"),
+                                           ["model.backbone=resnet18"]), main).name == "pneumonia-resnet18"
     named = load_recipe(recipe, ["model.backbone=googlenet", "name=mine"])
     assert _named_for_backbone(named, base).name == "mine"  # a name of the user's own stays

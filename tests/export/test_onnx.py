@@ -113,6 +113,13 @@ def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpo
     follows = read_metadata(run / "export" / "best.int8.onnx")["quantization"]["calibration"]["follows"]
     assert follows["threshold"] == labels["threshold"] and follows["threshold_method"] == "sensitivity>=1"
     assert "brought the calibration of" in result.stderr and "best.torchscript.pt" in result.stderr
+    assert "export them again" in result.stderr  # the threshold changed: copies elsewhere are out of date
+    damaged = run / "export" / "best.torchscript.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    again = CliRunner().invoke(app, ["calibrate", str(run), "--target-sensitivity", "1", "--no-temperature"])
+    assert again.exit_code == 0, again.output
+    assert f"note: {damaged} cannot be read, so it keeps the old calibration" in " ".join(again.stderr.split())
+    assert "export them again" not in again.stderr  # nothing changed
 
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=False)  # make last differ from best
     last["model"] = {key: value + 0.01 if key.startswith("head") else value for key, value in last["model"].items()}

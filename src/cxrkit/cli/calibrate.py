@@ -42,17 +42,26 @@ def calibrate(
     predictor = Predictor(run, checkpoint=checkpoint, check_calibration=False)
     if predictor.task != "binary" and threshold_options:
         rule = "the most probable class" if predictor.task == "multiclass" else "a 0.5 threshold on each label"
-        raise CxrError(f"{' and '.join(threshold_options)} choose a binary run's threshold; this {predictor.task} "
+        verb = "chooses" if len(threshold_options) == 1 else "choose"
+        raise CxrError(f"{' and '.join(threshold_options)} {verb} a binary run's threshold; this {predictor.task} "
                        f"run decides by {rule}. Without them, cxr calibrate fits its temperature")
+    before = {key: predictor.labels_info.get(key) for key in ("temperature", "threshold", "threshold_method")}
     info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
     for note in calibration_notes(info):
         console.print(note, highlight=False)
-    refreshed = predictor.refresh_exports(console)
+    refreshed, unreadable = predictor.refresh_exports(console)
     if refreshed:
         console.print("brought the calibration of " + ", ".join(str(path) for path in refreshed) + " up to date",
                       highlight=False)
-    console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported with "
-                  "(their threshold_method and calibrated_checkpoint say which); export them again", highlight=False)
+    if unreadable:
+        one = len(unreadable) == 1
+        console.print("note: " + ", ".join(str(path) for path in unreadable) + f" cannot be read, so "
+                      f"{'it keeps' if one else 'they keep'} the old calibration; `cxr export` writes "
+                      f"{'it' if one else 'them'} again (and --engine does on its next use)", highlight=False)
+    if any(info.get(key) != value for key, value in before.items()):
+        console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported "
+                      "with (their threshold_method and calibrated_checkpoint say which); export them again",
+                      highlight=False)
     keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after",
             "calibrated_checkpoint")
     print(json.dumps({k: info.get(k) for k in keys}, indent=2))

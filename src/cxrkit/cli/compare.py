@@ -44,11 +44,12 @@ def compare(
     """
     import csv
 
-    from cxrkit.compare.runner import plan_comparison, run_comparison, select_cells
+    from cxrkit.compare.runner import plan_comparison, print_skipped, run_comparison, select_cells
     from cxrkit.console import notes_console
 
     if dry_run:
         plan = plan_comparison(spec, out, set_)
+        print_skipped(plan, notes_console())
         plan.cells = select_cells(plan.cells, only)
         _print_cells(plan)
         return

@@ -31,15 +31,19 @@ def _flag_overrides(data: str | None, task: str | None, backbone: str | None, we
 
 def _named_for_backbone(config: Recipe, base: Recipe) -> Recipe:
     """``config`` (``base`` with overrides) named after its backbone when the overrides changed it and kept the
-    name: ``kermany-densenet121-weighted`` trained with ``--backbone googlenet`` is ``kermany-googlenet-weighted``
-    (a name without the backbone gets it appended), so its run folder does not claim another backbone."""
+    name: ``kermany-densenet121-weighted`` trained with ``--backbone googlenet`` is ``kermany-googlenet-weighted``,
+    ``pneumonia-mobilenetv2`` with ``resnet18`` is ``pneumonia-resnet18`` (a name without the backbone gets it
+    appended), so its run folder does not claim another backbone."""
     import dataclasses
+    import re
 
     old, new = base.model.backbone, config.model.backbone
     if old == new or config.name != base.name:
         return config
-    name = config.name.replace(old, new) if old in config.name else f"{config.name}-{new}"
-    return dataclasses.replace(config, name=name)
+    # the name may spell the backbone without its separators: pneumonia-mobilenetv2 names mobilenet_v2
+    spelled = r"[-_.]?".join(re.escape(ch) for ch in re.sub(r"[^0-9a-z]", "", old.lower()))
+    name, found = re.subn(spelled, new, config.name, count=1, flags=re.IGNORECASE)
+    return dataclasses.replace(config, name=name if found else f"{config.name}-{new}")
 
 
 def train(

@@ -202,7 +202,9 @@ def _print_table(console: Console, plan: Plan, rows: list[dict[str, Any]], colum
     columns, left_out, error_width = fit_columns(columns, rows, console.width, plan.spec.sort)
     for column in columns:
         short = column.key in ("cell", "error")
+        widest = content_width(column, rows)  # the floor Rich keeps: values whole, headers wrapped at spaces
         table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=short,
+                         min_width=min(widest, error_width) if column.key == "error" else widest,
                          max_width=error_width if column.key == "error" else None, overflow="ellipsis")
     for row in rows:
         table.add_row(*(column.text(row) for column in columns))
@@ -228,9 +230,8 @@ def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
     stay."""
 
     def natural(column: Column, error_width: int = ERROR_WIDTH) -> int:
-        words = [len(word) for word in column.header.split()]
-        cells = [len(column.text(row)) for row in rows]
-        return min(max(words + cells), error_width if column.key == "error" else width) + 3  # padding, border
+        cap = error_width if column.key == "error" else width
+        return min(content_width(column, rows), cap) + 3  # a space on each side and a border
 
     kept = list(columns)
     order = ([c for c in kept if c.kind == "ci"] + [c for c in kept if c.kind == "params"]
@@ -244,3 +245,8 @@ def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
         kept.remove(column)
     others = sum(natural(c) for c in kept if c.key != "error") + 1
     return kept, len(columns) - len(kept), max(least, min(ERROR_WIDTH, width - others - 3))
+
+
+def content_width(column: Column, rows: list[dict[str, Any]]) -> int:
+    """The narrowest ``column`` can be with every value whole: its longest value or longest header word."""
+    return max([len(word) for word in column.header.split()] + [len(column.text(row)) for row in rows])

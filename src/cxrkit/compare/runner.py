@@ -218,6 +218,14 @@ def write_comparison_json(plan: Plan) -> None:
     atomic_write_json(plan.root / "comparison.json", {"spec": plan.spec.to_dict(), "cells": cells})
 
 
+def print_skipped(plan: Plan, console: Console) -> None:
+    """A line for each cell that skips some ``--set`` of a stage it does not have."""
+    for cell in plan.cells:
+        if cell.skipped:
+            console.print(f"note: cell {cell.id} has {len(cell.recipe.stages)} stage(s), so it skips --set "
+                          f"{', '.join(cell.skipped)}", highlight=False)
+
+
 def run_comparison(spec_path: str | Path, out: str | Path | None = None, console: Console | None = None,
                    only: list[str] | None = None, overrides: list[str] | None = None) -> Path:
     """Run every cell of a comparison spec (sequentially) and write its leaderboard.
@@ -238,6 +246,7 @@ def run_comparison(spec_path: str | Path, out: str | Path | None = None, console
         raise CxrError("cxr compare runs its cells one after another in one process; run it without torchrun")
     console = console or notes_console()
     plan = plan_comparison(spec_path, out, overrides)
+    print_skipped(plan, console)
     check_existing_cells(plan)
     chosen = select_cells(plan.cells, only)
     plan.root.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,7 @@ class Cell:
     labels: dict[str, str]
     overrides: Pairs
     recipe: Recipe
+    skipped: tuple[str, ...] = ()  # command-line overrides of a stage this cell does not have
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "axes": self.labels, "overrides": [[k, v] for k, v in self.overrides]}
@@ -273,6 +274,20 @@ def apply_pairs(data: dict[str, Any], pairs: Pairs) -> dict[str, Any]:
     return apply_overrides(copy.deepcopy(data), copy.deepcopy(pairs))
 
 
+def _stage_overrides_that_fit(pairs: Pairs, stages: int) -> tuple[Pairs, tuple[str, ...]]:
+    """The command-line ``pairs`` a cell with ``stages`` stages takes, and those it skips: a key of a stage past its
+    last (``--set stages.1.epochs=1`` shortens the pretrained cells' fine-tuning; a from-scratch cell with one stage
+    has none to shorten). A stage given its ``trainable`` and ``epochs`` there is added to every cell instead."""
+    def index(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[1]) if len(parts) > 2 and parts[0] == "stages" and parts[1].isdigit() else None
+
+    added = {i for i in {index(k) for k, _ in pairs} - {None}
+             if {f"stages.{i}.trainable", f"stages.{i}.epochs"} <= {k for k, _ in pairs}}
+    kept = [(k, v) for k, v in pairs if index(k) is None or index(k) < stages or index(k) in added]
+    return kept, tuple(f"{k}={v}" for k, v in pairs if (k, v) not in kept)
+
+
 def expand_cells(spec: ComparisonSpec) -> list[Cell]:
     """Every combination of the axes' values, each with its resolved, checked recipe."""
     where = str(spec.path) if spec.path else "comparison spec"
@@ -282,12 +297,14 @@ def expand_cells(spec: ComparisonSpec) -> list[Cell]:
         labels = {axis.name: value.label for axis, value in zip(spec.matrix, combo)}
         overrides = [pair for value in combo for pair in value.overrides]
         try:
-            data = apply_pairs(spec.base, [*spec.set, *overrides, *spec.overrides, ("name", f"{spec.name}-{cell_id}")])
+            data = apply_pairs(spec.base, [*spec.set, *overrides])
+            kept, skipped = _stage_overrides_that_fit(spec.overrides, len(data.get("stages") or []) or 1)
+            data = apply_pairs(data, [*kept, ("name", f"{spec.name}-{cell_id}")])
             recipe = recipe_from_dict(data)
             BACKBONES.get(recipe.model.backbone)  # an unknown backbone fails here, not after the other cells trained
         except CxrError as err:
             raise CxrError(f"{where}: cell {cell_id}: {err}") from None
-        cells.append(Cell(cell_id, labels, overrides, recipe))
+        cells.append(Cell(cell_id, labels, overrides, recipe, skipped))
     seen: dict[str, Cell] = {}
     for cell in cells:
         if cell.id in seen:

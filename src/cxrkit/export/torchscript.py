@@ -47,14 +47,16 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
     return module, json.loads(extra[METADATA_FILE] or "{}")
 
 
-def update_torchscript_metadata(path: str | Path, changes: dict[str, Any]) -> bool:
-    """Set ``changes`` in the ``cxrkit.json`` of the TorchScript file at ``path`` (replaced atomically); False when
-    they are there already, or the file is not a TorchScript file of cxrkit's."""
+def update_torchscript_metadata(path: str | Path, changes: dict[str, Any]) -> bool | None:
+    """Set ``changes`` in the ``cxrkit.json`` of the TorchScript file at ``path`` (replaced atomically): True when
+    it changed, False when they were there already, None when the file cannot be read as cxrkit's TorchScript."""
     try:
         module, metadata = load_torchscript(path)
     except (RuntimeError, ValueError, OSError):
-        return False
-    if not metadata or all(metadata.get(key) == value for key, value in changes.items()):
+        return None
+    if not metadata:
+        return None
+    if all(metadata.get(key) == value for key, value in changes.items()):
         return False
     _save(module, path, {**metadata, **changes})
     return True

@@ -170,21 +170,25 @@ class Predictor:
             **{key: self.labels_info.get(key) for key in CALIBRATION_KEYS[2:]},
         }
 
-    def refresh_exports(self, console: Any = None) -> list[Path]:
+    def refresh_exports(self, console: Any = None) -> tuple[list[Path], list[Path]]:
         """Bring the calibration that the run's own exported files (``RUN/export/``) carry up to date with the run's
         (after ``cxr calibrate``), so that a file copied from there has the current temperature and threshold: fp32
         ONNX and TorchScript files get the run's, and int8 files fit their own again (see
-        :meth:`_use_int8_calibration`). Returns the files brought up to date."""
+        :meth:`_use_int8_calibration`). Returns the files brought up to date, and those that could not be read
+        (damaged: the next use by ``--engine`` exports them again)."""
         from cxrkit.export.onnx import update_metadata
         from cxrkit.export.torchscript import update_torchscript_metadata
 
         folder = self.run.path / "export"
         calibration = {key: self.labels_info.get(key) for key in CALIBRATION_KEYS}
         calibration["temperature"] = self.temperature
-        refreshed = []
+        refreshed, unreadable = [], []
         for path in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
+            if path.name.startswith(".") or not path.is_file():
+                continue
             found = _exported_metadata(path)
-            if not found or path.name.startswith("."):
+            if not found:
+                unreadable.append(path)
                 continue
             if "quantization" in found:
                 checkpoint = str(found.get("checkpoint") or "best")
@@ -196,9 +200,11 @@ class Predictor:
                 update_metadata(path, {**found, **calibration})
                 refreshed.append(path)
         for path in sorted(folder.glob("*.torchscript.pt")) if folder.is_dir() else []:
-            if not path.name.startswith(".") and update_torchscript_metadata(path, calibration):
-                refreshed.append(path)
-        return refreshed
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            changed = update_torchscript_metadata(path, calibration)
+            (refreshed if changed else unreadable if changed is None else []).append(path)
+        return refreshed, unreadable
 
     def onnx_file(self, model: torch.nn.Module, console: Any = None) -> Path:
         """``RUN/export/<checkpoint>.onnx`` for these weights: reused when its weights checksum matches (metadata
