@@ -152,6 +152,10 @@ def test_dry_run_lists_cells_and_trains_nothing(compared, tmp_path):
     assert not (tmp_path / "none").exists()
     result = CliRunner().invoke(_app(), [str(compared["spec"]), "--dry-run", "--only", "s1"])
     assert result.stdout.split() == ["head-only-s1", "two-stage-s1"]
+    result = CliRunner().invoke(_app(), [str(compared["spec"]), "--dry-run", "--set", "stages.1.epochs=2"])
+    assert result.exit_code == 0, result.output
+    assert "note: cell head-only-s0 has 1 stage(s), so it skips --set stages.1.epochs=2" in " ".join(
+        result.stderr.split())
 
 
 def test_dry_run_shows_a_cell_trained_with_another_recipe(compared):

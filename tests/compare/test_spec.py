@@ -117,3 +117,15 @@ def test_negative_axis_values_keep_their_sign_in_cell_ids():
     """``-1`` used to become ``1`` (the minus was taken for a separator), so -1 and 1 gave cells of one name."""
     assert [slug(v) for v in (-1, 1, -0.5, 1e-5, "from:features.denseblock4", None)] == [
         "neg1", "1", "neg0.5", "1e-05", "from-features.denseblock4", "none"]
+
+
+def test_a_command_line_set_of_a_missing_stage_is_skipped_by_that_cell_only(tmp_path):
+    """`--set stages.1.epochs=1` shortens the fine-tuning of two-stage cells; a one-stage cell used to get a second
+    stage added silently, and then the whole comparison was refused."""
+    path = write_spec(tmp_path / "specs", tmp_path / "data")
+    cells = {c.id: c for c in expand_cells(load_comparison(path, ["stages.1.epochs=2"]))}
+    assert cells["two-stage-s0"].recipe.stages[1].epochs == 2 and cells["two-stage-s0"].skipped == ()
+    assert len(cells["head-only-s0"].recipe.stages) == 1 and cells["head-only-s0"].skipped == ("stages.1.epochs=2",)
+    added = {c.id: c for c in expand_cells(load_comparison(path, ["stages.1.epochs=1", "stages.1.trainable=all"]))}
+    assert [s.trainable for s in added["head-only-s0"].recipe.stages] == ["head", "all"]  # a whole stage, for all
+    assert added["head-only-s0"].skipped == ()
