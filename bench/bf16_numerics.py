@@ -18,6 +18,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from options import positive
 
 
 def reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=positive, default=2)
     args = parser.parse_args()
 
     from cxrkit.models.classifier import build_classifier

@@ -22,6 +22,7 @@ import argparse
 import time
 
 import torch
+from options import check_backbones, positive
 from torch.utils.data import DataLoader, Dataset
 
 BACKBONES = ("mobilenet_v2", "resnet18", "densenet121", "tf_efficientnet_lite0")
@@ -36,6 +37,10 @@ class RandomImages(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"image": self.x[i], "target": torch.tensor(0)}
+
+
+
+
 
 
 def measure(name: str, top: int | None, args: argparse.Namespace) -> dict:
@@ -53,6 +58,9 @@ def measure(name: str, top: int | None, args: argparse.Namespace) -> dict:
     boundary, net, what = None, model.backbone, "backbone"
     if top is not None:
         cut = resolve_cut(model.backbone, f"top:{top}")
+        if not cut:  # "" trains the whole backbone, None only the head: no prefix of a top:N stage to time
+            raise SystemExit(f"{name}: top:{top} {'trains the whole backbone' if cut == '' else 'trains the head only'}"
+                             ", so it has no frozen prefix to cache; choose a smaller --top (or 0)")
         resumed = find_boundary(model, f"backbone.{cut}", runtime.to_device(data.x[:4]))
         if resumed is None:
             raise SystemExit(f"{name}: top:{top} cannot be resumed, so nothing is cached")
@@ -69,6 +77,8 @@ def measure(name: str, top: int | None, args: argparse.Namespace) -> dict:
     if engine.failed:
         raise SystemExit(f"{name}: the export failed")
     engine(data.x[: args.batch])  # warm-up and the check against PyTorch
+    if engine.failed:  # the check found ONNX Runtime off PyTorch: extract_features would time PyTorch instead
+        raise SystemExit(f"{name}: ONNX Runtime's output differs from PyTorch's, so cxrkit would not use it here")
     start = time.perf_counter()
     extract_features(net, loader, runtime, boundary=boundary, engine=engine)
     onnx_rate = args.images / (time.perf_counter() - start)
@@ -81,10 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--top", type=int, default=14, help="also time the prefix of a top:N stage (0: do not)")
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64, help="the evaluation batch size cxrkit caches with")
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=positive, default=512)
+    parser.add_argument("--batch", type=positive, default=64, help="the evaluation batch size cxrkit caches with")
+    parser.add_argument("--size", type=positive, default=224)
     args = parser.parse_args()
+    check_backbones(parser, args.backbones)
     print(f"{torch.get_num_threads()} threads, {args.images} images of {args.size} px, batch {args.batch}",
           flush=True)
     print(f"{'backbone':<22} {'frozen part':<30} {'torch img/s':>11} {'export s':>9} {'onnx img/s':>10} "

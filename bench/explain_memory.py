@@ -21,6 +21,7 @@ import gc
 import time
 
 import torch
+from options import positive
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -79,12 +80,14 @@ def cxrkit_loop(model: torch.nn.Module, x: torch.Tensor, n: int, every: int, bad
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--images", type=positive, default=1000)
     parser.add_argument("--backbone", default="mobilenet_v2")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--every", type=int, default=200)
+    parser.add_argument("--size", type=positive, default=224)
+    parser.add_argument("--every", type=positive, default=200)
     parser.add_argument("--bad-every", type=int, default=10, help="every n-th input fails (0: none)")
     args = parser.parse_args()
+    if args.images < args.every:
+        parser.error(f"--images {args.images} is below --every {args.every}: no memory reading would be taken")
 
     from cxrkit.explain.layers import resolve_layer
     from cxrkit.models.classifier import build_classifier

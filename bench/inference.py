@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from options import check_backbones, positive
 
 BACKBONES = ("mobilenet_v2", "resnet18", "densenet121", "tf_efficientnet_lite0")
 MODES = ("naive", "cxrkit", "fp32-cl", "onnx", "int8")
@@ -51,7 +52,10 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
     """Peak GFLOP/s for fp32 and (where the CPU has it) bf16, and how they were computed."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    mhz = next((float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 0.0)
+    base = Path("/sys/devices/system/cpu/cpu0/cpufreq/base_frequency")  # kHz, where the kernel states it
+    mhz = int(base.read_text()) / 1000 if base.is_file() else next(
+        (float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 0.0)
+    clock = "base clock" if base.is_file() else "cpu MHz of /proc/cpuinfo"
     vendor = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
     lanes = 16 if "avx512f" in flags and vendor == "GenuineIntel" else 8 if "avx2" in flags else 4
     fp32_per_cycle = 2 * 2 * lanes
@@ -59,12 +63,16 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     if bf16:
         peaks["bf16"] = 2 * peaks["fp32"]
-    how = (f"{cores} cores x {mhz:.0f} MHz x {fp32_per_cycle} fp32 FLOPs/cycle (2 FMA pipes x {lanes} lanes)"
-           + (", bf16 x2" if bf16 else ", no bf16 instructions"))
+    how = (f"{cores} cores x {mhz:.0f} MHz ({clock}) x {fp32_per_cycle} fp32 FLOPs/cycle (2 FMA pipes x {lanes} "
+           "lanes)" + (", bf16 x2" if bf16 else ", no bf16 instructions")
+           + ("; AMX tiles multiply faster than this bf16 figure, so its % of peak can pass 100" if "amx_bf16" in flags
+              else ""))
     return peaks, how
 
 
 MATMUL_SIDE = 2048
+
+
 
 
 def matmul_products() -> dict[str, Callable[[], object]]:
@@ -113,7 +121,7 @@ def runners(name: str, model: torch.nn.Module, size: int, tmp: Path, modes: list
 
         out["naive"] = (run_naive, "fp32")
     if "cxrkit" in modes:
-        runtime = setup_runtime()
+        runtime = setup_runtime("cpu")  # the CPU's path, as every other mode (a GPU must not take part)
         fast = runtime.prepare_model(copy.deepcopy(model)).eval()
 
         def run_cxrkit(x):
@@ -152,16 +160,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--latency-runs", type=int, default=20)
-    parser.add_argument("--throughput-batches", type=int, default=1, help="batches per mode in each round")
-    parser.add_argument("--rounds", type=int, default=5, help="throughput rounds; the modes take turns in each")
+    parser.add_argument("--size", type=positive, default=224)
+    parser.add_argument("--batch", type=positive, default=32)
+    parser.add_argument("--latency-runs", type=positive, default=20)
+    parser.add_argument("--throughput-batches", type=positive, default=1, help="batches per mode in each round")
+    parser.add_argument("--rounds", type=positive, default=5, help="throughput rounds; the modes take turns in each")
     parser.add_argument("--fp32-convs", nargs="+", type=int, default=[0],
                         help="int8 mode: leading convolutions kept in fp32, one row per count")
     args = parser.parse_args()
     if "naive" not in args.modes:
         parser.error("--modes must include naive (the baseline of every ratio)")
+    check_backbones(parser, args.backbones)
 
     from cxrkit.models.classifier import build_classifier
     from cxrkit.train.runtime import setup_runtime
@@ -169,12 +178,12 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     peaks, how = cpu_peak_gflops(cores)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores; "
-          f"cxrkit runtime here: {setup_runtime().describe()}")
+          f"cxrkit runtime here: {setup_runtime('cpu').describe()}")
     print(f"peak: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())} ({how})")
     products = matmul_products()
     print(f"{args.size} px; latency = median of {args.latency_runs} batch-1 calls; throughput = median of "
           f"{args.rounds} rounds of {args.throughput_batches} batch(es) of {args.batch} per mode, modes in turn\n")
-    header = (f"{'backbone':<22} {'mode':<8} {'precision':<22} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} "
+    header = (f"{'backbone':<22} {'mode':<8} {'precision':<26} {'b1 ms':>8} {'img/s':>8} {'x naive':>8} "
               f"{'x range':>11} {'% peak':>7}")
     print(header)
     print("-" * len(header))
@@ -211,7 +220,7 @@ def main() -> None:
                 # no int8 peak is stated: its multiply-adds take several instructions on AVX2 (and fewer with VNNI)
                 share = "-" if precision.startswith("int8") else f"{100 * rate * flops / 1e9 / peak:.1f}%"
                 spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
-                print(f"{name:<22} {mode:<8} {precision:<22} {latency[mode]:>8.1f} {rate:>8.1f} "
+                print(f"{name:<22} {mode:<8} {precision:<26} {latency[mode]:>8.1f} {rate:>8.1f} "
                       f"{statistics.median(ratios):>8.2f} {spread:>11} {share:>7}", flush=True)
             print(f"{'':<22} {flops / 1e9:.2f} GFLOPs per image; fp32 {MATMUL_SIDE}-square matrix product in the same "
                   "rounds: " + ", ".join(f"{k} {statistics.median(v):.0f} GFLOP/s "

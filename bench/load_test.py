@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from options import positive
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CXR_SHARED", REPO.parent / "shared"))
 CXR = [sys.executable, "-m", "cxrkit.cli.main"]
@@ -132,12 +134,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="run to serve (default: a throwaway MobileNetV2 run)")
     parser.add_argument("--engines", nargs="+", default=["onnx", "torch"])
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument("--requests", type=positive, default=500)
+    parser.add_argument("--clients", type=positive, default=16)
+    parser.add_argument("--workers", type=positive, default=1)
+    parser.add_argument("--max-seconds", type=float, default=600, help="stop sending after this long (> 0)")
     parser.add_argument("--large", type=int, metavar="SIDE", help="upload synthetic SIDE x SIDE JPEGs instead")
     args = parser.parse_args()
+    if args.max_seconds <= 0:
+        parser.error(f"--max-seconds {args.max_seconds:g} must be above 0")
 
     import httpx
 
@@ -161,6 +165,9 @@ def main() -> None:
                 server.terminate()
                 server.wait(timeout=60)
             ms = [v * 1000 for v in latencies]
+            if not ms:
+                print(f"{health['engine']:<9} no request finished within --max-seconds {args.max_seconds:g}")
+                continue
             print(f"{health['engine']:<9} {len(ms) - len(errors):>5} {len(errors):>6} {wall:>7.1f} "
                   f"{len(ms) / wall:>6.1f} {_percentile(ms, 50):>7.0f} {_percentile(ms, 95):>7.0f} "
                   f"{_percentile(ms, 99):>7.0f} {max(ms):>7.0f} {health['batches']:>6} "

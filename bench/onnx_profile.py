@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from options import positive
 
 
 def session(path: Path, threads: int, profile_dir: str | None = None):
@@ -42,12 +44,18 @@ def session(path: Path, threads: int, profile_dir: str | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def kernel_times(profile: str) -> tuple[collections.Counter, dict[str, int]]:
-    """Microseconds and number of nodes per operator type from an ONNX Runtime profile (Chrome trace JSON)."""
+def kernel_times(profile: str, skip_runs: int = 1) -> tuple[collections.Counter, dict[str, int]]:
+    """Microseconds and number of nodes per operator type from an ONNX Runtime profile (Chrome trace JSON), leaving
+    out the kernels of the first ``skip_runs`` runs (the warm-up: a cold first batch sets up its kernels)."""
     with open(profile) as f:
         events = json.load(f)
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    after = runs[skip_runs - 1]["ts"] + runs[skip_runs - 1]["dur"] if 0 < skip_runs <= len(runs) else 0
     times, names = collections.Counter(), collections.defaultdict(set)
     for event in events:
+        if event.get("ts", 0) < after:
+            continue
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
             op = event["args"]["op_name"]
             times[op] += event["dur"]
@@ -58,11 +66,12 @@ def kernel_times(profile: str) -> tuple[collections.Counter, dict[str, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=Path)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224, help="height and width where the model's are not fixed")
-    parser.add_argument("--runs", type=int, default=2, help="batches timed per round, and batches profiled")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; the models take turns in each")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--batch", type=positive, default=32)
+    parser.add_argument("--size", type=positive, default=224, help="height and width where the model's are not fixed")
+    parser.add_argument("--runs", type=positive, default=2,
+                        help="batches timed per round, and batches profiled (after one warm-up batch)")
+    parser.add_argument("--rounds", type=positive, default=5, help="timing rounds; the models take turns in each")
+    parser.add_argument("--threads", type=positive, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -70,7 +79,10 @@ def main() -> None:
     for path in args.models:
         if not path.is_file():
             parser.error(f"{path}: no such file")
-        plain[path] = session(path, args.threads)
+        try:
+            plain[path] = session(path, args.threads)
+        except Exception as err:  # noqa: BLE001 - ONNX Runtime raises its own classes for a file it cannot load
+            parser.error(f"{path}: ONNX Runtime cannot load it ({str(err).splitlines()[0][:200]})")
         spec = plain[path].get_inputs()[0]
         sizes[path] = tuple(d if isinstance(d, int) else args.size for d in spec.shape[2:4])
         feeds[path] = {spec.name: rng.standard_normal((args.batch, 3, *sizes[path])).astype(np.float32)}
@@ -83,10 +95,12 @@ def main() -> None:
             for _ in range(args.runs):
                 plain[path].run(None, feeds[path])
             rates[path].append(args.batch * args.runs / (time.perf_counter() - start))
+    plain.clear()  # their idle threads spin for a while after a run, taking cores from the profiled session
+    gc.collect()
     for path in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             profiled = session(path, args.threads, tmp)
-            for _ in range(args.runs):
+            for _ in range(args.runs + 1):  # the first is a warm-up, left out of the kernel times
                 profiled.run(None, feeds[path])
             times, nodes = kernel_times(profiled.end_profiling())
         total = sum(times.values())

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from options import positive
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "mobilenetv2-3class.yaml"
 STAGE2_PARAMS = 1_043_843  # study 1's trainable parameters in stage 2, as the paper reports them
@@ -54,7 +56,8 @@ def run_cxrkit(args: argparse.Namespace, out: Path) -> dict:
     from cxrkit.train import fit
     from cxrkit.train.runtime import setup_runtime
 
-    recipe = load_recipe(RECIPE, [f"data.root={args.data}", f"stages.0.epochs={args.frozen_epochs}",
+    recipe = load_recipe(RECIPE, [f"data.root={args.data}", "runtime.device=cpu",  # a GPU must not take part
+                                  f"stages.0.epochs={args.frozen_epochs}",
                                   f"stages.1.epochs={args.finetune_epochs}", "stages.1.early_stopping.patience=null",
                                   "stages.0.early_stopping.restore_best=false",
                                   "stages.1.early_stopping.restore_best=false", f"out={out}"])
@@ -165,53 +168,76 @@ def run_reference(args: argparse.Namespace, run_dir: Path) -> dict:
             "test": _metrics(labels, targets, probs), "runtime": f"cpu fp32, {torch.get_num_threads()} threads"}
 
 
-def _child(side: str, args: argparse.Namespace, extra: list[str]) -> tuple[dict, float]:
-    """Run one side in a child process; its result and its own peak resident memory in MiB."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_path = f.name
-    cmd = [sys.executable, __file__, "--side", side, "--result", result_path, "--data", args.data,
-           "--weights", args.weights, "--frozen-epochs", str(args.frozen_epochs),
-           "--finetune-epochs", str(args.finetune_epochs), "--workers", str(args.workers), *extra]
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} failed with exit status {proc.returncode}")
-    result = json.loads(Path(result_path).read_text())
-    os.unlink(result_path)
-    return result, usage.ru_maxrss / 1024
+def _child(side: str, args: argparse.Namespace, extra: list[str]) -> tuple[dict, float] | None:
+    """Run one side in a child process; its result and its own peak resident memory in MiB, or None when it failed
+    (it has said why)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--side", side, "--result", str(result_path), "--data", args.data,
+               "--weights", args.weights, "--frozen-epochs", str(args.frozen_epochs),
+               "--finetune-epochs", str(args.finetune_epochs), "--workers", str(args.workers), *extra]
+        proc = subprocess.Popen(cmd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0 or not result_path.is_file():
+            print(f"{side} failed with exit status {os.waitstatus_to_exitcode(status)}", file=sys.stderr)
+            return None
+        return json.loads(result_path.read_text()), usage.ru_maxrss / 1024
+
+
 
 
 def main() -> None:
+    from cxrkit.train.runtime import default_workers
+
+    data_dir = os.environ.get("CXR_DATA_DIR")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "chest_xray"))
-    parser.add_argument("--weights", default=str(REPO.parent / "shared" / "weights"))
-    parser.add_argument("--frozen-epochs", type=int, default=10)
-    parser.add_argument("--finetune-epochs", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of the reference loop")
+    parser.add_argument("--data", default=str(Path(data_dir) / "chest_xray") if data_dir
+                        else str(REPO.parent / "shared" / "data" / "chest_xray"),
+                        help="Kermany's folder (default: $CXR_DATA_DIR/chest_xray, else ../shared/data/chest_xray)")
+    parser.add_argument("--weights",
+                        default=os.environ.get("CXR_WEIGHTS_DIR") or str(REPO.parent / "shared" / "weights"),
+                        help="folder of mobilenet_v2.in1k_dequantized.safetensors, for both sides (default: "
+                             "$CXR_WEIGHTS_DIR, else ../shared/weights)")
+    parser.add_argument("--frozen-epochs", type=positive, default=10)
+    parser.add_argument("--finetune-epochs", type=positive, default=20)
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="DataLoader workers of the reference loop (default: as many as cxrkit uses here)")
     parser.add_argument("--only", choices=["cxrkit"], help="run cxrkit's side alone: its row, no speed-up")
     parser.add_argument("--side", choices=["cxrkit", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("CXR_WEIGHTS_DIR", args.weights)
+    os.environ["CXR_WEIGHTS_DIR"] = args.weights  # both sides load the file named here
 
     if args.side:
-        with tempfile.TemporaryDirectory() as tmp:
-            if args.side == "cxrkit":
-                os.environ["CXR_CACHE_DIR"] = str(Path(tmp) / "cache")  # start cold: the build is part of the time
-                result = run_cxrkit(args, Path(args.run_dir))
-            else:
-                result = run_reference(args, Path(args.run_dir))
+        from cxrkit.errors import CxrError
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                if args.side == "cxrkit":
+                    os.environ["CXR_CACHE_DIR"] = str(Path(tmp) / "cache")  # start cold: the build is timed too
+                    result = run_cxrkit(args, Path(args.run_dir))
+                else:
+                    result = run_reference(args, Path(args.run_dir))
+        except CxrError as err:
+            raise SystemExit(f"error: {err}") from None
         Path(args.result).write_text(json.dumps(result))
         return
 
+    weights = Path(args.weights) / "mobilenet_v2.in1k_dequantized.safetensors"
+    for path, what in ((Path(args.data), "the data folder"), (weights, "the ImageNet weights")):
+        if not path.exists():
+            raise SystemExit(f"error: {what} {path} does not exist (see --help)")
     with tempfile.TemporaryDirectory() as runs:
-        print(f"study 1 recipe, {args.frozen_epochs} + {args.finetune_epochs} epochs, {os.cpu_count()} cores",
-              flush=True)
-        sides = [("cxrkit", *_child("cxrkit", args, ["--run-dir", runs]))]
+        print(f"study 1 recipe, {args.frozen_epochs} + {args.finetune_epochs} epochs, {os.cpu_count()} cores, "
+              f"{args.workers} loader worker(s) a side", flush=True)
+        first = _child("cxrkit", args, ["--run-dir", runs])
+        if first is None:
+            raise SystemExit(1)
+        sides = [("cxrkit", *first)]
         if args.only is None:
-            sides.append(("reference", *_child("reference", args, ["--run-dir", sides[0][1]["run"]])))
+            second = _child("reference", args, ["--run-dir", first[0]["run"]])
+            sides += [("reference", *second)] if second else []
     print()
     print(f"{'':<10} {'setup s':>8} {'frozen s':>9} {'finetune s':>11} {'total s':>8} {'peak MiB':>9} "
           f"{'test acc':>9} {'test AUC':>9}  runtime")
@@ -220,6 +246,8 @@ def main() -> None:
         print(f"{name:<10} {r['setup_s']:>8.1f} {frozen:>9.1f} {finetune:>11.1f} {r['total_s']:>8.1f} {peak:>9.0f} "
               f"{r['test']['accuracy']:>9.4f} {r['test']['auc']:>9.4f}  {r['runtime']}")
     if len(sides) == 1:
+        if args.only is None:  # the reference failed: cxrkit's row is still worth its hours
+            raise SystemExit(1)
         return
     cx, ref = sides[0][1], sides[1][1]
     print(f"\nspeed-up: {ref['total_s'] / cx['total_s']:.1f}x in total (frozen stage "

@@ -16,13 +16,16 @@ import os
 import time
 
 import numpy as np
+from options import positive
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000])
+    parser.add_argument("--sizes", type=positive, nargs="+", default=[1000, 2000])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if min(args.sizes) < 91:  # PCA to 50 components and perplexity 30 need that many points
+        parser.error(f"--sizes {min(args.sizes)}: at least 91 points (PCA to 50, perplexity 30)")
 
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
@@ -31,7 +34,7 @@ def main() -> None:
     from cxrkit.explain.embed import standardize
 
     rng = np.random.default_rng(args.seed)
-    cores = os.cpu_count()
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, as cxrkit counts them
     print(f"{cores} cores; t-SNE with the parameters of cxrkit.explain.embed.project (PCA to 50, perplexity 30)")
     print(f"{'points':>7} {'1 thread s':>11} {f'{cores} threads s':>12} {'ratio':>6}")
     for n in args.sizes:
