@@ -39,10 +39,6 @@ class RandomImages(Dataset):
         return {"image": self.x[i], "target": torch.tensor(0)}
 
 
-
-
-
-
 def measure(name: str, top: int | None, args: argparse.Namespace) -> dict:
     from cxrkit.models.classifier import build_classifier
     from cxrkit.models.freeze import resolve_cut
@@ -58,9 +54,6 @@ def measure(name: str, top: int | None, args: argparse.Namespace) -> dict:
     boundary, net, what = None, model.backbone, "backbone"
     if top is not None:
         cut = resolve_cut(model.backbone, f"top:{top}")
-        if not cut:  # "" trains the whole backbone, None only the head: no prefix of a top:N stage to time
-            raise SystemExit(f"{name}: top:{top} {'trains the whole backbone' if cut == '' else 'trains the head only'}"
-                             ", so it has no frozen prefix to cache; choose a smaller --top (or 0)")
         resumed = find_boundary(model, f"backbone.{cut}", runtime.to_device(data.x[:4]))
         if resumed is None:
             raise SystemExit(f"{name}: top:{top} cannot be resumed, so nothing is cached")
@@ -96,6 +89,16 @@ def main() -> None:
     parser.add_argument("--size", type=positive, default=224)
     args = parser.parse_args()
     check_backbones(parser, args.backbones)
+    if args.top < 0:
+        parser.error(f"--top {args.top} is negative (0: time the backbone only)")
+    if args.top:
+        from cxrkit.models.classifier import build_classifier
+        from cxrkit.models.freeze import resolve_cut
+
+        for name in args.backbones:  # "" trains the whole backbone: no frozen prefix of a top:N stage to time
+            if not resolve_cut(build_classifier(name, 3, weights="none").backbone, f"top:{args.top}"):
+                parser.error(f"--top {args.top}: top:{args.top} trains all of {name}, so it has no frozen prefix to "
+                             "cache; choose a smaller --top (or 0)")
     print(f"{torch.get_num_threads()} threads, {args.images} images of {args.size} px, batch {args.batch}",
           flush=True)
     print(f"{'backbone':<22} {'frozen part':<30} {'torch img/s':>11} {'export s':>9} {'onnx img/s':>10} "

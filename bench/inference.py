@@ -73,8 +73,6 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
 MATMUL_SIDE = 2048
 
 
-
-
 def matmul_products() -> dict[str, Callable[[], object]]:
     """Two ``MATMUL_SIDE``-square fp32 matrix products, by ``torch.mm`` and by numpy (its BLAS): timed in each round
     beside the models, they show what fp32 reaches on this machine in practice at that moment, which the nominal

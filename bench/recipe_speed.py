@@ -184,8 +184,6 @@ def _child(side: str, args: argparse.Namespace, extra: list[str]) -> tuple[dict,
         return json.loads(result_path.read_text()), usage.ru_maxrss / 1024
 
 
-
-
 def main() -> None:
     from cxrkit.train.runtime import default_workers
 
