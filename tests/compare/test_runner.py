@@ -156,6 +156,11 @@ def test_dry_run_lists_cells_and_trains_nothing(compared, tmp_path):
     assert result.exit_code == 0, result.output
     assert "note: cell head-only-s0 has 1 stage(s), so it skips --set stages.1.epochs=2" in " ".join(
         result.stderr.split())
+    narrow = CliRunner(env={"COLUMNS": "52"}).invoke(_app(), [str(compared["spec"]), "--dry-run"])
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.stderr.splitlines()
+    assert "strategy" not in narrow.stderr and max(map(len, lines)) <= 52  # the axes went; the id names them
+    assert any("two-stage-s1" in line and "head x1, all x1" in line for line in lines)  # values whole
 
 
 def test_dry_run_shows_a_cell_trained_with_another_recipe(compared):

@@ -20,12 +20,20 @@ def _print_cells(plan: Plan) -> None:
 
     console = notes_console()
     table = Table(title=f"{plan.spec.name}: {len(plan.cells)} cells in {plan.root}")
-    table.add_column("cell", no_wrap=True)
-    for header in (*(axis.name for axis in plan.spec.matrix), "stages", "status"):
-        table.add_column(header)
-    for cell in plan.cells:
-        stages = ", ".join(f"{s.trainable} x{s.epochs}" for s in cell.recipe.stages)
-        table.add_row(cell.id, *cell.labels.values(), stages, cell_status(plan, cell))
+    rows = [[cell.id, *cell.labels.values(), ", ".join(f"{s.trainable} x{s.epochs}" for s in cell.recipe.stages),
+             cell_status(plan, cell)] for cell in plan.cells]
+    headers = ["cell", *(axis.name for axis in plan.spec.matrix), "stages", "status"]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    # the cell id already names the axes: they go first when the table does not fit, values are never cut
+    keep = list(range(len(headers)))
+    for axis in range(1, len(headers) - 2):
+        if sum(widths[i] + 3 for i in keep) + 1 <= console.width:
+            break
+        keep.remove(axis)
+    for i in keep:
+        table.add_column(headers[i], no_wrap=i == 0, min_width=widths[i])
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
     console.print(table)
     for cell in plan.cells:
         print(cell.id)
