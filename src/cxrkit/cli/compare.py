@@ -15,25 +15,23 @@ def _print_cells(plan: Plan) -> None:
     """The cells as a table on stderr (axes and status), then their ids on stdout, one a line."""
     from rich.table import Table
 
+    from cxrkit.compare.leaderboard import content_width, fit_columns
+    from cxrkit.compare.render import Column
     from cxrkit.compare.runner import cell_status
     from cxrkit.console import notes_console
 
     console = notes_console()
     table = Table(title=f"{plan.spec.name}: {len(plan.cells)} cells in {plan.root}")
-    rows = [[cell.id, *cell.labels.values(), ", ".join(f"{s.trainable} x{s.epochs}" for s in cell.recipe.stages),
-             cell_status(plan, cell)] for cell in plan.cells]
-    headers = ["cell", *(axis.name for axis in plan.spec.matrix), "stages", "status"]
-    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
-    # the cell id already names the axes: they go first when the table does not fit, values are never cut
-    keep = list(range(len(headers)))
-    for axis in range(1, len(headers) - 2):
-        if sum(widths[i] + 3 for i in keep) + 1 <= console.width:
-            break
-        keep.remove(axis)
-    for i in keep:
-        table.add_column(headers[i], no_wrap=i == 0, min_width=widths[i])
+    columns = [Column("cell", "cell"), *(Column(axis.name, axis.name) for axis in plan.spec.matrix),
+               Column("stages", "stages"), Column("status", "status")]
+    rows = [{**cell.labels, "cell": cell.id, "status": cell_status(plan, cell),
+             "stages": ", ".join(f"{stage.trainable} x{stage.epochs}" for stage in cell.recipe.stages)}
+            for cell in plan.cells]
+    columns, _, _ = fit_columns(columns, rows, console.width, "cell")  # the axes go first: the id names them
+    for column in columns:
+        table.add_column(column.header, no_wrap=column.key == "cell", min_width=content_width(column, rows))
     for row in rows:
-        table.add_row(*(row[i] for i in keep))
+        table.add_row(*(column.text(row) for column in columns))
     console.print(table)
     for cell in plan.cells:
         print(cell.id)
