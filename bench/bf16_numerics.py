@@ -18,7 +18,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from options import positive
+from options import check_backbones, positive
 
 
 def reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--batch", type=positive, default=2)
     args = parser.parse_args()
+    check_backbones(parser, [args.backbone], "--backbone")
 
     from cxrkit.models.classifier import build_classifier
     from cxrkit.train.runtime import cpu_supports_bf16

@@ -18,10 +18,12 @@ its ratio to ``naive``, and the FLOP rate reached as a fraction of the CPU's pea
 the modes take turns, so that a slower spell of a shared host falls on all of them. Each round gives each mode a
 rate and a ratio to that round's naive rate; the table prints the medians over the rounds and the range of the
 ratio (lowest to highest round). FLOPs per image are counted by ``torch.utils.flop_counter`` (a multiply-add
-is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the nominal ``cpu MHz`` of
-/proc/cpuinfo (no boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
+is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the base clock of
+/sys/devices/system/cpu/cpu0/cpufreq/base_frequency where the kernel states it, else ``cpu MHz`` of /proc/cpuinfo (no
+boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
 AVX2; AMD's AVX-512 also runs on 256-bit pipes) or x 16 lanes (Intel AVX-512); bf16 with AVX512-BF16 or AMX doubles
-the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane). Each round also times a 2048-square fp32 matrix
+the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane); AMX tiles multiply faster still, so on a CPU
+with AMX the bf16 share can pass 100% (the printed peak says so). Each round also times a 2048-square fp32 matrix
 product (``torch.mm`` and numpy); its median rate is what fp32 reached on this machine in practice during the
 rounds. Preprocessing is not timed (tensors in, logits out).
 

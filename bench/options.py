@@ -16,8 +16,16 @@ def positive(text: str) -> int:
     return value
 
 
-def check_backbones(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    """A one-line error (``parser.error``) for a backbone cxrkit does not know."""
+def nonnegative(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def check_backbones(parser: argparse.ArgumentParser, names: list[str], option: str = "--backbones") -> None:
+    """A one-line error (``parser.error``, naming ``option``) for a backbone cxrkit does not know."""
     from cxrkit.errors import CxrError
     from cxrkit.models.backbones import BACKBONES
 
@@ -25,4 +33,4 @@ def check_backbones(parser: argparse.ArgumentParser, names: list[str]) -> None:
         try:
             BACKBONES.get(name)
         except CxrError as err:  # the registry's own message lists the names
-            parser.error(f"--backbones: {err}")
+            parser.error(f"{option}: {err}")

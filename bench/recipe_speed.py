@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from options import positive
+from options import nonnegative, positive
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "mobilenetv2-3class.yaml"
@@ -198,7 +198,7 @@ def main() -> None:
                              "$CXR_WEIGHTS_DIR, else ../shared/weights)")
     parser.add_argument("--frozen-epochs", type=positive, default=10)
     parser.add_argument("--finetune-epochs", type=positive, default=20)
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=nonnegative, default=default_workers(),
                         help="DataLoader workers of the reference loop (default: as many as cxrkit uses here)")
     parser.add_argument("--only", choices=["cxrkit"], help="run cxrkit's side alone: its row, no speed-up")
     parser.add_argument("--side", choices=["cxrkit", "reference"], help=argparse.SUPPRESS)
@@ -228,7 +228,8 @@ def main() -> None:
             raise SystemExit(f"error: {what} {path} does not exist (see --help)")
     with tempfile.TemporaryDirectory() as runs:
         print(f"study 1 recipe, {args.frozen_epochs} + {args.finetune_epochs} epochs, {os.cpu_count()} cores, "
-              f"{args.workers} loader worker(s) a side", flush=True)
+              f"{args.workers} loader worker(s) for the reference loop, {default_workers()} for cxrkit (its default)",
+              flush=True)
         first = _child("cxrkit", args, ["--run-dir", runs])
         if first is None:
             raise SystemExit(1)

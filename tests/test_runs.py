@@ -224,12 +224,13 @@ def test_resuming_removes_the_temporary_files_of_killed_writes(tmp_path):
     run = Run.create(tmp_path, "r")
     leftovers = [run.path / ".metrics.csv.k2j3_x.tmp", run.path / "checkpoints" / ".last.pt.a8b9c0.tmp",
                  run.path / "checkpoints" / ".stage_best.pt.4242.link",
-                 run.path / "export" / ".best.int8.onnx.4242.partial.onnx"]
+                 run.path / "export" / ".best.int8.onnx.4242.partial.onnx",
+                 run.path / "eval" / "chest_xray-test" / ".metrics.json.zz91.tmp"]
     kept = [run.path / "checkpoints" / "last.pt", run.path / ".notes", run.path / "export" / "best.onnx",
             run.path / "my.tmp"]
     for path in leftovers + kept:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert run.remove_leftovers() == 4
+    assert run.remove_leftovers() == 5
     assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
     assert run.remove_leftovers() == 0

@@ -169,13 +169,15 @@ class Run:
         return cls(path)
 
     def remove_leftovers(self) -> int:
-        """Remove the hidden temporary files that writes killed half-way left in the run (``.X.*.tmp`` of
+        """Remove the hidden temporary files that writes killed half-way left in the run, its checkpoints, exports
+        and evaluations (``.X.*.tmp`` of
         :func:`atomic_write`, ``.X.<pid>.partial.*`` of :func:`staged`, ``.X.<pid>.link``): the real files were never
         touched, but a killed checkpoint write leaves one as large as a checkpoint. For a run no process is writing,
         such as one being resumed. Returns how many were removed."""
         pattern = re.compile(r"^\..+\.(tmp|link)$|^\..+\.\d+\.partial(\.[^.]+)?$")
         removed = 0
-        for folder in (self.path, self.path / "checkpoints", self.path / "export"):
+        evaluations = sorted(p for p in (self.path / "eval").glob("*") if p.is_dir())
+        for folder in (self.path, self.path / "checkpoints", self.path / "export", *evaluations):
             for entry in folder.iterdir() if folder.is_dir() else []:
                 if pattern.match(entry.name) and entry.is_file():
                     entry.unlink(missing_ok=True)

@@ -17,9 +17,11 @@ def calibrate(
     temperature: bool = typer.Option(True, "--temperature/--no-temperature", help="Fit temperature scaling"),
     checkpoint: str = typer.Option("best", "--checkpoint", help="best or last"),
 ) -> None:
-    """Calibrate a run on its validation split (never on test); updates RUN/labels.json.
+    """Calibrate a run on its validation split (never on test); updates RUN/labels.json and RUN/export/.
 
-    `cxr train` does this with Youden's J after training; run it again to pick another operating point.
+    `cxr train` does this with Youden's J after training; run it again to pick another operating point. The files in
+    RUN/export/ get the new values at once (int8 ones fit their own); copies exported elsewhere keep the old ones.
+    --method and --target-sensitivity are for binary runs: a multi-class or multi-label run gets its temperature only.
     """
     import json
 
@@ -60,7 +62,7 @@ def calibrate(
                       f"{'it' if one else 'them'} again (and --engine does on its next use)", highlight=False)
     if any(info.get(key) != value for key, value in before.items()):
         console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported "
-                      "with (their threshold_method and calibrated_checkpoint say which); export them again",
+                      "with (their threshold and temperature show which); export them again",
                       highlight=False)
     keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after",
             "calibrated_checkpoint")
