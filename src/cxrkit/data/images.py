@@ -132,15 +132,15 @@ def content_problem(path: str | os.PathLike) -> str | None:
 BLANK_LEVELS = 2  # an 8-bit image whose pixels all lie within this many grey levels of each other is blank
 
 
-def blank_problem(image: Image.Image) -> str | None:
-    """Why a decoded image cannot be classified because it shows nothing (every pixel the same grey, give or take
-    :data:`BLANK_LEVELS`: an unexposed or failed acquisition, a placeholder), or None. A model still returns
-    confident-looking probabilities for such an image, so prediction refuses it."""
+def refuse_blank(image: Image.Image, name: str) -> Image.Image:
+    """``image`` (decoded from ``name``), unless it shows nothing: every pixel the same grey, give or take
+    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder). A model still returns confident-looking
+    probabilities for such an image, so prediction refuses it with a :class:`CxrError` naming ``name``."""
     low, high = image.convert("L").getextrema()
     if high - low > BLANK_LEVELS:
-        return None
+        return image
     level = f"{low}" if low == high else f"{low} to {high}"
-    return f"blank image (every pixel is {level} of 255): nothing to classify"
+    raise CxrError(f"{name}: blank image (every pixel is {level} of 255): nothing to classify")
 
 
 def sniff_format(head: bytes) -> str | None:

@@ -180,8 +180,8 @@ class Predictor:
         from cxrkit.export.torchscript import update_torchscript_metadata
 
         folder = self.run.path / "export"
-        calibration = {key: self.labels_info.get(key) for key in CALIBRATION_KEYS}
-        calibration["temperature"] = self.temperature
+        metadata = self.export_metadata()
+        calibration = {key: metadata[key] for key in CALIBRATION_KEYS}
         refreshed, unreadable = [], []
         for path in sorted(folder.glob("*.onnx")) if folder.is_dir() else []:
             if path.name.startswith(".") or not path.is_file():
@@ -417,17 +417,14 @@ class Predictor:
     def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
         """Predict files in batches, in the order given; an unreadable file yields a :class:`Prediction` with
         ``error`` set."""
-        from cxrkit.data.images import blank_problem, read_image
+        from cxrkit.data.images import read_image, refuse_blank
 
         pending: list[Prediction | tuple[str, Any, float]] = []  # in input order: failures and decoded images
         decoded = 0
         for path in paths:
             start = time.perf_counter()
             try:
-                image = read_image(path)
-                if why := blank_problem(image):
-                    raise CxrError(f"{path}: {why}")
-                pending.append((path, image, (time.perf_counter() - start) * 1000))
+                pending.append((path, refuse_blank(read_image(path), path), (time.perf_counter() - start) * 1000))
                 decoded += 1
             except CxrError as err:
                 pending.append(Prediction(path, model=self.model_id, error=str(err)))

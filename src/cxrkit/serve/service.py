@@ -78,7 +78,7 @@ class Service:
     def decode(self, name: str, data: bytes) -> Any:
         """The upload as a grayscale PIL image; 400 for an empty file, 415 when the bytes are not an image format
         we read, 422 (:class:`CxrError`) when they are one but cannot be decoded."""
-        from cxrkit.data.images import DICOM_SUFFIXES, SNIFF_BYTES, blank_problem, decode_image_bytes, sniff_format
+        from cxrkit.data.images import DICOM_SUFFIXES, SNIFF_BYTES, decode_image_bytes, refuse_blank, sniff_format
 
         if not data:
             raise RequestError(400, f"{name}: empty file (0 bytes)")
@@ -86,10 +86,7 @@ class Service:
         if sniff_format(data[:SNIFF_BYTES]) is None and not name.lower().endswith(DICOM_SUFFIXES):
             raise RequestError(415, f"{name}: not a supported image ({SUPPORTED}); the content was checked, "
                                     "not the file name")
-        image = decode_image_bytes(data, name, self.settings.max_pixels)
-        if why := blank_problem(image):
-            raise CxrError(f"{name}: {why}")
-        return image
+        return refuse_blank(decode_image_bytes(data, name, self.settings.max_pixels), name)
 
     def _decode_input(self, name: str, data: bytes) -> tuple[Any, Any]:
         """The decoded image and its model input (resized and normalised here, so the model thread only runs the
