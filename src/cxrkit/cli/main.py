@@ -11,7 +11,20 @@ import sys
 
 import typer
 
-from cxrkit.cli import calibrate, compare, embed, evaluate, explain, export, models, predict, report, serve, train
+from cxrkit.cli import (
+    cache,
+    calibrate,
+    compare,
+    embed,
+    evaluate,
+    explain,
+    export,
+    models,
+    predict,
+    report,
+    serve,
+    train,
+)
 from cxrkit.errors import CxrError, first_line, user_message
 
 app = typer.Typer(
@@ -29,6 +42,7 @@ app.command("embed")(embed.embed)
 app.command("explain")(explain.explain)
 app.command("export")(export.export)
 app.command("serve")(serve.serve)
+app.add_typer(cache.app, name="cache")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrkit.cache import touch
 from cxrkit.data.base import Item, LabelledImages
 from cxrkit.data.transforms import Preprocessing
 from cxrkit.errors import CxrError
@@ -155,6 +156,8 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
         atomic_write_json(meta_path, {"version": VERSION, "images": len(ds), "size": pre.size,
                                       "preprocessing": pre.to_dict(), "first": sources[:1]})
         log(f"decoded {len(ds)} images once into {path} ({need / 2**20:.0f} MiB)")
+    else:
+        touch(meta_path)  # its last use, for `cxr cache clear --older-than`
     reader = DecodedReader(path, sources, pre.size)
     return LabelledImages(ds.spec, list(ds.items), reader, list(ds.skipped))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cxrkit.cache import default_weights_dir
 from cxrkit.errors import CxrError, first_line
 from cxrkit.models.backbones import BACKBONES, BackboneSpec, list_backbones, preprocessing_of
 
@@ -44,11 +45,6 @@ PathLike = str | os.PathLike
 _log = logging.getLogger(__name__)
 # torchvision's DenseNet files predate PyTorch 0.4 and name "norm.1" what the model calls "norm1"
 _LEGACY_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
-
-
-def default_weights_dir() -> Path:
-    """``~/.cache/cxrkit/weights``, always searched last."""
-    return Path.home() / ".cache" / "cxrkit" / "weights"
 
 
 def weights_search_dirs(weights_dirs: PathLike | Sequence[PathLike] | None = None) -> list[Path]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cxrkit.cache import touch
 from cxrkit.train.onnx_cache import OnnxFrozen
 from cxrkit.train.runtime import Runtime
 
@@ -89,7 +90,8 @@ def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
 @torch.no_grad()
 def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime, progress: Any = None,
                      description: str = "features", boundary: str | None = None,
-                     store: Path | None = None, engine: OnnxFrozen | None = None) -> FeatureDataset:
+                     store: Path | None = None, engine: OnnxFrozen | None = None,
+                     about: dict[str, Any] | None = None) -> FeatureDataset:
     """Run ``net`` in inference mode over ``loader`` (in order) and keep its outputs.
 
     Args:
@@ -100,11 +102,13 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
             computed and return them from there; None to keep them in memory only.
         engine: ONNX Runtime running the same frozen part (see :mod:`cxrkit.train.onnx_cache`); PyTorch computes
             any batch it returns None for.
+        about: what ``cxr cache`` shows of a stored entry (backbone, split), kept in its ``.json``.
     """
     from cxrkit.runs import atomic_write_json
     from cxrkit.train.prefix import boundary_input
 
     if store is not None and store.with_suffix(".json").is_file():
+        touch(store.with_suffix(".json"))  # its last use, for `cxr cache clear --older-than`
         return _open(store, json.loads(store.with_suffix(".json").read_text()))
     was_training = net.training
     net.eval()
@@ -151,7 +155,7 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         np.save(store.with_suffix(".targets.npy"), all_targets.numpy())
         os.replace(tmp, store)
         meta = {"shape": list(shape), "stored": np.dtype(_STORED[keep]).str, "dtype": str(keep).removeprefix("torch."),
-                "boundary": boundary, "images": n}
+                "boundary": boundary, "images": n, **(about or {})}
         atomic_write_json(store.with_suffix(".json"), meta)  # written last: its presence marks a complete cache
         return _open(store, meta)
     finally:

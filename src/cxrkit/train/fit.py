@@ -290,12 +290,13 @@ class Trainer:
         reused = store is not None and store.with_suffix(".json").is_file()
         passes = [(self.data.train, store)] + ([(self.data.val, val_store)] if self.val_loader is not None else [])
         engine = self._cache_engine(net, boundary, passes)
+        backbone = recipe.model.backbone
         train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store,
-                                 engine)
+                                 engine, {"backbone": backbone, "split": "train"})
         val = None
         if self.val_loader is not None:
             val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
-                                   val_store, engine)
+                                   val_store, engine, {"backbone": backbone, "split": "val"})
         size = train.nbytes + (val.nbytes if val is not None else 0)
         shape = "x".join(map(str, train.features.shape[1:]))
         images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")

@@ -1,0 +1,198 @@
+"""What cxrkit keeps in its cache folder, and clearing it: ``cxr cache``.
+
+Two kinds of entries live under :func:`~cxrkit.data.decoded.cache_root` and can always be rebuilt:
+
+- ``decoded/<key>.u8`` (+ ``.json``): images decoded and resized once (:mod:`cxrkit.data.decoded`);
+- ``features/<key>.bin`` (+ ``.json``, ``.targets.npy``): a frozen part's outputs (:mod:`cxrkit.train.features`).
+
+An entry is complete once its ``.json`` is written, which happens last; the ``.json`` is touched whenever a run
+reuses the entry, so its modification time is the entry's last use. Temporary files carry the writing process's
+id (``<key>.bin.<pid>.tmp``): while that process lives the entry is being written and is never removed; once it is
+gone they are leftovers of an interrupted write. Local weight files (:func:`default_weights_dir`) are listed but
+never cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cxrkit.errors import CxrError
+
+KINDS = ("decoded", "features")
+_DATA_SUFFIX = {"decoded": ".u8", "features": ".bin"}
+_PID_TMP = re.compile(r"\.(\d+)\.tmp$")  # <key>.<suffix>.<pid>.tmp; an atomic write's own is .<name>.<random>.tmp
+_ATOMIC_TMP_AGE = 600  # seconds after which an atomic write's own temporary file (no pid) is a leftover
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+@dataclass
+class Entry:
+    """One cache entry: its files, and what a listing shows about it."""
+
+    kind: str
+    key: str
+    files: list[Path] = field(default_factory=list)
+    meta: dict[str, Any] | None = None
+    busy: str | None = None  # who is still writing it: "process 1234", or "a write in progress"
+    size: int = 0
+    last_used: float = 0.0  # the .json's modification time (touched on every reuse), else the newest file's
+
+    @property
+    def status(self) -> str:
+        if self.busy is not None:
+            return f"being written ({self.busy})"
+        if self.meta is not None and self._file(_DATA_SUFFIX[self.kind]) is not None:
+            return "complete"
+        return "incomplete (an interrupted write)"
+
+    def _file(self, suffix: str) -> Path | None:
+        return next((f for f in self.files if f.name == f"{self.key}{suffix}"), None)
+
+    def describe(self) -> str:
+        """What the entry holds, from its ``.json``."""
+        meta = self.meta or {}
+        if self.kind == "decoded":
+            size, first = meta.get("size"), (meta.get("first") or [""])[0]
+            origin = first.partition("#")[0] if "#" in first else str(Path(first).parent)  # MedMNIST: npz#split/row
+            return f"{size}x{size} px" + (f" from {origin}" if first else "") if size else "-"
+        shape = "x".join(map(str, meta.get("shape", [])[1:]))
+        parts = [f"{meta.get('dtype', '?')} {shape}".strip()]
+        parts.append(f"input of {meta['boundary'].removeprefix('backbone.')}" if meta.get("boundary") else "pooled")
+        parts += [str(meta[k]) for k in ("backbone", "split") if meta.get(k)]
+        return ", ".join(parts) if meta else "-"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "key": self.key, "status": self.status, "bytes": self.size,
+                "images": (self.meta or {}).get("images"), "what": self.describe(),
+                "last_used": datetime.fromtimestamp(self.last_used).astimezone().isoformat(timespec="seconds"),
+                "files": [str(f) for f in self.files]}
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def scan(root: Path) -> list[Entry]:
+    """Every entry under ``root``, most recently used first."""
+    entries: dict[tuple[str, str], Entry] = {}
+    used: dict[tuple[str, str], float] = {}  # a complete entry's .json time: its last use
+    now = time.time()
+    for kind in KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            stat = _stat(path)
+            if stat is None or not path.is_file():
+                continue
+            key = path.name.lstrip(".").split(".", 1)[0]
+            entry = entries.setdefault((kind, key), Entry(kind, key))
+            entry.files.append(path)
+            entry.size += stat.st_size
+            entry.last_used = max(entry.last_used, stat.st_mtime)
+            pid = None if path.name.startswith(".") else _PID_TMP.search(path.name)
+            if pid and _alive(int(pid.group(1))):
+                entry.busy = f"process {pid.group(1)}"
+            elif path.name.startswith(".") and path.name.endswith(".tmp") and now - stat.st_mtime < _ATOMIC_TMP_AGE:
+                entry.busy = entry.busy or "a write in progress"
+            elif path.name == f"{key}.json":
+                try:
+                    entry.meta = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                used[kind, key] = stat.st_mtime
+    for where, when in used.items():
+        entries[where].last_used = when
+    return sorted(entries.values(), key=lambda e: -e.last_used)
+
+
+def default_weights_dir() -> Path:
+    """``~/.cache/cxrkit/weights``, where local weight files are searched last (whatever ``$CXR_CACHE_DIR`` says)."""
+    return Path.home() / ".cache" / "cxrkit" / "weights"
+
+
+def weights_files() -> list[Path]:
+    folder = default_weights_dir()
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500M"``, ``"2GiB"``, ``"0"``: bytes (KB/MB/GB decimal, KiB/MiB/GiB binary)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not match:
+        raise CxrError(f"--max-size {text!r}: give a size such as 500MB, 5GB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def parse_age(text: str) -> float:
+    """``"30d"``, ``"12h"``, ``"2w"``, ``"90m"``: seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if not match:
+        raise CxrError(f"--older-than {text!r}: give an age such as 30d, 12h or 2w (s, m, h, d, w)")
+    return float(match.group(1)) * _AGES[match.group(2)]
+
+
+def select(entries: list[Entry], kinds: list[str] | None = None, older_than: float | None = None,
+           max_size: int | None = None) -> list[Entry]:
+    """The entries to remove: of ``kinds``, unused for ``older_than`` seconds, and then the least recently used
+    until the rest take at most ``max_size`` bytes. Incomplete entries always go; those being written never do."""
+    now = time.time()
+    candidates = [e for e in entries if e.busy is None and (not kinds or e.kind in kinds)]
+    chosen = [e for e in candidates if e.status != "complete"
+              or (older_than is None and max_size is None)
+              or (older_than is not None and now - e.last_used > older_than)]
+    if max_size is not None:
+        kept = sorted((e for e in candidates if e not in chosen), key=lambda e: -e.last_used)
+        total = sum(e.size for e in entries if e not in chosen and (not kinds or e.kind in kinds))
+        while kept and total > max_size:
+            oldest = kept.pop()
+            total -= oldest.size
+            chosen.append(oldest)
+    return chosen
+
+
+def remove(entry: Entry) -> list[str]:
+    """Delete ``entry``'s files, its ``.json`` first so that no run takes it for complete meanwhile; the
+    problems, one line per file that could not be removed."""
+    problems = []
+    for path in sorted(entry.files, key=lambda f: f.suffix != ".json"):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            problems.append(f"{path}: {err.strerror or err}")
+    return problems
+
+
+def touch(path: Path) -> None:
+    """Mark a cache entry as used now (its ``.json``); a read-only cache stays as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+__all__ = ["KINDS", "Entry", "default_weights_dir", "parse_age", "parse_size", "remove", "scan", "select", "touch",
+           "weights_files"]
