@@ -113,6 +113,18 @@ def test_leftovers_of_interrupted_writes_go_and_a_live_write_is_never_touched(ca
     assert f"kept decoded/abcd: being written (process {os.getpid()})" in result.stdout
 
 
+def test_rebuilding_an_entry_removes_what_a_killed_build_of_it_left(cache):
+    root, folder = cache
+    decoded = next(e for e in scan(root) if e.kind == "decoded")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = root / "decoded" / f"{decoded.key}.u8.{gone.stdout.strip()}.tmp"
+    leftover.write_bytes(b"x" * 100)
+    for path in decoded.files:
+        path.unlink()
+    assert decoded_images(load_folder(folder), PRE, log=lambda _: None) is not None
+    assert not leftover.exists() and [e.status for e in scan(root)] == ["complete", "complete"]
+
+
 def test_older_than_and_max_size_remove_the_least_recently_used(cache):
     root, _ = cache
     decoded = next(e for e in scan(root) if e.kind == "decoded")

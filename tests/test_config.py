@@ -40,6 +40,10 @@ def test_override_can_append_a_stage():
                              r"training log counts them from 1\); to add stages.1, also set stages.1.trainable and "
                              r"stages.1.epochs"),
         ("novalue", "key=value"),
+        ("runtime.threads=0", r"runtime.threads: 0 must be at least 1 \(leave it out"),  # was taken as the default
+        ("runtime.threads=-2", "runtime.threads: -2 must be at least 1"),  # was a traceback from torch
+        ("runtime.workers=-1", "runtime.workers: -1 must be at least 0"),  # was a traceback from the DataLoader
+        ("runtime.eval_batch_size=0", "runtime.eval_batch_size: 0 must be at least 1"),
     ],
 )
 def test_bad_keys_and_values_fail_clearly(override, message):

@@ -140,6 +140,22 @@ def test_a_staged_file_replaces_the_earlier_one_only_when_complete(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_staging_removes_what_killed_writes_of_the_file_left_and_keeps_a_live_one(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = tmp_path / "best.onnx"
+    killed = tmp_path / f".best.onnx.{gone.stdout.strip()}.partial.onnx"
+    writing = tmp_path / f".best.onnx.{os.getppid()}.partial.onnx"  # a live process (this one's parent)
+    other = tmp_path / f".int8.onnx.{gone.stdout.strip()}.partial.onnx"  # another file's: its own write cleans it
+    for leftover in (killed, writing, other):
+        leftover.write_bytes(b"x")
+    with staged(path) as partial:
+        partial.write_text("new")
+    assert path.read_text() == "new" and not killed.exists() and writing.exists() and other.exists()
+
+
 def test_open_rejects_non_runs(tmp_path):
     with pytest.raises(CxrError, match="does not exist"):
         Run.open(tmp_path / "missing")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrkit.errors import CxrError
+from cxrkit.runs import process_alive
 
 KINDS = ("decoded", "features")
 _DATA_SUFFIX = {"decoded": ".u8", "features": ".bin"}
@@ -83,18 +85,6 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def scan(root: Path) -> list[Entry]:
     """Every entry under ``root``, most recently used first."""
     entries: dict[tuple[str, str], Entry] = {}
@@ -114,7 +104,7 @@ def scan(root: Path) -> list[Entry]:
             entry.size += stat.st_size
             entry.last_used = max(entry.last_used, stat.st_mtime)
             pid = None if path.name.startswith(".") else _PID_TMP.search(path.name)
-            if pid and _alive(int(pid.group(1))):
+            if pid and process_alive(int(pid.group(1))):
                 entry.busy = f"process {pid.group(1)}"
             elif path.name.startswith(".") and path.name.endswith(".tmp") and now - stat.st_mtime < _ATOMIC_TMP_AGE:
                 entry.busy = entry.busy or "a write in progress"
@@ -186,6 +176,27 @@ def remove(entry: Entry) -> list[str]:
     return problems
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why no cache entry can be written in ``folder`` (made if missing), or None when one can: a temporary file
+    is created and removed, since an existing folder on a read-only disk passes ``mkdir``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".cxrkit-probe-"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what killed writes of the entry ``path`` left (``<name>.<pid>.tmp`` of processes that are gone),
+    before it is written again; a live process's write stays."""
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = _PID_TMP.search(tmp.name)
+        if pid and not process_alive(int(pid.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
 def touch(path: Path) -> None:
     """Mark a cache entry as used now (its ``.json``); a read-only cache stays as it is."""
     try:
@@ -194,5 +205,5 @@ def touch(path: Path) -> None:
         pass
 
 
-__all__ = ["KINDS", "Entry", "default_weights_dir", "parse_age", "parse_size", "remove", "scan", "select", "touch",
-           "weights_files"]
+__all__ = ["KINDS", "Entry", "default_weights_dir", "parse_age", "parse_size", "remove", "remove_leftovers", "scan",
+           "select", "touch", "unwritable", "weights_files"]

@@ -320,8 +320,14 @@ def _validate(recipe: Recipe) -> None:
     if any(size < 1 for size in recipe.model.hidden):
         raise CxrError(f"recipe key model.hidden: {recipe.model.hidden} must be sizes of at least 1 (one per dense "
                        "layer; [] for none)")
-    if recipe.runtime.batch_size < 1:
-        raise CxrError("recipe key runtime.batch_size must be at least 1")
+    runtime = recipe.runtime
+    for key, value, least, meaning in [
+        ("batch_size", runtime.batch_size, 1, ""), ("eval_batch_size", runtime.eval_batch_size, 1, ""),
+        ("threads", runtime.threads, 1, " (leave it out for PyTorch's own, which follows OMP_NUM_THREADS)"),
+        ("workers", runtime.workers, 0, " (0 reads images in the main process; leave it out for the default)"),
+    ]:
+        if value is not None and value < least:
+            raise CxrError(f"recipe key runtime.{key}: {value} must be at least {least}{meaning}")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -84,6 +85,19 @@ def check_writable(path: str | Path) -> None:
         raise CxrError(f"{path}: cannot write here ({err.strerror})") from None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process ``pid`` (the writer named in a temporary file's name) still runs."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a file that is written, then checked or completed by several steps:
@@ -92,6 +106,10 @@ def staged(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):  # of killed writes of this file
+        pid = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.partial.*", left.name)
+        if pid and not process_alive(int(pid.group(1))):
+            left.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")  # the suffix may tell the format
     try:
         yield tmp

@@ -16,6 +16,7 @@ from synth import kermany_folder
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
+from cxrkit.runs import Run
 
 TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48",
         "--set", "runtime.batch_size=8", "--set", "runtime.workers=0"]
@@ -134,9 +135,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sets):
     deadline = time.time() + 120
     metrics = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed").glob("*/metrics.csv"))
-        if found and len(found[0].read_text().splitlines()) >= 2:  # header + epoch 1
-            metrics = found[0]
+        found = list((tmp_path / "killed").glob("*/checkpoints/last.pt"))  # saved after epoch 1's row
+        if found:
+            metrics = found[0].parent.parent / "metrics.csv"
             break
         time.sleep(0.05)
     assert metrics is not None, "epoch 1 did not finish"
@@ -152,6 +153,62 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sets):
     for got, want in zip(rows, reference):
         assert float(got["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-4)
         assert float(got["val_loss"]) == pytest.approx(float(want["val_loss"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("write", ["metrics", "last"])
+def test_an_interruption_at_either_write_of_an_epoch_resumes_to_the_same_run(data, tmp_path, monkeypatch, write):
+    """Each epoch writes its metrics.csv row, then last.pt; a kill between the two (or during either) must neither
+    lose a row nor shift the epochs after it (which reseed from the epoch number)."""
+    cmd = ["train", "--data", str(data), *TINY, "--set", "stages.0.epochs=3", "--set", "stages.0.trainable=all",
+           "--set", "runtime.precision=fp32"]
+    whole = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    calls = {"metrics": 0, "last": 0}
+    write_metrics, save_checkpoint = Run.write_metrics, Run.save_checkpoint
+
+    def interrupt(kind):
+        calls[kind] += 1
+        if kind == write and calls[kind] == 2:  # epoch 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "write_metrics", lambda run, rows: (interrupt("metrics"), write_metrics(run, rows)))
+    monkeypatch.setattr(Run, "save_checkpoint", lambda run, name, state: (
+        interrupt("last") if name == "last" else None, save_checkpoint(run, name, state)))
+    killed = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "killed")])
+    assert killed.exit_code == 130
+    monkeypatch.undo()
+    run = next((tmp_path / "killed").glob("*/recipe.yaml")).parent
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    reference = list(csv.DictReader(next((tmp_path / "whole").glob("*/metrics.csv")).open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([float(r["train_loss"]) for r in reference],
+                                                                    rel=1e-5)
+
+
+def test_a_run_stopped_while_calibrating_is_calibrated_when_resumed(data, tmp_path, monkeypatch):
+    import cxrkit.eval.calibrate
+    from cxrkit.train.api import run_is_complete
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cxrkit.eval.calibrate, "calibrate_run", stopped)
+        killed = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path), *TINY,
+                                          "--set", "stages.0.epochs=1"])
+    assert killed.exit_code == 130
+    run = next(tmp_path.glob("*/recipe.yaml")).parent
+    assert "calibrated_on" not in json.loads((run / "labels.json").read_text())
+    assert not run_is_complete(Run(run))  # every stage finished, but not the calibration
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "calibrating, which the interruption stopped" in resumed.stderr
+    assert json.loads((run / "labels.json").read_text())["calibrated_on"] == "val"
+    assert run_is_complete(Run(run))
+    again = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert again.exit_code == 0 and "already complete" in again.stderr
 
 
 @pytest.mark.slow
@@ -348,6 +405,45 @@ def test_cached_features_are_reused_by_the_next_run_and_not_by_a_changed_one(dat
     assert runs["again"][1] == runs["first"][1]
     # another seed initialises another (random) backbone: other features, other keys
     assert "reused cached" not in runs["other-seed"][0]
+
+
+def test_reused_features_train_on_this_runs_labels(data, tmp_path, monkeypatch):
+    """The feature key covers the images, not their labels: a run whose labels differ (here a renamed class, which
+    reorders the label indices) reuses the features but must train and validate on its own labels."""
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    head = ["stages.0.epochs=2", "runtime.precision=fp32"]
+    first, _ = _losses(data, tmp_path / "first", head)
+    renamed = [*head, "data.rename={NORMAL: ZNORMAL}"]  # labels sort as PNEUMONIA, ZNORMAL: the indices swap
+    reused, log = _losses(data, tmp_path / "renamed", renamed)
+    computed, _ = _losses(data, tmp_path / "uncached", [*renamed, "runtime.cache_features=false"])
+    assert "reused cached backbone features" in log
+    assert reused == pytest.approx(computed, rel=1e-5)
+    assert reused != pytest.approx(first, rel=1e-5)  # the stored targets were the first run's
+
+
+def test_a_stage_with_no_epochs_caches_nothing(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    _, log = _losses(data, tmp_path / "runs", ["stages.0.trainable=top:2:blocks", "stages.0.epochs=0",
+                                                "stages.1.trainable=head", "stages.1.epochs=1"])
+    assert "cached the input of" not in log and "cached backbone features" in log
+
+
+def test_a_read_only_cache_keeps_features_in_memory_with_one_note(data, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "features").mkdir(parents=True)
+    (cache / "decoded").mkdir()
+    from cxrkit import cache as cache_module
+
+    monkeypatch.setattr(cache_module.tempfile, "TemporaryFile", _read_only_disk)
+    monkeypatch.setenv("CXR_CACHE_DIR", str(cache))
+    _, log = _losses(data, tmp_path / "runs", ["stages.0.epochs=1", "stages.1.trainable=top:2:blocks",
+                                                "stages.1.epochs=1", "augment.policy=none"])
+    assert log.count("features stay in memory") == 1 and "(Read-only file system)" in log
+    assert not list(cache.rglob("*.*"))
+
+
+def _read_only_disk(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
 
 
 @pytest.mark.parametrize("terminal", [True, False])

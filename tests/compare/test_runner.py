@@ -134,6 +134,39 @@ def test_unevaluated_cell_is_evaluated_without_training(compared, monkeypatch):
     assert (evaluated / "metrics.json").is_file()
 
 
+def test_an_evaluation_stopped_part_way_is_done_again(compared, monkeypatch):
+    """A comparison stopped while a cell's evaluation writes its figures: the folder must not pass for a finished
+    evaluation (old figures beside new metrics), and the next run evaluates the cell again without training."""
+    import cxrkit.eval.plots
+    from cxrkit.compare import cell_status
+
+    cell = compared["root"] / "cells" / "head-only-s1"
+    evaluated = cell / "eval" / "compare-test"
+    (evaluated / "metrics.json").unlink()  # so that the run evaluates this cell again
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cxrkit.eval.plots, "write_eval_figures", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_comparison(compared["spec"], compared["out"], only=["head-only-s1"])
+    assert not (evaluated / "metrics.json").exists() and not list(evaluated.glob("*.png"))
+    plan = plan_comparison(compared["spec"], compared["out"])
+    cells = {c.id: c for c in plan.cells}
+    assert cell_status(plan, cells["head-only-s1"]) == "trained"
+    calls = Calls(monkeypatch)
+    run_comparison(compared["spec"], compared["out"], only=["head-only-s1"])
+    assert calls.new == [] and calls.resumed == []
+    assert (evaluated / "metrics.json").is_file() and list(evaluated.glob("*.png"))
+    # stopped after the evaluation but before the comparison recorded it: evaluated again, not taken as done
+    info = json.loads((cell / "cell.json").read_text())
+    (cell / "cell.json").write_text(json.dumps({**info, "status": "running"}))
+    assert cell_status(plan, cells["head-only-s1"]) == "trained"
+    run_comparison(compared["spec"], compared["out"], only=["head-only-s1"])
+    assert json.loads((cell / "cell.json").read_text())["status"] == "done"
+
+
 def test_changed_spec_refuses_to_mix_results(compared):
     with pytest.raises(CxrError, match="trained with a different recipe .*stages.0.lr"):
         run_comparison(compared["spec"], compared["out"], overrides=["stages.0.lr=0.5"])

@@ -38,7 +38,9 @@ def test_auto_uses_onnx_runtime_only_for_fp32_on_the_cpu_and_enough_images(monke
     assert engine == "torch" and "bf16" in why
     assert choose_engine("auto", _runtime("cuda"), 10 * MIN_IMAGES)[0] == "torch"
     assert choose_engine("torch", _runtime(), 10 * MIN_IMAGES)[0] == "torch"
-    assert choose_engine("onnx", _runtime(amp=torch.bfloat16), 1)[0] == "onnx"
+    assert choose_engine("onnx", _runtime(), 1)[0] == "onnx"
+    with pytest.raises(CxrError, match="computes in fp32, but runtime.precision is bf16"):
+        choose_engine("onnx", _runtime(amp=torch.bfloat16), 1)  # its features would be filed as bf16 ones
     with pytest.raises(CxrError, match="runs on the CPU"):
         choose_engine("onnx", _runtime("cuda"), 1)
     monkeypatch.setattr(onnx_cache, "onnx_available", lambda: False)

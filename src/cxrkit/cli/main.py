@@ -62,6 +62,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exit_:
+        if exit_.code == 130:  # typer turns Ctrl-C into this exit status without a word
+            print("interrupted", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

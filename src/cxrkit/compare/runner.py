@@ -78,7 +78,8 @@ def cell_status(plan: Plan, cell: Cell) -> str:
             return "done"  # evaluated after its last checkpoint: no need to load that checkpoint again
     if not run_is_complete(run):
         return "incomplete"
-    return "done" if all(p.is_file() for p in written) else "trained"
+    # "running": the comparison was stopped before it recorded the evaluation, so it is redone
+    return "done" if all(p.is_file() for p in written) and info.get("status") != "running" else "trained"
 
 
 def read_cell_info(cell_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.cache import touch
+from cxrkit.cache import remove_leftovers, touch, unwritable
 from cxrkit.data.base import Item, LabelledImages
 from cxrkit.data.transforms import Preprocessing
 from cxrkit.errors import CxrError
@@ -116,16 +116,16 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
     sources = [item.source for item in ds.items]
     shape = (len(ds), pre.size, pre.size)
     if not (path.is_file() and meta_path.is_file() and path.stat().st_size == int(np.prod(shape))):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(folder).free
-        except OSError as err:
-            log(f"decoded-image cache off: {folder} is not writable ({err.strerror})")
+        why = unwritable(folder)
+        if why is not None:
+            log(f"decoded-image cache off: {folder} is not writable ({why})")
             return None
+        free = shutil.disk_usage(folder).free
         need = int(np.prod(shape))
         if need > free * 0.9:
             log(f"decoded-image cache off: it needs {need / 2**20:.0f} MiB, {folder} has {free / 2**20:.0f} MiB free")
             return None
+        remove_leftovers(path)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)

@@ -122,10 +122,15 @@ def evaluate_run(
     chosen = [value for value, default in ((predictor.engine, "torch"), (predictor.checkpoint, "best"))
               if value != default]
     out = predictor.run.eval_dir(name or "-".join([ds_name, split, *chosen]))
-    atomic_write_json(out / "metrics.json", metrics)
+    # an earlier evaluation under this name goes as a whole (its figures, its report), so that a folder never mixes
+    # two; metrics.json, written last, marks it complete, and an interrupted one is redone
+    for old in sorted(out.iterdir(), key=lambda f: f.name != "metrics.json"):
+        if old.is_file():
+            old.unlink()
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
     atomic_write_text(out / "predictions.csv", csv_text(rows))
     from cxrkit.eval.plots import write_eval_figures
 
     write_eval_figures(out, task, labels, targets, probs, metrics, reliability)
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics, out

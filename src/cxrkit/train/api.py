@@ -6,6 +6,7 @@ from rich.console import Console
 
 from cxrkit.config import Recipe, load_recipe
 from cxrkit.console import notes_console
+from cxrkit.errors import CxrError
 from cxrkit.runs import Run
 from cxrkit.train.fit import Trainer, seed_everything
 from cxrkit.train.runtime import Runtime, setup_runtime, shutdown
@@ -27,7 +28,17 @@ def run_is_complete(run: Run) -> bool:
     if not run.has_checkpoint("last"):
         return False
     stages = len(load_recipe(run.file("recipe.yaml")).stages)
-    return run.load_checkpoint("last")["stage"] >= stages
+    return run.load_checkpoint("last")["stage"] >= stages and not _calibration_interrupted(run)
+
+
+def _calibration_interrupted(run: Run) -> bool:
+    """Whether the run has a validation split but no calibration: the calibration that ends training was
+    interrupted (every stage had finished)."""
+    try:
+        val = run.read_json("data.json").get("splits", {}).get("val", {}).get("images", 0)
+        return bool(val) and "calibrated_on" not in run.read_json("labels.json")
+    except (OSError, ValueError, CxrError):
+        return False
 
 
 def calibrate_after_training(run: Run, runtime: Runtime, console: Console) -> None:
@@ -75,7 +86,12 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         if run is None:
             run = created = _create_run(recipe.out, recipe.name, runtime)
         if last is not None and last["stage"] >= len(recipe.stages):
-            console.print(f"run {run.path} is already complete")
+            if not _calibration_interrupted(run):
+                console.print(f"run {run.path} is already complete")
+            elif runtime.is_main:
+                console.print("every stage had finished; calibrating, which the interruption stopped",
+                              highlight=False)
+                calibrate_after_training(run, runtime, console)
             return run
         seed_everything(recipe.seed)
         trainer = Trainer(recipe, run, runtime, console, resuming=last is not None)

@@ -11,7 +11,8 @@ are computed, so a cache larger than memory never has to fit in it: it is memory
 only when it fits comfortably. The key hashes everything the features depend on: the images (path, size,
 modification time), the preprocessing, the backbone's weights, where the features are taken, the precision and
 the library versions. Another run of the same recipe, or another ``cxr compare`` cell on the same frozen base,
-reuses them; a change to any of those makes a new key, never a stale hit. The engine that computed them (PyTorch,
+reuses them; a change to any of those makes a new key, never a stale hit. Labels are not in the key (the features
+do not depend on them): the trainer replaces the stored targets with its dataset's. The engine that computed them (PyTorch,
 or ONNX Runtime on CPUs computing in fp32: :mod:`cxrkit.train.onnx_cache`) is not part of the key, because both
 compute the same fp32 function and the first batch is checked. Files are renamed into place when
 complete, so an interrupted pass is never read.
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrkit.cache import touch
+from cxrkit.cache import remove_leftovers, touch
 from cxrkit.train.onnx_cache import OnnxFrozen
 from cxrkit.train.runtime import Runtime
 
@@ -135,6 +136,7 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
             if tmp is not None:
                 if array is None:
                     tmp.parent.mkdir(parents=True, exist_ok=True)
+                    remove_leftovers(store)
                     array = np.memmap(tmp, dtype=_STORED[keep], mode="w+", shape=(n, *out.shape[1:]))
                 bits = out.view(torch.int16) if keep == torch.bfloat16 else out
                 array[row : row + len(out)] = bits.numpy().view(_STORED[keep])

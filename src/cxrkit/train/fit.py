@@ -149,6 +149,7 @@ class Trainer:
             self.log(f"note: {note}")
         self._cache: tuple[str, Any, Any] | None = None  # (what is cached: "head" or a boundary, train, val)
         self._resumed: ResumedModel | None = None
+        self._unwritable: set[Any] = set()  # feature-cache folders already noted as not writable
 
     def log(self, text: str) -> None:
         if self.runtime.is_main:
@@ -171,6 +172,8 @@ class Trainer:
             start_stage = resume["stage"]
             self.rows = [r for r in self.rows if int(r["epoch"]) <= resume["epoch"]]
             self.log(f"resuming at stage {start_stage + 1}, epoch {resume['stage_epoch'] + 1}")
+        else:
+            self.rows = []  # a run killed before its first last.pt starts again, whatever rows it wrote
         for index in range(start_stage, len(self.recipe.stages)):
             self.fit_stage(index, resume if resume is not None and index == start_stage else None)
         if self.runtime.is_main and self.run is not None:
@@ -204,12 +207,13 @@ class Trainer:
             tracker, first_epoch = Tracker.from_state(resume["tracker"]), resume["stage_epoch"]
         patience = stage.early_stopping.patience
         with make_progress(self.console, runtime.is_main) as progress:
-            net, eval_net, train_loader, val_loader = self._stage_inputs(stage, plan.cut, progress)
+            # a stage with no epoch left (0 epochs, or stopped early before a resume) caches nothing
+            more = first_epoch < stage.epochs and not tracker.stopped
+            inputs = self._stage_inputs(stage, plan.cut, progress) if more else None
             for stage_epoch in range(first_epoch, stage.epochs):
                 if tracker.stopped:
                     break
-                row = self._run_epoch(index, stage, stage_epoch, (net, eval_net, train_loader, val_loader),
-                                      optimizer, progress)
+                row = self._run_epoch(index, stage, stage_epoch, inputs, optimizer, progress)
                 improved = tracker.update(row[stage.early_stopping.monitor], stage.early_stopping.min_delta)
                 best_improved = self.best.update(row[self.best.monitor]) or self.val_loader is None
                 if best_improved:
@@ -224,9 +228,11 @@ class Trainer:
                     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
                     scheduler.step(row[stage.early_stopping.monitor]) if plateau else scheduler.step()
                 tracker.stopped = patience is not None and tracker.bad_epochs >= max(patience, 1)  # as Keras
-                self.save("last", self._epoch_state(index, stage_epoch + 1, optimizer, scheduler, tracker))
+                # the row first: a resume keeps the rows up to last.pt's epoch, so a kill between the two writes
+                # redoes the epoch, where the other order would lose its row and renumber the epochs after it
                 if self.runtime.is_main and self.run is not None:
                     self.run.write_metrics(self.rows)
+                self.save("last", self._epoch_state(index, stage_epoch + 1, optimizer, scheduler, tracker))
         if tracker.stopped:
             self.log(f"early stopping: {tracker.monitor} has not improved for {tracker.bad_epochs} epoch(s)")
         self._finish_stage(index, stage.early_stopping.restore_best and tracker.best is not None)
@@ -287,8 +293,8 @@ class Trainer:
         weights = weights_digest(self.model.backbone)
         store = self._feature_store(self.data.train, boundary, weights)
         val_store = self._feature_store(self.data.val, boundary, weights) if self.val_loader is not None else None
-        reused = store is not None and store.with_suffix(".json").is_file()
         passes = [(self.data.train, store)] + ([(self.data.val, val_store)] if self.val_loader is not None else [])
+        reused = [s is not None and s.with_suffix(".json").is_file() for _, s in passes]
         engine = self._cache_engine(net, boundary, passes)
         backbone = recipe.model.backbone
         train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store,
@@ -297,11 +303,17 @@ class Trainer:
         if self.val_loader is not None:
             val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
                                    val_store, engine, {"backbone": backbone, "split": "val"})
+        # the key covers the images, not their labels (a renamed class or another task reuses the features), so
+        # the stored targets may be another labelling's: take this run's
+        train.targets = torch.from_numpy(self.data.train.targets())
+        if val is not None:
+            val.targets = torch.from_numpy(self.data.val.targets())
         size = train.nbytes + (val.nbytes if val is not None else 0)
         shape = "x".join(map(str, train.features.shape[1:]))
         images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")
         where = f", memory-mapped from {store.parent}" if train.mapped else ""
-        self.log(f"{'reused ' if reused else ''}cached {what} ({shape}, {size / 2**20:.0f} MiB{where}) of {images} "
+        how = "reused " if all(reused) else "" if not any(reused) else "partly reused "
+        self.log(f"{how}cached {what} ({shape}, {size / 2**20:.0f} MiB{where}) of {images} "
                  f"images; {'the head trains on them' if boundary is None else 'each epoch runs from there'}")
         return train, val
 
@@ -321,16 +333,21 @@ class Trainer:
 
     def _feature_store(self, images: Any, boundary: str | None, weights: str) -> Any:
         """Where the features of ``images`` are kept on disk (keyed by all they depend on), or None for memory."""
+        from cxrkit.cache import unwritable
         from cxrkit.data.decoded import cache_key, cache_root
 
         folder = cache_root() / "features"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            self.log(f"features stay in memory: {folder} is not writable ({err.strerror})")
-            return None
         key = features_key(weights, cache_key(images.items, self.data.preprocessing), boundary, self.runtime)
-        return folder / f"{key}.bin"
+        store = folder / f"{key}.bin"
+        if store.with_suffix(".json").is_file():
+            return store  # complete: read, even from a read-only cache
+        why = unwritable(folder)
+        if why is not None:
+            if folder not in self._unwritable:
+                self.log(f"features stay in memory: {folder} is not writable ({why})")
+            self._unwritable.add(folder)
+            return None
+        return store
 
     def _run_epoch(self, index: int, stage: StageConfig, stage_epoch: int, inputs: tuple[Any, Any, Any, Any],
                    optimizer: torch.optim.Optimizer, progress: Any) -> dict[str, Any]:

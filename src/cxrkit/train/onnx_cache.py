@@ -49,6 +49,9 @@ def choose_engine(setting: str, runtime: Runtime, images: int) -> tuple[str, str
         if not onnx_available():
             raise CxrError("runtime.cache_engine onnx needs onnx, onnxscript and onnxruntime: "
                            "pip install onnx onnxscript onnxruntime")
+        if runtime.amp_dtype is not None:  # the cache is keyed by the precision it claims to be computed in
+            raise CxrError(f"runtime.cache_engine onnx computes in fp32, but runtime.precision is "
+                           f"{runtime.precision}; use cache_engine auto or torch, or precision fp32")
         return "onnx", "runtime.cache_engine is onnx"
     if not on_cpu:
         return "torch", f"the frozen part runs on {runtime.device}"
