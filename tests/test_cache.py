@@ -98,6 +98,7 @@ def test_leftovers_of_interrupted_writes_go_and_a_live_write_is_never_touched(ca
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (root / "features" / f"beef.bin.{dead.stdout.strip()}.tmp").write_bytes(b"x" * 100)  # killed mid-pass
     (root / "features" / "cafe.bin").write_bytes(b"x" * 10)  # renamed into place, .json never written
+    _age(root / "features" / "cafe.bin", 1)
     (root / "decoded" / f"abcd.u8.{os.getpid()}.tmp").write_bytes(b"x" * 10)  # this process is still writing it
     entries = {e.key: e for e in scan(root)}
     assert entries["beef"].status == entries["cafe"].status == "incomplete (an interrupted write)"
@@ -139,6 +140,23 @@ def test_older_than_and_max_size_remove_the_least_recently_used(cache):
     assert [e.kind for e in select(scan(root), kinds=["features"], max_size=0)] == ["features"]
 
 
+def test_a_narrow_terminal_gets_two_lines_per_entry(cache):
+    narrow = CliRunner().invoke(app, ["cache"], env={"COLUMNS": "60"})
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("features f00d"))
+    assert "6 images" in lines[first] and lines[first + 1] == "  float32 144, pooled, tiny, train"
+
+
+def test_an_entry_renamed_into_place_a_moment_ago_is_being_written(cache):
+    root, _ = cache
+    (root / "features" / "fade.bin").write_bytes(b"x")  # its .json comes next
+    entry = next(e for e in scan(root) if e.key == "fade")
+    assert entry.status == "being written (a write in progress)" and entry not in select(scan(root))
+    _age(root / "features" / "fade.bin", 1)  # a day later: what a killed write left
+    assert next(e for e in scan(root) if e.key == "fade").status == "incomplete (an interrupted write)"
+
+
 def test_cli_lists_clears_by_kind_and_dry_run_removes_nothing(cache):
     root, folder = cache
     listed = _cli()
@@ -178,7 +196,7 @@ def test_sizes(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text,expected", [("30d", 30 * DAY), ("12h", 12 * 3600), ("2w", 14 * DAY), ("90m", 5400)])
+@pytest.mark.parametrize("text,expected", [("30d", 30 * DAY), ("12h", 12 * 3600), ("2w", 14 * DAY), ("90min", 5400)])
 def test_ages(text, expected):
     assert parse_age(text) == expected
 
@@ -186,6 +204,7 @@ def test_ages(text, expected):
 @pytest.mark.parametrize("args,message", [
     (["clear", "--max-size", "5XB"], "--max-size '5XB': give a size such as 500MB"),
     (["clear", "--older-than", "5"], "--older-than '5': give an age such as 30d"),
+    (["clear", "--older-than", "1M"], "--older-than '1M': give an age"),  # minutes or months: refused
     (["clear", "--kind", "weights"], "--kind 'weights': choose one of decoded, features"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, args, message):

@@ -44,6 +44,9 @@ def test_override_can_append_a_stage():
         ("runtime.threads=-2", "runtime.threads: -2 must be at least 1"),  # was a traceback from torch
         ("runtime.workers=-1", "runtime.workers: -1 must be at least 0"),  # was a traceback from the DataLoader
         ("runtime.eval_batch_size=0", "runtime.eval_batch_size: 0 must be at least 1"),
+        ("runtime.threads=abc", "runtime.threads: 'abc' is not a whole number or null"),  # said "a int | None"
+        ("model.backbone.name=x", r"model.backbone: expected string, got \{'name': 'x'\}"),
+        ("stages.0.optimizer.lr=0.01", r"stages.0.optimizer is a value \('adam'\), not a group of keys"),  # traceback
     ],
 )
 def test_bad_keys_and_values_fail_clearly(override, message):

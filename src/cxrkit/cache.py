@@ -32,7 +32,7 @@ _DATA_SUFFIX = {"decoded": ".u8", "features": ".bin"}
 _PID_TMP = re.compile(r"\.(\d+)\.tmp$")  # <key>.<suffix>.<pid>.tmp; an atomic write's own is .<name>.<random>.tmp
 _ATOMIC_TMP_AGE = 600  # seconds after which an atomic write's own temporary file (no pid) is a leftover
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_AGES = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Entry:
         parts = [f"{meta.get('dtype', '?')} {shape}".strip()]
         parts.append(f"input of {meta['boundary'].removeprefix('backbone.')}" if meta.get("boundary") else "pooled")
         parts += [str(meta[k]) for k in ("backbone", "split") if meta.get(k)]
+        parts += [f"{meta['image_size']} px images"] if meta.get("image_size") else []
         return ", ".join(parts) if meta else "-"
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +117,11 @@ def scan(root: Path) -> list[Entry]:
                 used[kind, key] = stat.st_mtime
     for where, when in used.items():
         entries[where].last_used = when
+    for entry in entries.values():  # renamed into place a moment ago, its .json not yet written
+        data = entry._file(_DATA_SUFFIX[entry.kind])
+        stat = _stat(data) if data is not None else None
+        if entry.meta is None and entry.busy is None and stat and now - stat.st_mtime < _ATOMIC_TMP_AGE:
+            entry.busy = "a write in progress"
     return sorted(entries.values(), key=lambda e: -e.last_used)
 
 
@@ -138,10 +144,10 @@ def parse_size(text: str) -> int:
 
 
 def parse_age(text: str) -> float:
-    """``"30d"``, ``"12h"``, ``"2w"``, ``"90m"``: seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    """``"30d"``, ``"12h"``, ``"2w"``, ``"90min"``: seconds. ``m`` is refused: minutes or months?"""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d|w)\s*", text.lower())
     if not match:
-        raise CxrError(f"--older-than {text!r}: give an age such as 30d, 12h or 2w (s, m, h, d, w)")
+        raise CxrError(f"--older-than {text!r}: give an age such as 30d, 12h or 2w (s, min, h, d, w)")
     return float(match.group(1)) * _AGES[match.group(2)]
 
 

@@ -210,7 +210,18 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_TYPE_NAMES = {int: "whole number", float: "number", str: "string", bool: "true or false", type(None): "null"}
+
+
 def _type_name(tp: Any) -> str:
+    """How an error names a recipe key's type: ``whole number or null``, not ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(tp))
+    if tp in _TYPE_NAMES:
+        return _TYPE_NAMES[tp]
+    if origin in (list, dict):
+        return "list" if origin is list else "mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -349,6 +360,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             else:
                 node = node[index]
             continue
+        if not isinstance(node, dict):  # e.g. stages.0.optimizer.lr: optimizer is a name, not a group of keys
+            done = ".".join(parts[:i])
+            raise CxrError(f"override {dotted}: {done} is a value ({node!r}), not a group of keys; set {done}=...")
         if last:
             node[part] = value
         else:

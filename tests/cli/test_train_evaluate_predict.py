@@ -421,6 +421,16 @@ def test_reused_features_train_on_this_runs_labels(data, tmp_path, monkeypatch):
     assert reused != pytest.approx(first, rel=1e-5)  # the stored targets were the first run's
 
 
+def test_onnx_caching_under_bf16_is_refused_before_training_whatever_the_cache_holds(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    bf16 = ["stages.0.epochs=1", "runtime.precision=bf16"]
+    _losses(data, tmp_path / "filled", bf16)  # the features this run needs are now cached
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "refused"), *TINY,
+                                      *[a for kv in [*bf16, "runtime.cache_engine=onnx"] for a in ("--set", kv)]])
+    assert result.exit_code != 0 and "computes in fp32, but runtime.precision is bf16" in str(result.exception)
+    assert not (tmp_path / "refused").exists() or not list((tmp_path / "refused").iterdir())
+
+
 def test_a_stage_with_no_epochs_caches_nothing(data, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
     _, log = _losses(data, tmp_path / "runs", ["stages.0.trainable=top:2:blocks", "stages.0.epochs=0",

@@ -89,3 +89,19 @@ def test_an_interrupted_build_leaves_nothing_to_read(folder, tmp_path):
     cached, notes = _build(ds, SQUASH, tmp_path / "cache")
     assert cached is not None and notes
     assert np.asarray(cached.read(7)).std() > 0
+
+
+def test_a_reader_keeps_its_images_when_the_cache_file_is_removed(folder, tmp_path):
+    """`cxr cache clear` during training removes the file; the run's reader (and DataLoader workers forked from it)
+    keep reading the mapping they have."""
+    from torch.utils.data import DataLoader
+
+    from cxrkit.data.dataset import ImageDataset
+
+    cached, _ = _build(load_folder(folder), SQUASH, tmp_path / "cache")
+    want = torch.stack([cached.read(i) for i in range(len(cached))])
+    for path in (tmp_path / "cache" / "decoded").iterdir():
+        path.unlink()
+    loader = DataLoader(ImageDataset(cached, build_transform(SQUASH, resized=True)), batch_size=4, num_workers=1)
+    got = torch.cat([batch["image"] for batch in loader])
+    assert torch.equal(got, torch.stack([build_transform(SQUASH, resized=True)(image) for image in want]))

@@ -54,3 +54,33 @@ def test_an_interrupted_pass_leaves_no_cache(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         extract_features(NET, DataLoader(Broken(), batch_size=4), runtime, store=tmp_path / "f.bin")
     assert not list(tmp_path.iterdir())
+
+
+def test_features_stay_in_memory_when_the_disk_has_no_room(tmp_path, monkeypatch):
+    """A memory-mapped write to a full disk kills the process with SIGBUS, so a store that does not fit is not
+    started."""
+    runtime = setup_runtime("cpu", "fp32", channels_last=False, workers=0)
+    loader = DataLoader(Images(), batch_size=4)
+    plain = extract_features(NET, loader, runtime, boundary="2")
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    notes = []
+    kept = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin", log=notes.append)
+    assert torch.equal(kept.features, plain.features) and not kept.mapped
+    assert notes == [f"features stay in memory: they need 0 MiB, {tmp_path} has 0 MiB free"]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["json", "short", "targets"])
+def test_a_damaged_entry_is_computed_again(tmp_path, damage):
+    runtime = setup_runtime("cpu", "fp32", channels_last=False, workers=0)
+    loader = DataLoader(Images(), batch_size=4)
+    first = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin")
+    if damage == "json":
+        (tmp_path / "f.json").write_text('{"shape": [10, 4')  # cut short
+    elif damage == "short":
+        (tmp_path / "f.bin").write_bytes((tmp_path / "f.bin").read_bytes()[:100])
+    else:
+        (tmp_path / "f.targets.npy").unlink()
+    assert features.stored_meta(tmp_path / "f.bin") is None and not (tmp_path / "f.json").exists()
+    again = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin")
+    assert torch.equal(again.features, first.features) and features.stored_meta(tmp_path / "f.bin") is not None

@@ -35,17 +35,17 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print the entries a
 
     console = Console()
     if entries:
-        console.print(_table(entries, f"cache entries in {root}"))
+        _print_entries(console, entries, f"cache entries in {root}")
     for kind in KINDS:
         mine = [e for e in entries if e.kind == kind]
-        console.print(f"{kind}: {len(mine)} entr{'y' if len(mine) == 1 else 'ies'}, {_size(sum(e.size for e in mine))}",
-                      highlight=False)
+        console.print(f"{kind}: {_entries(mine)}", highlight=False)
     weights = weights_files()
     if weights:
         console.print(f"weights: {len(weights)} file(s), {_size(sum(p.stat().st_size for p in weights))} in "
                       f"{default_weights_dir()} (`cxr cache clear` leaves them)", highlight=False)
     if not entries:
-        console.print(f"no cache entries in {root}", highlight=False)
+        where = " (a file, not a folder: see $CXR_CACHE_DIR)" if root.exists() and not root.is_dir() else ""
+        console.print(f"no cache entries in {root}{where}", highlight=False)
     elif {e.kind for e in entries} == set(KINDS):
         console.print(f"total: {_size(sum(e.size for e in entries))}", highlight=False)
 
@@ -54,7 +54,7 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print the entries a
 def clear(
     kind: Optional[str] = typer.Option(None, "--kind", help="Only this kind: decoded or features"),
     older_than: Optional[str] = typer.Option(None, "--older-than", help="Only entries unused for this long: "
-                                             "30d, 12h, 2w"),
+                                             "30d, 12h, 2w, 90min"),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Then remove the least recently used until "
                                            "the rest take at most this: 5GB, 500MB, 2GiB"),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing"),
@@ -77,19 +77,32 @@ def clear(
     busy = [e for e in entries if e.busy is not None and (kind is None or e.kind == kind)]
     if dry_run:
         if chosen:
-            console.print(_table(chosen, "would remove"))
-        console.print(f"would remove {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, "
-                      f"{_size(sum(e.size for e in chosen))}", highlight=False)
+            _print_entries(console, chosen, "would remove")
+        console.print(f"would remove {_entries(chosen)}", highlight=False)
         return
     problems = [line for entry in chosen for line in remove(entry)]
     left = scan(root)
-    console.print(f"removed {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, "
-                  f"{_size(sum(e.size for e in chosen))}; {len(left)} left, {_size(sum(e.size for e in left))}",
+    console.print(f"removed {_entries(chosen)}; {len(left)} left, {_size(sum(e.size for e in left))}",
                   highlight=False)
     for entry in busy:
         console.print(f"kept {entry.kind}/{entry.key}: {entry.status}", highlight=False)
     if problems:
         raise CxrError(f"could not remove {len(problems)} file(s): {problems[0]}")
+
+
+def _print_entries(console, entries: list, title: str) -> None:
+    """A table where the terminal is wide enough, else two lines per entry (a table would squeeze "what" to a
+    letter per line)."""
+    if console.width >= 100:
+        console.print(_table(entries, title))
+        return
+    console.print(title, highlight=False)
+    for e in entries:
+        images = (e.meta or {}).get("images")
+        console.print(f"{e.kind} {e.key[:8]}  {_size(e.size)}" + (f"  {images} images" if images is not None else "")
+                      + f"  {_ago(e.last_used)}" + ("" if e.status == "complete" else f"  {e.status}"),
+                      highlight=False)
+        console.print(f"  {e.describe()}", highlight=False)
 
 
 def _table(entries: list, title: str):
@@ -109,6 +122,11 @@ def _table(entries: list, title: str):
                e.describe(), e.status]
         table.add_row(*row[: len(columns)])
     return table
+
+
+def _entries(entries: list) -> str:
+    """``"3 entries, 1.2 MiB"``."""
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_size(sum(e.size for e in entries))}"
 
 
 def _size(n: int) -> str:

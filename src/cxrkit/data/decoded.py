@@ -57,17 +57,22 @@ class DecodedReader:
     def __init__(self, path: Path, sources: list[str], size: int):
         self.path, self.size = path, size
         self.rows = {source: i for i, source in enumerate(sources)}
-        self._array: np.ndarray | None = None  # opened lazily, once per DataLoader worker
+        # mapped now: forked DataLoader workers inherit the mapping, so a `cxr cache clear` that removes the file
+        # during training takes nothing from the run (a removed file's data lives as long as a mapping of it)
+        self._array: np.ndarray | None = self._map()
+
+    def _map(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=(len(self.rows), self.size, self.size))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None}  # pickled (spawned workers): mapped again there, not copied
 
     def __call__(self, item: Item) -> Any:
         import torch
         from torchvision import tv_tensors
 
         if self._array is None:
-            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(len(self.rows), self.size, self.size))
+            self._array = self._map()
         return tv_tensors.Image(torch.from_numpy(np.array(self._array[self.rows[item.source]]))[None])
 
 

@@ -12,17 +12,19 @@ only when it fits comfortably. The key hashes everything the features depend on:
 modification time), the preprocessing, the backbone's weights, where the features are taken, the precision and
 the library versions. Another run of the same recipe, or another ``cxr compare`` cell on the same frozen base,
 reuses them; a change to any of those makes a new key, never a stale hit. Labels are not in the key (the features
-do not depend on them): the trainer replaces the stored targets with its dataset's. The engine that computed them (PyTorch,
-or ONNX Runtime on CPUs computing in fp32: :mod:`cxrkit.train.onnx_cache`) is not part of the key, because both
-compute the same fp32 function and the first batch is checked. Files are renamed into place when
+do not depend on them): the trainer replaces the stored targets with its dataset's. The engine that computed them
+(PyTorch, or ONNX Runtime on CPUs computing in fp32: :mod:`cxrkit.train.onnx_cache`) is not part of the key,
+because both compute the same fp32 function and the first batch is checked. Files are renamed into place when
 complete, so an interrupted pass is never read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,26 @@ def _available_memory() -> int:
         return 4 * 2**30
 
 
+def stored_meta(store: Path) -> dict[str, Any] | None:
+    """The ``.json`` of the complete entry ``store``, or None: absent, or damaged (a bad ``.json``, a missing or
+    short file), in which case its files are removed so that it is written again."""
+    meta_path, targets = store.with_suffix(".json"), store.with_suffix(".targets.npy")
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if store.stat().st_size != int(np.prod(meta["shape"])) * np.dtype(meta["stored"]).itemsize:
+            raise ValueError(f"{store} is not the size its .json gives")
+        if not targets.is_file():
+            raise ValueError(f"{targets} is missing")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        for path in (meta_path, store, targets):
+            with contextlib.suppress(OSError):  # a read-only cache: computed again, kept in memory
+                path.unlink(missing_ok=True)
+        return None
+
+
 def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
     """The stored features as a tensor: in memory when they fit comfortably, else memory-mapped."""
     shape, stored = tuple(meta["shape"]), np.dtype(meta["stored"])
@@ -92,7 +114,7 @@ def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
 def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime, progress: Any = None,
                      description: str = "features", boundary: str | None = None,
                      store: Path | None = None, engine: OnnxFrozen | None = None,
-                     about: dict[str, Any] | None = None) -> FeatureDataset:
+                     about: dict[str, Any] | None = None, log: Any = print) -> FeatureDataset:
     """Run ``net`` in inference mode over ``loader`` (in order) and keep its outputs.
 
     Args:
@@ -104,13 +126,15 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         engine: ONNX Runtime running the same frozen part (see :mod:`cxrkit.train.onnx_cache`); PyTorch computes
             any batch it returns None for.
         about: what ``cxr cache`` shows of a stored entry (backbone, split), kept in its ``.json``.
+        log: gets a one-line note when the disk has no room for ``store`` (the features then stay in memory).
     """
     from cxrkit.runs import atomic_write_json
     from cxrkit.train.prefix import boundary_input
 
-    if store is not None and store.with_suffix(".json").is_file():
+    meta = stored_meta(store) if store is not None else None
+    if store is not None and meta is not None:
         touch(store.with_suffix(".json"))  # its last use, for `cxr cache clear --older-than`
-        return _open(store, json.loads(store.with_suffix(".json").read_text()))
+        return _open(store, meta)
     was_training = net.training
     net.eval()
     task = progress.add_task(description, total=len(loader), rate="") if progress is not None else None
@@ -133,11 +157,17 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
             if out is None:
                 raise RuntimeError(f"{boundary} does not take a single tensor; it cannot be cached")
             out = out.to(keep).cpu().contiguous()
-            if tmp is not None:
-                if array is None:
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    remove_leftovers(store)
+            if tmp is not None and array is None:
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                remove_leftovers(store)
+                need, free = n * out[0].numel() * np.dtype(_STORED[keep]).itemsize, shutil.disk_usage(tmp.parent).free
+                if need > 0.9 * free:  # a memory-mapped write to a full disk would end the process (SIGBUS)
+                    log(f"features stay in memory: they need {need / 2**20:.0f} MiB, {tmp.parent} has "
+                        f"{free / 2**20:.0f} MiB free")
+                    tmp = None
+                else:
                     array = np.memmap(tmp, dtype=_STORED[keep], mode="w+", shape=(n, *out.shape[1:]))
+            if tmp is not None:
                 bits = out.view(torch.int16) if keep == torch.bfloat16 else out
                 array[row : row + len(out)] = bits.numpy().view(_STORED[keep])
             else:

@@ -28,10 +28,10 @@ from cxrkit.errors import CxrError
 from cxrkit.models.freeze import apply_trainable, set_train_mode
 from cxrkit.models.weights import weights_digest
 from cxrkit.runs import Run
-from cxrkit.train.features import extract_features, feature_loader, features_key
+from cxrkit.train.features import extract_features, feature_loader, features_key, stored_meta
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
-from cxrkit.train.onnx_cache import OnnxFrozen, choose_engine
+from cxrkit.train.onnx_cache import OnnxFrozen, check_engine_setting, choose_engine
 from cxrkit.train.prefix import ResumedModel, find_boundary
 from cxrkit.train.prepare import RunData, prepare_data
 from cxrkit.train.runtime import Runtime
@@ -117,6 +117,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run: Run | None, runtime: Runtime, console: Console, resuming: bool = False):
         self.recipe, self.run, self.runtime, self.console = recipe, run, runtime, console
+        if recipe.runtime.cache_features:
+            check_engine_setting(recipe.runtime.cache_engine, runtime)
         self.data = prepare_data(recipe, run, runtime, console)
         spec = self.data.spec
         # a resumed run takes every weight from its checkpoint, so it needs no pretrained file
@@ -294,15 +296,15 @@ class Trainer:
         store = self._feature_store(self.data.train, boundary, weights)
         val_store = self._feature_store(self.data.val, boundary, weights) if self.val_loader is not None else None
         passes = [(self.data.train, store)] + ([(self.data.val, val_store)] if self.val_loader is not None else [])
-        reused = [s is not None and s.with_suffix(".json").is_file() for _, s in passes]
+        reused = [s is not None and s.with_suffix(".json").is_file() for _, s in passes]  # checked by _feature_store
         engine = self._cache_engine(net, boundary, passes)
-        backbone = recipe.model.backbone
+        about = {"backbone": recipe.model.backbone, "image_size": self.data.preprocessing.size}  # for `cxr cache`
         train = extract_features(net, train_plain, runtime, progress, "caching train features", boundary, store,
-                                 engine, {"backbone": backbone, "split": "train"})
+                                 engine, {**about, "split": "train"}, self.log)
         val = None
         if self.val_loader is not None:
             val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
-                                   val_store, engine, {"backbone": backbone, "split": "val"})
+                                   val_store, engine, {**about, "split": "val"}, self.log)
         # the key covers the images, not their labels (a renamed class or another task reuses the features), so
         # the stored targets may be another labelling's: take this run's
         train.targets = torch.from_numpy(self.data.train.targets())
@@ -339,8 +341,8 @@ class Trainer:
         folder = cache_root() / "features"
         key = features_key(weights, cache_key(images.items, self.data.preprocessing), boundary, self.runtime)
         store = folder / f"{key}.bin"
-        if store.with_suffix(".json").is_file():
-            return store  # complete: read, even from a read-only cache
+        if stored_meta(store) is not None:
+            return store  # complete: read, even from a read-only cache (a damaged entry is removed)
         why = unwritable(folder)
         if why is not None:
             if folder not in self._unwritable:

@@ -33,27 +33,35 @@ def onnx_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript", "onnxruntime"))
 
 
+def check_engine_setting(setting: str, runtime: Runtime) -> None:
+    """Raise a CxrError when ``runtime.cache_engine: onnx`` cannot run with ``runtime``: not on the CPU, not
+    installed, or under bf16/fp16 autocast (ONNX Runtime computes in fp32, and the cache files features by the
+    precision that computed them). Checked before training, whatever the cache already holds."""
+    if setting != "onnx":
+        return
+    if runtime.device.type != "cpu":
+        raise CxrError(f"runtime.cache_engine onnx runs on the CPU, but runtime.device is {runtime.device}; "
+                       "use auto or torch")
+    if not onnx_available():
+        raise CxrError("runtime.cache_engine onnx needs onnx, onnxscript and onnxruntime: "
+                       "pip install onnx onnxscript onnxruntime")
+    if runtime.amp_dtype is not None:
+        raise CxrError(f"runtime.cache_engine onnx computes in fp32, but runtime.precision is "
+                       f"{runtime.precision}; use cache_engine auto or torch, or precision fp32")
+
+
 def choose_engine(setting: str, runtime: Runtime, images: int) -> tuple[str, str]:
     """``(engine, why)``: ``torch`` or ``onnx`` for a caching pass over ``images`` images.
 
     Raises:
-        CxrError: ``onnx`` was asked for where it cannot run (not on the CPU, or not installed).
+        CxrError: ``onnx`` was asked for where it cannot run (:func:`check_engine_setting`).
     """
+    check_engine_setting(setting, runtime)
     if setting == "torch":
         return "torch", "runtime.cache_engine is torch"
-    on_cpu = runtime.device.type == "cpu"
     if setting == "onnx":
-        if not on_cpu:
-            raise CxrError(f"runtime.cache_engine onnx runs on the CPU, but runtime.device is {runtime.device}; "
-                           "use auto or torch")
-        if not onnx_available():
-            raise CxrError("runtime.cache_engine onnx needs onnx, onnxscript and onnxruntime: "
-                           "pip install onnx onnxscript onnxruntime")
-        if runtime.amp_dtype is not None:  # the cache is keyed by the precision it claims to be computed in
-            raise CxrError(f"runtime.cache_engine onnx computes in fp32, but runtime.precision is "
-                           f"{runtime.precision}; use cache_engine auto or torch, or precision fp32")
         return "onnx", "runtime.cache_engine is onnx"
-    if not on_cpu:
+    if runtime.device.type != "cpu":
         return "torch", f"the frozen part runs on {runtime.device}"
     if runtime.amp_dtype is not None:
         return "torch", f"PyTorch computes in {runtime.precision} on this CPU"
