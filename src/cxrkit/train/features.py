@@ -85,8 +85,8 @@ def stored_meta(store: Path) -> dict[str, Any] | None:
         meta = json.loads(meta_path.read_text())
         if store.stat().st_size != int(np.prod(meta["shape"])) * np.dtype(meta["stored"]).itemsize:
             raise ValueError(f"{store} is not the size its .json gives")
-        if not targets.is_file():
-            raise ValueError(f"{targets} is missing")
+        if len(np.load(targets, mmap_mode="r")) != meta["shape"][0]:
+            raise ValueError(f"{targets} does not hold a target per row")
         return meta
     except (OSError, ValueError, KeyError, TypeError):
         for path in (meta_path, store, targets):
@@ -128,7 +128,7 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         about: what ``cxr cache`` shows of a stored entry (backbone, split), kept in its ``.json``.
         log: gets a one-line note when the disk has no room for ``store`` (the features then stay in memory).
     """
-    from cxrkit.runs import atomic_write_json
+    from cxrkit.runs import atomic_write, atomic_write_json
     from cxrkit.train.prefix import boundary_input
 
     meta = stored_meta(store) if store is not None else None
@@ -184,7 +184,7 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         array.flush()
         shape = array.shape
         del array
-        np.save(store.with_suffix(".targets.npy"), all_targets.numpy())
+        atomic_write(store.with_suffix(".targets.npy"), lambda f: np.save(f, all_targets.numpy()))
         os.replace(tmp, store)
         meta = {"shape": list(shape), "stored": np.dtype(_STORED[keep]).str, "dtype": str(keep).removeprefix("torch."),
                 "boundary": boundary, "images": n, **(about or {})}
