@@ -212,3 +212,19 @@ def test_bad_options_are_one_line_errors(tmp_path, monkeypatch, args, message):
     result = _cli(*args)
     assert result.exit_code != 0 and isinstance(result.exception, CxrError)
     assert message in str(result.exception)
+
+
+def test_an_existing_folder_on_a_read_only_disk_is_unwritable(tmp_path, monkeypatch):
+    """mkdir passes on an existing folder of a read-only disk; only creating a file tells."""
+    from cxrkit import runs
+    from cxrkit.cache import unwritable
+
+    assert unwritable(tmp_path / "new") is None and (tmp_path / "new").is_dir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(runs.tempfile, "TemporaryFile", read_only)
+    assert unwritable(tmp_path / "new") == "Read-only file system"
+    (tmp_path / "file").write_text("x")
+    assert unwritable(tmp_path / "file" / "features") is not None  # a file where the folder should be

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrkit.errors import CxrError
-from cxrkit.runs import process_alive
+from cxrkit.runs import folder_unwritable, process_alive, remove_dead_writes
 
 KINDS = ("decoded", "features")
 _DATA_SUFFIX = {"decoded": ".u8", "features": ".bin"}
@@ -183,24 +182,17 @@ def remove(entry: Entry) -> list[str]:
 
 
 def unwritable(folder: Path) -> str | None:
-    """Why no cache entry can be written in ``folder`` (made if missing), or None when one can: a temporary file
-    is created and removed, since an existing folder on a read-only disk passes ``mkdir``."""
+    """Why no cache entry can be written in ``folder`` (made if missing), or None when one can."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".cxrkit-probe-"):
-            pass
     except OSError as err:
         return err.strerror or str(err)
-    return None
+    return folder_unwritable(folder)
 
 
 def remove_leftovers(path: Path) -> None:
-    """Remove what killed writes of the entry ``path`` left (``<name>.<pid>.tmp`` of processes that are gone),
-    before it is written again; a live process's write stays."""
-    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
-        pid = _PID_TMP.search(tmp.name)
-        if pid and not process_alive(int(pid.group(1))):
-            tmp.unlink(missing_ok=True)
+    """Remove what killed writes of the entry ``path`` left (``<name>.<pid>.tmp``), before it is written again."""
+    remove_dead_writes(path, rf"{re.escape(path.name)}\.(\d+)\.tmp")
 
 
 def touch(path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import io
 import json
 import os
@@ -78,11 +77,20 @@ def check_writable(path: str | Path) -> None:
     if why:
         raise CxrError(f"{path}: cannot write here ({why})")
     nearest = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    why = folder_unwritable(nearest)
+    if why is not None:
+        raise CxrError(f"{path}: cannot write here ({why})")
+
+
+def folder_unwritable(folder: Path) -> str | None:
+    """Why no file can be created in the existing ``folder``, or None when one can: probed by creating and removing
+    a temporary file, since a folder on a read-only disk looks writable to every other check."""
     try:
-        with tempfile.TemporaryFile(dir=nearest, prefix=".cxrkit-probe-"):
+        with tempfile.TemporaryFile(dir=folder, prefix=".cxrkit-probe-"):
             pass
     except OSError as err:
-        raise CxrError(f"{path}: cannot write here ({err.strerror})") from None
+        return err.strerror or str(err)
+    return None
 
 
 def process_alive(pid: int) -> bool:
@@ -98,6 +106,15 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def remove_dead_writes(path: Path, pattern: str) -> None:
+    """Remove the temporary files that killed writes of ``path`` left beside it: those whose name matches
+    ``pattern`` (a regular expression whose group 1 is the writing process's id) of a process that is gone."""
+    for left in path.parent.iterdir() if path.parent.is_dir() else []:
+        match = re.fullmatch(pattern, left.name)
+        if match and not process_alive(int(match.group(1))):
+            left.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for a file that is written, then checked or completed by several steps:
@@ -106,10 +123,7 @@ def staged(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     check_writable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for left in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):  # of killed writes of this file
-        pid = re.fullmatch(rf"\.{re.escape(path.name)}\.(\d+)\.partial.*", left.name)
-        if pid and not process_alive(int(pid.group(1))):
-            left.unlink(missing_ok=True)
+    remove_dead_writes(path, rf"\.{re.escape(path.name)}\.(\d+)\.partial.*")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")  # the suffix may tell the format
     try:
         yield tmp

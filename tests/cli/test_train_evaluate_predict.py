@@ -444,16 +444,12 @@ def test_a_read_only_cache_keeps_features_in_memory_with_one_note(data, tmp_path
     (cache / "decoded").mkdir()
     from cxrkit import cache as cache_module
 
-    monkeypatch.setattr(cache_module.tempfile, "TemporaryFile", _read_only_disk)
+    monkeypatch.setattr(cache_module, "folder_unwritable", lambda folder: "Read-only file system")
     monkeypatch.setenv("CXR_CACHE_DIR", str(cache))
     _, log = _losses(data, tmp_path / "runs", ["stages.0.epochs=1", "stages.1.trainable=top:2:blocks",
                                                 "stages.1.epochs=1", "augment.policy=none"])
     assert log.count("features stay in memory") == 1 and "(Read-only file system)" in log
     assert not list(cache.rglob("*.*"))
-
-
-def _read_only_disk(*args, **kwargs):
-    raise OSError(30, "Read-only file system")
 
 
 @pytest.mark.parametrize("terminal", [True, False])
