@@ -57,14 +57,14 @@ def _cli(*args):
 
 
 def test_scan_finds_what_runs_wrote_and_says_what_it_is(cache):
-    root, _ = cache
+    root, folder = cache
     entries = {e.kind: e for e in scan(root)}
     assert set(entries) == {"decoded", "features"}
     decoded, feats = entries["decoded"], entries["features"]
     assert decoded.status == feats.status == "complete"
     assert decoded.meta["images"] == 8 and decoded.size == 8 * 24 * 24 + (root / "decoded" /
                                                                             f"{decoded.key}.json").stat().st_size
-    assert decoded.describe().startswith("24x24 px from ")
+    assert decoded.describe() == f"24x24 px from {folder / 'train'}"  # the images' folder, not the first class's
     assert feats.key == "f00d" and feats.describe() == "float32 144, pooled, tiny, train"
     assert {f.name for f in feats.files} == {"f00d.bin", "f00d.json", "f00d.targets.npy"}
 

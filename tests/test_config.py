@@ -44,8 +44,11 @@ def test_override_can_append_a_stage():
         ("runtime.threads=-2", "runtime.threads: -2 must be at least 1"),  # was a traceback from torch
         ("runtime.workers=-1", "runtime.workers: -1 must be at least 0"),  # was a traceback from the DataLoader
         ("runtime.eval_batch_size=0", "runtime.eval_batch_size: 0 must be at least 1"),
+        ("stages.0.epochs=0", "every stage has 0 epochs"),
         ("runtime.threads=abc", "runtime.threads: 'abc' is not a whole number or null"),  # said "a int | None"
-        ("model.backbone.name=x", r"model.backbone: expected string, got \{'name': 'x'\}"),
+        ("model.backbone.name=x", r"model.backbone: \{'name': 'x'\} is not a string"),
+        ("runtime.workers=true", "runtime.workers: true is not a whole number or null"),  # said Python's True
+        ("runtime.eval_batch_size=1.5", "runtime.eval_batch_size: 1.5 is not a whole number"),
         ("stages.0.optimizer.lr=0.01", r"stages.0.optimizer is a value \('adam'\), not a group of keys"),  # traceback
     ],
 )

@@ -61,9 +61,8 @@ class Entry:
         """What the entry holds, from its ``.json``."""
         meta = self.meta or {}
         if self.kind == "decoded":
-            size, first = meta.get("size"), (meta.get("first") or [""])[0]
-            origin = first.partition("#")[0] if "#" in first else str(Path(first).parent)  # MedMNIST: npz#split/row
-            return f"{size}x{size} px" + (f" from {origin}" if first else "") if size else "-"
+            size, folder = meta.get("size"), meta.get("folder")  # the images' common folder (or MedMNIST file)
+            return f"{size}x{size} px" + (f" from {folder}" if folder else "") if size else "-"
         shape = "x".join(map(str, meta.get("shape", [])[1:]))
         parts = [f"{meta.get('dtype', '?')} {shape}".strip()]
         parts.append(f"input of {meta['boundary'].removeprefix('backbone.')}" if meta.get("boundary") else "pooled")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -225,6 +226,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _shown(value: Any) -> str:
+    """A value as the recipe (YAML) writes it: true, null, 'text', 1.5."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where it is safe (int -> float)."""
     origin = typing.get_origin(tp)
@@ -234,7 +240,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except CxrError:
                 continue
-        raise CxrError(f"recipe key {key}: {value!r} is not a {_type_name(tp)}")
+        raise CxrError(f"recipe key {key}: {_shown(value)} is not a {_type_name(tp)}")
     if tp is type(None):
         if value is None:
             return None
@@ -261,7 +267,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return str(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise CxrError(f"recipe key {key}: expected {_type_name(tp)}, got {value!r}")
+    raise CxrError(f"recipe key {key}: {_shown(value)} is not a {_type_name(tp)}")
 
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -318,6 +324,14 @@ def _validate(recipe: Recipe) -> None:
     if size is not None and (not isinstance(size, int) or size < 1):
         raise CxrError(f"recipe key model.image_size: {size!r} is not a positive number of pixels (leave it out for "
                        "the backbone's own size)")
+    runtime = recipe.runtime
+    for key, value, least, meaning in [
+        ("batch_size", runtime.batch_size, 1, ""), ("eval_batch_size", runtime.eval_batch_size, 1, ""),
+        ("threads", runtime.threads, 1, " (leave it out for PyTorch's own, which follows OMP_NUM_THREADS)"),
+        ("workers", runtime.workers, 0, " (0 reads images in the main process; leave it out for the default)"),
+    ]:
+        if value is not None and value < least:
+            raise CxrError(f"recipe key runtime.{key}: {value} must be at least {least}{meaning}")
     if recipe.stages and not any(stage.epochs for stage in recipe.stages):
         raise CxrError("recipe key stages: every stage has 0 epochs, so there is nothing to train")
     for key, value, allowed in checks:
@@ -331,14 +345,6 @@ def _validate(recipe: Recipe) -> None:
     if any(size < 1 for size in recipe.model.hidden):
         raise CxrError(f"recipe key model.hidden: {recipe.model.hidden} must be sizes of at least 1 (one per dense "
                        "layer; [] for none)")
-    runtime = recipe.runtime
-    for key, value, least, meaning in [
-        ("batch_size", runtime.batch_size, 1, ""), ("eval_batch_size", runtime.eval_batch_size, 1, ""),
-        ("threads", runtime.threads, 1, " (leave it out for PyTorch's own, which follows OMP_NUM_THREADS)"),
-        ("workers", runtime.workers, 0, " (0 reads images in the main process; leave it out for the default)"),
-    ]:
-        if value is not None and value < least:
-            raise CxrError(f"recipe key runtime.{key}: {value} must be at least {least}{meaning}")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

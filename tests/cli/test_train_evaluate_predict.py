@@ -339,8 +339,8 @@ def test_cached_activations_train_exactly_as_the_full_model_does(data, tmp_path,
                                                                      f"runtime.cache_features={cache}"])
         assert len(losses[cache]) == 2 * sum(int(kv.split("=")[1]) for kv in stages if ".epochs=" in kv)
     if "stages.1.trainable=top:2:blocks" in stages:
-        assert "cached the input of features." in logs["true"]
-    assert "cached backbone features" not in logs["false"] and "cached the input" not in logs["false"]
+        assert "cached inputs of features." in logs["true"]
+    assert "cached backbone features" not in logs["false"] and "cached inputs of" not in logs["false"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
 
 
@@ -355,7 +355,7 @@ def test_onnx_runtime_caching_trains_as_pytorch_caching_does(data, tmp_path, mon
         losses[engine], logs[engine] = _losses(data, tmp_path / engine, [*sets, f"runtime.cache_engine={engine}"])
     assert len(losses["onnx"]) == 2 * 3
     assert logs["onnx"].count("feature caching uses ONNX Runtime") == 2  # one export per cached stage
-    assert "cached the input of features." in logs["onnx"] and "ONNX" not in logs["torch"]
+    assert "cached inputs of features." in logs["onnx"] and "ONNX" not in logs["torch"]
     assert losses["onnx"] == pytest.approx(losses["torch"], rel=1e-4)
 
 
@@ -435,7 +435,7 @@ def test_a_stage_with_no_epochs_caches_nothing(data, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
     _, log = _losses(data, tmp_path / "runs", ["stages.0.trainable=top:2:blocks", "stages.0.epochs=0",
                                                 "stages.1.trainable=head", "stages.1.epochs=1"])
-    assert "cached the input of" not in log and "cached backbone features" in log
+    assert "cached inputs of" not in log and "cached backbone features" in log
 
 
 def test_a_read_only_cache_keeps_features_in_memory_with_one_note(data, tmp_path, monkeypatch):

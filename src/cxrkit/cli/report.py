@@ -11,7 +11,8 @@ import typer
 def report(
     run: Path = typer.Argument(..., help="Run directory"),
     eval_name: Optional[str] = typer.Option(
-        None, "--eval", help="Evaluation folder under RUN/eval/ to report (default: the most recent one)"
+        None, "--eval", "--name", help="Evaluation folder under RUN/eval/ to report, as `cxr evaluate --name` "
+        "named it (default: the most recent one)"
     ),
     open_: bool = typer.Option(False, "--open", help="Open the report in the default web browser"),
 ) -> None:

@@ -158,8 +158,10 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
             raise
         from cxrkit.runs import atomic_write_json
 
+        files = [source.partition("#")[0] for source in sources]  # a MedMNIST image is <npz>#<split>/<row>
         atomic_write_json(meta_path, {"version": VERSION, "images": len(ds), "size": pre.size,
-                                      "preprocessing": pre.to_dict(), "first": sources[:1]})
+                                      "preprocessing": pre.to_dict(), "first": sources[:1],
+                                      "folder": os.path.commonpath(files) if files else None})
         log(f"decoded {len(ds)} images once into {path} ({need / 2**20:.0f} MiB)")
     else:
         touch(meta_path)  # its last use, for `cxr cache clear --older-than`

@@ -288,7 +288,7 @@ class Trainer:
     def _cache_inputs(self, boundary: str | None, progress: Any) -> tuple[Any, Any]:
         """Run the frozen part once over train and val: backbone features, or the input of ``boundary``."""
         recipe, runtime = self.recipe, self.runtime
-        what = "backbone features" if boundary is None else f"the input of {boundary.removeprefix('backbone.')}"
+        what = "backbone features" if boundary is None else f"inputs of {boundary.removeprefix('backbone.')}"
         net = self.model.backbone if boundary is None else self.model
         train_plain = pipeline.make_loader(self.data.train, self.data.eval_transform, recipe.runtime.eval_batch_size,
                                            runtime)
