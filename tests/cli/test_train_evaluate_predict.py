@@ -155,10 +155,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(data, tmp_path, sets):
         assert float(got["val_loss"]) == pytest.approx(float(want["val_loss"]), rel=1e-4)
 
 
-@pytest.mark.parametrize("write", ["metrics", "last"])
+@pytest.mark.parametrize("write", ["metrics", "last", "no-last"])
 def test_an_interruption_at_either_write_of_an_epoch_resumes_to_the_same_run(data, tmp_path, monkeypatch, write):
     """Each epoch writes its metrics.csv row, then last.pt; a kill between the two (or during either) must neither
-    lose a row nor shift the epochs after it (which reseed from the epoch number)."""
+    lose a row nor shift the epochs after it (which reseed from the epoch number). ``no-last``: as a kill -9 before
+    the first last.pt leaves a run (rows written, no checkpoint), which starts again from its first epoch."""
     cmd = ["train", "--data", str(data), *TINY, "--set", "stages.0.epochs=3", "--set", "stages.0.trainable=all",
            "--set", "runtime.precision=fp32"]
     whole = CliRunner().invoke(app, [*cmd, "--out", str(tmp_path / "whole")])
@@ -168,7 +169,7 @@ def test_an_interruption_at_either_write_of_an_epoch_resumes_to_the_same_run(dat
 
     def interrupt(kind):
         calls[kind] += 1
-        if kind == write and calls[kind] == 2:  # epoch 2
+        if kind == write.replace("no-", "") and calls[kind] == 2:  # epoch 2
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Run, "write_metrics", lambda run, rows: (interrupt("metrics"), write_metrics(run, rows)))
@@ -178,6 +179,8 @@ def test_an_interruption_at_either_write_of_an_epoch_resumes_to_the_same_run(dat
     assert killed.exit_code == 130
     monkeypatch.undo()
     run = next((tmp_path / "killed").glob("*/recipe.yaml")).parent
+    if write == "no-last":
+        (run / "checkpoints" / "last.pt").unlink()
     resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     rows = list(csv.DictReader((run / "metrics.csv").open()))

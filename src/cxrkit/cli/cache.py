@@ -46,7 +46,7 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print the entries a
     if not entries:
         where = " (a file, not a folder: see $CXR_CACHE_DIR)" if root.exists() and not root.is_dir() else ""
         console.print(f"no cache entries in {root}{where}", highlight=False)
-    elif {e.kind for e in entries} == set(KINDS):
+    else:
         console.print(f"total: {_size(sum(e.size for e in entries))}", highlight=False)
 
 
