@@ -3,7 +3,7 @@
 Two kinds of entries live under :func:`~cxrkit.data.decoded.cache_root` and can always be rebuilt:
 
 - ``decoded/<key>.u8`` (+ ``.json``): images decoded and resized once (:mod:`cxrkit.data.decoded`);
-- ``features/<key>.bin`` (+ ``.json``, ``.targets.npy``): a frozen part's outputs (:mod:`cxrkit.train.features`).
+- ``features/<key>.bin`` (+ ``.json``): a frozen part's outputs (:mod:`cxrkit.train.features`).
 
 An entry is complete once its ``.json`` is written, which happens last; the ``.json`` is touched whenever a run
 reuses the entry, so its modification time is the entry's last use. Temporary files carry the writing process's

@@ -32,6 +32,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def targets(self) -> torch.Tensor:
+        """Every item's target, as :meth:`__getitem__` gives it, without reading an image."""
+        return torch.from_numpy(self.data.targets())
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.data.items[index]

@@ -11,8 +11,9 @@ are computed, so a cache larger than memory never has to fit in it: it is memory
 only when it fits comfortably. The key hashes everything the features depend on: the images (path, size,
 modification time), the preprocessing, the backbone's weights, where the features are taken, the precision and
 the library versions. Another run of the same recipe, or another ``cxr compare`` cell on the same frozen base,
-reuses them; a change to any of those makes a new key, never a stale hit. Labels are not in the key (the features
-do not depend on them): the trainer replaces the stored targets with its dataset's. The engine that computed them
+reuses them; a change to any of those makes a new key, never a stale hit. Labels are neither in the key nor stored
+(the features do not depend on them): a reused entry takes its targets from the loader's dataset, so a renamed
+class or another task reuses the features with its own labels. The engine that computed them
 (PyTorch, or ONNX Runtime on CPUs computing in fp32: :mod:`cxrkit.train.onnx_cache`) is not part of the key,
 because both compute the same fp32 function and the first batch is checked. Files are renamed into place when
 complete, so an interrupted pass is never read.
@@ -78,24 +79,27 @@ def _available_memory() -> int:
 def stored_meta(store: Path) -> dict[str, Any] | None:
     """The ``.json`` of the complete entry ``store``, or None: absent, or damaged (a bad ``.json``, a missing or
     short file), in which case its files are removed so that it is written again."""
-    meta_path, targets = store.with_suffix(".json"), store.with_suffix(".targets.npy")
+    meta_path = store.with_suffix(".json")
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
         if store.stat().st_size != int(np.prod(meta["shape"])) * np.dtype(meta["stored"]).itemsize:
             raise ValueError(f"{store} is not the size its .json gives")
-        if len(np.load(targets, mmap_mode="r")) != meta["shape"][0]:
-            raise ValueError(f"{targets} does not hold a target per row")
         return meta
     except (OSError, ValueError, KeyError, TypeError):
-        for path in (meta_path, store, targets):
+        for path in (meta_path, store):
             with contextlib.suppress(OSError):  # a read-only cache: computed again, kept in memory
                 path.unlink(missing_ok=True)
         return None
 
 
-def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
+def _loader_targets(loader: DataLoader) -> torch.Tensor:
+    """The targets of ``loader``'s images in its order, from its dataset's ``targets()``: no image is read."""
+    return loader.dataset.targets()[list(loader.sampler)]
+
+
+def _open(path: Path, meta: dict[str, Any], targets: torch.Tensor) -> FeatureDataset:
     """The stored features as a tensor: in memory when they fit comfortably, else memory-mapped."""
     shape, stored = tuple(meta["shape"]), np.dtype(meta["stored"])
     # copy-on-write: torch wants a writable array, and nothing may write to the file
@@ -106,7 +110,6 @@ def _open(path: Path, meta: dict[str, Any]) -> FeatureDataset:
     features = torch.from_numpy(array)
     if meta["dtype"] == "bfloat16":
         features = features.view(torch.bfloat16)
-    targets = torch.from_numpy(np.load(path.with_suffix(".targets.npy")))
     return FeatureDataset(features, targets, mapped)
 
 
@@ -121,20 +124,21 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         net: the backbone (its pooled outputs are kept as fp32), or the whole model with ``boundary``.
         boundary: keep the input of this submodule of ``net`` instead, in the autocast dtype, and stop each
             forward pass there.
-        store: write the features to ``store`` (``.bin``, ``.json`` and ``.targets.npy`` beside it) as they are
-            computed and return them from there; None to keep them in memory only.
+        store: write the features to ``store`` (``.bin``, and ``.json`` beside it) as they are computed and return
+            them from there; None to keep them in memory only. A stored entry keeps no labels: reusing one takes
+            the targets from ``loader.dataset.targets()`` (see :class:`~cxrkit.data.dataset.ImageDataset`).
         engine: ONNX Runtime running the same frozen part (see :mod:`cxrkit.train.onnx_cache`); PyTorch computes
             any batch it returns None for.
         about: what ``cxr cache`` shows of a stored entry (backbone, split), kept in its ``.json``.
         log: gets a one-line note when the disk has no room for ``store`` (the features then stay in memory).
     """
-    from cxrkit.runs import atomic_write, atomic_write_json
+    from cxrkit.runs import atomic_write_json
     from cxrkit.train.prefix import boundary_input
 
     meta = stored_meta(store) if store is not None else None
     if store is not None and meta is not None:
         touch(store.with_suffix(".json"))  # its last use, for `cxr cache clear --older-than`
-        return _open(store, meta)
+        return _open(store, meta, _loader_targets(loader))
     was_training = net.training
     net.eval()
     task = progress.add_task(description, total=len(loader), rate="") if progress is not None else None
@@ -184,12 +188,11 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         array.flush()
         shape = array.shape
         del array
-        atomic_write(store.with_suffix(".targets.npy"), lambda f: np.save(f, all_targets.numpy()))
         os.replace(tmp, store)
         meta = {"shape": list(shape), "stored": np.dtype(_STORED[keep]).str, "dtype": str(keep).removeprefix("torch."),
                 "boundary": boundary, "images": n, **(about or {})}
         atomic_write_json(store.with_suffix(".json"), meta)  # written last: its presence marks a complete cache
-        return _open(store, meta)
+        return _open(store, meta, all_targets)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

@@ -305,11 +305,6 @@ class Trainer:
         if self.val_loader is not None:
             val = extract_features(net, self.val_loader, runtime, progress, "caching val features", boundary,
                                    val_store, engine, {**about, "split": "val"}, self.log)
-        # the key covers the images, not their labels (a renamed class or another task reuses the features), so
-        # the stored targets may be another labelling's: take this run's
-        train.targets = torch.from_numpy(self.data.train.targets())
-        if val is not None:
-            val.targets = torch.from_numpy(self.data.val.targets())
         size = train.nbytes + (val.nbytes if val is not None else 0)
         shape = "x".join(map(str, train.features.shape[1:]))
         images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")
