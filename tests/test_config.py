@@ -22,6 +22,14 @@ def test_override_can_append_a_stage():
     assert [s.trainable for s in recipe.stages] == ["head", "all"]
 
 
+def test_an_emptied_stage_list_is_filled_only_by_whole_stages():
+    recipe = recipe_from_dict({}, ["stages=[]", "stages.0.trainable=all", "stages.0.epochs=3", "stages.0.lr=1e-4"])
+    assert [(s.trainable, s.epochs, s.lr) for s in recipe.stages] == [("all", 3, 1e-4)]
+    with pytest.raises(CxrError, match=r"the recipe has 0 stage\(s\); to add stages.0, also set stages.0.trainable "
+                                       r"and stages.0.epochs"):  # was: a default 10-epoch head stage, silently
+        recipe_from_dict({}, ["stages=[]", "stages.0.lr=1e-4"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -423,7 +423,7 @@ def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[
     for key, value in pairs:
         parts = key.split(".")
         if parts[0] == "stages" and len(parts) > 1:
-            if not data.get("stages"):
+            if data.get("stages") is None:  # an emptied list (stages=[]) stays empty: its stages are added ones
                 data["stages"] = [dataclasses.asdict(StageConfig())]
             if isinstance(data["stages"], list) and parts[1].isdigit() and len(parts) > 2:
                 index = int(parts[1])

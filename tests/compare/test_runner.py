@@ -2,6 +2,7 @@
 train nothing, a failing cell, --dry-run and --only."""
 
 import csv
+import hashlib
 import json
 import shutil
 
@@ -114,6 +115,25 @@ def test_every_cell_shares_one_split(compared):
     splits = {(compared["root"] / "cells" / c / "splits.csv").read_text() for c in CELLS}
     assert len(splits) == 1
     assert "share one split" in (compared["root"] / "leaderboard.md").read_text()
+
+
+def test_a_split_written_with_crlf_line_endings_is_the_same_split(compared):
+    """Versions before 2026-12 wrote splits.csv with CRLF: a cell trained then shares the split of one trained now,
+    and the fingerprint is the one they printed (the SHA-256 of the CRLF file)."""
+    from cxrkit.compare.leaderboard import split_fingerprints
+
+    plan = plan_comparison(compared["spec"], compared["out"])
+    path = compared["root"] / "cells" / CELLS[0] / "splits.csv"
+    text = path.read_bytes()
+    assert b"\r" not in text
+    crlf = text.replace(b"\n", b"\r\n")
+    try:
+        path.write_bytes(crlf)
+        fingerprints = split_fingerprints(plan)
+    finally:
+        path.write_bytes(text)
+    assert set(fingerprints) == set(CELLS) and len(set(fingerprints.values())) == 1
+    assert fingerprints[CELLS[0]] == hashlib.sha256(crlf).hexdigest()[:12]
 
 
 def test_second_run_trains_nothing(compared, monkeypatch):

@@ -115,6 +115,7 @@ def test_save_and_load_splits_round_trip(tmp_path):
     splits = assign_splits(ds)
     path = tmp_path / "runs" / "splits.csv"
     save_splits(path, ds, splits)
+    assert b"\r" not in path.read_bytes()  # LF line endings, like every other CSV a run writes
     lines = path.read_text().splitlines()
     assert lines[0] == "source,patient,label,split"
     assert lines[1].split(",")[2] in ("normal", "pneumonia")

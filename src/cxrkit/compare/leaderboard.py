@@ -140,12 +140,16 @@ def leaderboard_rows(plan: Plan) -> list[dict[str, Any]]:
 
 
 def split_fingerprints(plan: Plan) -> dict[str, str]:
-    """SHA-256 (first 12 hex digits) of each trained cell's ``splits.csv``: equal when cells share a split."""
+    """SHA-256 (first 12 hex digits) of each trained cell's ``splits.csv``: equal when cells share a split.
+
+    The hash is of the file with CRLF line endings, which versions before 2026-12 wrote (LF since), so that a cell
+    trained then and one trained now with the same split agree, and so do the fingerprints quoted from then."""
     out = {}
     for cell in plan.cells:
         path = plan.cell_dir(cell) / "splits.csv"
         if path.is_file():
-            out[cell.id] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            rows = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            out[cell.id] = hashlib.sha256(rows).hexdigest()[:12]
     return out
 
 

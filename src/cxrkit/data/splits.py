@@ -17,6 +17,7 @@ import numpy as np
 
 from cxrkit.data.base import SPLITS, LabelledImages
 from cxrkit.errors import CxrError
+from cxrkit.runs import atomic_write_text, csv_text
 
 MAX_FOLDS = 20
 SPLIT_COLUMNS = ("source", "patient", "label", "split")
@@ -169,16 +170,9 @@ def _label_text(ds: LabelledImages, index: int) -> str:
 def save_splits(path_csv: str | os.PathLike, ds: LabelledImages, splits: dict[str, np.ndarray]) -> None:
     """Write the splits as CSV ``source,patient,label,split`` in dataset order (label: name, or ``|``-joined)."""
     split_of = {int(i): s for s, idx in splits.items() for i in idx}
-    path = Path(path_csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(SPLIT_COLUMNS)
-        for i in sorted(split_of):
-            it = ds.items[i]
-            writer.writerow([it.source, it.patient, _label_text(ds, i), split_of[i]])
-    os.replace(tmp, path)
+    rows = [{"source": ds.items[i].source, "patient": ds.items[i].patient, "label": _label_text(ds, i),
+             "split": split_of[i]} for i in sorted(split_of)]
+    atomic_write_text(path_csv, csv_text(rows, list(SPLIT_COLUMNS)))
 
 
 def _source_index(saved: list[str], sources: list[str]) -> dict[str, int]:
