@@ -10,6 +10,11 @@ class CxrError(Exception):
     """A user-facing error with a one-line message."""
 
 
+class NotAnImage(CxrError):
+    """The data is not in an image format cxrkit reads (as opposed to an image that is damaged): the service answers
+    415 for it, whatever the upload's name says."""
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message as one short line for a user: its first non-blank line with object addresses
     (``<_io.BytesIO object at 0x7f...>``) left out, or the exception's type name when the message is empty. A first

@@ -150,20 +150,46 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
     assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out
 
 
-@pytest.mark.parametrize("cache_images", [True, False])
-def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path, cache_images):
-    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
-    for path in (root / "train" / "NORMAL").glob("*.jpeg"):  # a sound header (the scan passes it), damaged pixels
+def _damage_pixels(paths):
+    """Each JPEG becomes a PNG with a sound header and end chunk (the scan passes it) and damaged pixel data."""
+    for path in paths:
         Image.open(path).save(path.with_suffix(".png"))
         path.unlink()
         data = bytearray(path.with_suffix(".png").read_bytes())
         data[data.index(b"IDAT") + 8] ^= 0xFF
         path.with_suffix(".png").write_bytes(bytes(data))
+
+
+def test_an_image_that_fails_to_decode_during_training_names_the_file(tmp_path):
+    """Without the decoded-image cache nothing decodes every image before training, so the first epoch meets it."""
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    _damage_pixels((root / "train" / "NORMAL").glob("*.jpeg"))
     result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY,
-                                      "--set", f"runtime.cache_images={str(cache_images).lower()}"])
+                                      "--set", "runtime.cache_images=false"])
     assert result.exit_code != 0
     assert re.search(r"NORMAL/IM-\d+-\d+\.png: corrupt or truncated image", str(result.exception))
     assert list((tmp_path / "r").iterdir()) == []  # failed before its first epoch was saved: no directory is left
+
+
+def test_an_image_that_fails_to_decode_is_left_out_by_the_decoded_image_cache(tmp_path):
+    """Building the cache decodes every image before the split, so one that passes the scan and fails to decode is
+    left out and listed like the scan's (it used to stop training), and the resumed run agrees."""
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    broken = sorted((root / "train" / "NORMAL").glob("*.jpeg"))[1]
+    _damage_pixels([broken])
+    broken = broken.with_suffix(".png")
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "r"), *TINY])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    data = json.loads((run / "data.json").read_text())
+    assert [s["source"] for s in data["skipped"]] == [str(broken)]
+    assert data["skipped"][0]["reason"].startswith("corrupt or truncated image")
+    assert sum(s["images"] for s in data["splits"].values()) == 11
+    assert str(broken) not in (run / "splits.csv").read_text()
+    assert f"skipped 1 file(s) that are not usable images (the run's data.json lists them all); the first: {broken}" \
+        in " ".join(result.stderr.split())
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])  # the cache leaves it out again
+    assert resumed.exit_code == 0, resumed.output
 
 
 @pytest.mark.parametrize(("case", "message"), [

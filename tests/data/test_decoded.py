@@ -105,3 +105,24 @@ def test_a_reader_keeps_its_images_when_the_cache_file_is_removed(folder, tmp_pa
     loader = DataLoader(ImageDataset(cached, build_transform(SQUASH, resized=True)), batch_size=4, num_workers=1)
     got = torch.cat([batch["image"] for batch in loader])
     assert torch.equal(got, torch.stack([build_transform(SQUASH, resized=True)(image) for image in want]))
+
+
+def test_an_image_that_cannot_be_decoded_is_left_out_and_named(folder, tmp_path):
+    """Its header and end marker pass the scan; its pixel data does not decode. The build decodes every image, so it
+    is found there, left out and reported, and every later use of the cache leaves it out too."""
+    broken = folder / "train" / "NORMAL" / "IM-1000-0002.png"  # sorts third
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (57, 57), dtype=np.uint8)).save(broken)
+    data = broken.read_bytes()
+    broken.write_bytes(data[:60] + b"\x00" * 16 + data[-12:])  # complete header and end chunk, broken inside
+    broken = str(broken)
+    ds = load_folder(folder)
+    assert ds.items[2].source == broken and not ds.skipped  # the scan cannot tell
+    for attempt in ("build", "reuse"):
+        cached, notes = _build(ds, SQUASH, tmp_path / "cache")
+        assert cached is not None, attempt
+        assert [it.source for it in cached.items] == [it.source for it in ds.items if it.source != broken]
+        assert [source for source, _ in cached.skipped] == [broken]
+        assert "corrupt" in cached.skipped[0][1] and broken not in cached.skipped[0][1]  # the reason alone
+        assert notes == (["decoded 12 images once into " + notes[0].split(" into ")[1]] if attempt == "build" else [])
+        plain, fast = build_transform(SQUASH), build_transform(SQUASH, resized=True)
+        assert torch.equal(fast(cached.read(2)), plain(ds.read(3)))  # the rows after it are the right images

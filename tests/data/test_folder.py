@@ -147,14 +147,27 @@ def test_files_whose_header_rules_them_out_are_skipped_by_the_scan(tmp_path):
     del nopix.PixelData
     nopix.save_as(cls / "nopix.dcm")
     png_header_only(cls / "huge.png", 10000, 10000)  # over Pillow's warning threshold (89 megapixels) too
+    # these three used to pass the scan and stop training when decoded
+    large = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)  # 8 KiB: read deferred, as a real image is
+    cut = write_dicom(cls / "cut.dcm", large)
+    cut.write_bytes(cut.read_bytes()[:-3000])
+    write_dicom(cls / "declared.dcm", large, Rows=128)  # the header declares twice the pixels the file holds
+    write_dicom(cls / "window.dcm", large, WindowCenter=100, WindowWidth=0)
     ds = load_folder(root)
     reasons = {src.rsplit("/", 1)[-1]: why for src, why in ds.skipped}
     assert reasons == {
         "frames.dcm": "multi-frame DICOM (2 frames) is not supported; export a single frame",
-        "nopix.dcm": "DICOM file has no pixel data",
+        "nopix.dcm": "DICOM file has no pixel data (cut short, or a DICOM object that is not an image)",
         "huge.png": "image is 10000x10000, over the limit of 64 megapixels",
+        "cut.dcm": "truncated DICOM file (its pixel data needs 8192 bytes, the file ends after 5192)",
+        "declared.dcm": "DICOM pixel data is 8192 bytes, but 64x128 pixels of 16 bits need 16384 (a damaged file or "
+                        "header)",
+        "window.dcm": "invalid DICOM LUT or window attributes (The (0028,1051) Window Width must be greater than or "
+                      "equal to 1 for a 'LINEAR' windowing operation)",
     }
     assert len(ds) == 7 and any(it.source.endswith("single.dcm") for it in ds.items)
+    write_dicom(cls / "large.dcm", large)  # and a sound 8 KiB DICOM passes
+    assert len(load_folder(root)) == len(ds) + 1
 
 
 def test_truncated_file_is_skipped_by_the_scan(tmp_path):

@@ -108,6 +108,9 @@ def test_every_bad_or_unusual_input(client, cases, case):
 
 def test_status_codes_of_refusals(client, cases):
     assert client.post("/v1/predict", files=_upload(cases["text"]), headers=KEY).status_code == 415
+    text = cases["text"].read_bytes()  # named .dcm, the one name that makes the service try DICOM: still 415
+    response = client.post("/v1/predict", files={"file": ("notes.dcm", text)}, headers=KEY)
+    assert response.status_code == 415 and "the content was checked" in response.json()["error"]  # was 422
     assert client.post("/v1/predict", files=_upload(cases["empty"]), headers=KEY).status_code == 400
     assert client.post("/v1/predict", files=_upload(cases["truncated-jpeg"]), headers=KEY).status_code == 422
     # the name says PNG, the bytes say JPEG: the bytes decide

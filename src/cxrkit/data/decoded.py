@@ -26,7 +26,7 @@ import numpy as np
 from cxrkit.cache import remove_leftovers, touch, unwritable
 from cxrkit.data.base import Item, LabelledImages
 from cxrkit.data.transforms import Preprocessing
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, user_message
 
 VERSION = 1  # bump when the stored layout or the resize changes
 
@@ -94,13 +94,21 @@ class _Resized:
         return len(self.ds)
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
-        image = self.ds.read(index)
+        """``(index, image)``; the image is None for a colour image, and why not for one that cannot be decoded."""
+        try:
+            image = self.ds.read(index)
+        except CxrError as err:  # passed the scan's header checks, fails in its pixel data
+            return index, user_message(err).removeprefix(f"{self.ds.items[index].source}: ")
         return index, self.transform(image) if image.mode == "L" else None
 
 
 def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, progress: Any = None,
                    log: Any = print, root: Path | None = None) -> LabelledImages | None:
     """``ds`` with a reader of cached resized images, building the cache when it is missing.
+
+    Every image is decoded in full here, so an image whose header passed the scan but whose pixel data cannot be
+    decoded is found now: it is left out of the returned dataset and added to its ``skipped`` (the cache records it,
+    so every use of the cache leaves the same images out).
 
     Returns:
         The dataset on the cache, or None when it cannot be cached (colour images, no disk space); ``log``
@@ -120,7 +128,9 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
     path, meta_path = folder / f"{key}.u8", folder / f"{key}.json"
     sources = [item.source for item in ds.items]
     shape = (len(ds), pre.size, pre.size)
-    if not (path.is_file() and meta_path.is_file() and path.stat().st_size == int(np.prod(shape))):
+    unreadable = _unreadable(meta_path) if path.is_file() and path.stat().st_size == int(np.prod(shape)) else None
+    if unreadable is None:
+        unreadable = []
         why = unwritable(folder)
         if why is not None:
             log(f"decoded-image cache off: {folder} is not writable ({why})")
@@ -141,6 +151,9 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
             task = progress.add_task("decoding images once", total=len(loader), rate="") if progress else None
             for batch in loader:
                 for index, image in batch:
+                    if isinstance(image, str):
+                        unreadable.append((ds.items[index].source, image))  # its row stays zeros, never read
+                        continue
                     if image is None:
                         log(f"decoded-image cache off: {ds.items[index].source} is a colour image")
                         tmp.unlink(missing_ok=True)
@@ -161,12 +174,25 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
         files = [source.partition("#")[0] for source in sources]  # a MedMNIST image is <npz>#<split>/<row>
         atomic_write_json(meta_path, {"version": VERSION, "images": len(ds), "size": pre.size,
                                       "preprocessing": pre.to_dict(), "first": sources[:1],
-                                      "folder": os.path.commonpath(files) if files else None})
-        log(f"decoded {len(ds)} images once into {path} ({need / 2**20:.0f} MiB)")
+                                      "folder": os.path.commonpath(files) if files else None,
+                                      "unreadable": unreadable})
+        log(f"decoded {len(ds) - len(unreadable)} images once into {path} ({need / 2**20:.0f} MiB)")
     else:
         touch(meta_path)  # its last use, for `cxr cache clear --older-than`
     reader = DecodedReader(path, sources, pre.size)
-    return LabelledImages(ds.spec, list(ds.items), reader, list(ds.skipped))
+    left_out = {source for source, _ in unreadable}
+    return LabelledImages(ds.spec, [item for item in ds.items if item.source not in left_out], reader,
+                          list(ds.skipped) + unreadable)
+
+
+def _unreadable(meta_path: Path) -> list[tuple[str, str]] | None:
+    """The ``(source, reason)`` of the images a finished cache could not decode, or None when its ``.json`` is
+    missing or damaged (the cache is then built again)."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return [(str(source), str(reason)) for source, reason in meta.get("unreadable", [])]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 __all__ = ["DecodedReader", "cache_key", "cache_root", "decoded_images"]

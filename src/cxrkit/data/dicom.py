@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from cxrkit.data.images import DEFAULT_MAX_PIXELS, scale_to_uint8
-from cxrkit.errors import CxrError, first_line
+from cxrkit.errors import CxrError, NotAnImage, first_line
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -68,30 +68,39 @@ def dicom_to_uint8(arr: np.ndarray, ds: Any, name: str = "<dicom>") -> np.ndarra
     Returns:
         A 2-D uint8 array.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour (RGB, or YBR already converted to RGB by pydicom): ITU-R 601 luma
         return scale_to_uint8(arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
     if arr.ndim != 2:
         raise CxrError(f"{name}: expected a 2-D DICOM image, got pixel array of shape {arr.shape}")
-    try:
-        values = apply_modality_lut(arr, ds)
-        values = apply_voi_lut(values, ds, index=0)
-    except Exception as e:  # noqa: BLE001 - a malformed LUT raises struct.error, ValueError, IndexError, ...
-        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({first_line(e)})") from e
-    values = np.asarray(values, dtype=np.float64)
+    values = _display_values(arr, ds, name)
     if photometric == "MONOCHROME1":  # low values are white: negate before the min/max scaling
         values = -values
     return scale_to_uint8(values)
 
 
+def _display_values(arr: np.ndarray, ds: Any, name: str) -> np.ndarray:
+    """Stored values through the modality LUT and the first VOI LUT or window, as float64."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        values = apply_modality_lut(arr, ds)
+        values = apply_voi_lut(values, ds, index=0)
+    except Exception as e:  # noqa: BLE001 - a malformed LUT raises struct.error, ValueError, IndexError, ...
+        raise CxrError(f"{name}: invalid DICOM LUT or window attributes ({first_line(e)})") from e
+    return np.asarray(values, dtype=np.float64)
+
+
 def dicom_header_problem(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
-    """Why a DICOM file cannot be used (damaged header, no pixel data, multi-frame, too large), or None; the pixel
-    data is not read (it stays deferred), so this costs about as much as reading the header."""
+    """Why a DICOM file cannot be used (damaged header, no pixel data, multi-frame, too large, uncompressed pixel
+    data shorter than its rows and columns need or cut off by the end of the file, invalid LUT or window), or None.
+    The pixel data is not read (it stays deferred), so this costs about as much as reading the header."""
     try:
         ds = _read_dataset(path, str(path), defer_size=1024)
         _check_single_frame_image(ds, str(path), max_pixels)
+        _check_pixel_data_length(ds, str(path), os.path.getsize(path))
+        if int(ds.get("SamplesPerPixel", 1) or 1) == 1:  # the grey-level transforms, tried on one stored value
+            _display_values(np.zeros((1, 1), dtype=np.int32), ds, str(path))
     except CxrError as err:
         return str(err).removeprefix(f"{path}: ")
     except Exception as err:  # noqa: BLE001 - pydicom parses lazily, so a damaged file can raise almost anything
@@ -135,11 +144,34 @@ def _infer_transfer_syntax(ds: Any) -> None:
     meta.TransferSyntaxUID = syntax
 
 
+def _check_pixel_data_length(ds: Any, name: str, file_size: int) -> None:
+    """Uncompressed pixel data must hold what Rows, Columns, Bits Allocated and Samples per Pixel declare, and the
+    file must hold the pixel data (a copy cut short, a header that declares a larger image). Compressed (encapsulated)
+    pixel data is checked when it is decoded."""
+    from pydicom.pixels.utils import get_expected_length
+
+    element = next((ds.get_item(k, keep_deferred=True) for k in _PIXEL_KEYWORDS if k in ds), None)
+    length, start = getattr(element, "length", None), getattr(element, "value_tell", None)
+    if length is None or start is None or length == 0xFFFFFFFF:  # read already, or encapsulated (undefined length)
+        return
+    if start + length > file_size:
+        raise CxrError(f"{name}: truncated DICOM file (its pixel data needs {length} bytes, the file ends after "
+                       f"{max(file_size - start, 0)})")
+    if element.tag == 0x7FE00010:  # PixelData: the dimensions say how long it must be
+        try:
+            expected = get_expected_length(ds)
+        except (AttributeError, ValueError, TypeError, KeyError):
+            return  # attributes that decoding reports in its own words
+        if length < expected:
+            raise CxrError(f"{name}: DICOM pixel data is {length} bytes, but {int(ds.Columns)}x{int(ds.Rows)} pixels "
+                           f"of {int(ds.BitsAllocated)} bits need {expected} (a damaged file or header)")
+
+
 def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if getattr(ds, "preamble", None) is None:  # read with force=True and no DICM header: probably not DICOM
-            raise CxrError(f"{name}: not a DICOM file (no DICM header and no pixel data)")
-        raise CxrError(f"{name}: DICOM file has no pixel data")
+            raise NotAnImage(f"{name}: not a DICOM file (no DICM header and no pixel data)")
+        raise CxrError(f"{name}: DICOM file has no pixel data (cut short, or a DICOM object that is not an image)")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         rows, cols = int(ds.Rows), int(ds.Columns)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrkit.data.base import Item
-from cxrkit.errors import CxrError, first_line
+from cxrkit.errors import CxrError, NotAnImage, first_line
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -181,7 +181,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
         fmt = sniff_format(data[:SNIFF_BYTES])
         if fmt is not None:  # the signature is there, the rest is not: damaged rather than foreign
             raise CxrError(f"{name}: corrupt {fmt} file (its header cannot be read)") from e
-        raise CxrError(f"{name}: not an image (unrecognised format)") from e
+        raise NotAnImage(f"{name}: not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:
         raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
     except _DECODE_ERRORS as e:

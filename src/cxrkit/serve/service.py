@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, NotAnImage
 from cxrkit.serve.app import RequestError, ServeSettings
 from cxrkit.serve.batcher import MicroBatcher
 from cxrkit.serve.predictor import Prediction, Predictor
@@ -82,11 +82,16 @@ class Service:
 
         if not data:
             raise RequestError(400, f"{name}: empty file (0 bytes)")
+        unsupported = RequestError(415, f"{name}: not a supported image ({SUPPORTED}); the content was checked, "
+                                        "not the file name")
         # DICOM written without its 128-byte preamble has no signature: its name is the only hint, as for cxr predict
         if sniff_format(data[:SNIFF_BYTES]) is None and not name.lower().endswith(DICOM_SUFFIXES):
-            raise RequestError(415, f"{name}: not a supported image ({SUPPORTED}); the content was checked, "
-                                    "not the file name")
-        return refuse_blank(decode_image_bytes(data, name, self.settings.max_pixels), name)
+            raise unsupported
+        try:
+            image = decode_image_bytes(data, name, self.settings.max_pixels)
+        except NotAnImage as err:  # named .dcm, but neither DICOM nor any other image
+            raise unsupported from err
+        return refuse_blank(image, name)
 
     def _decode_input(self, name: str, data: bytes) -> tuple[Any, Any]:
         """The decoded image and its model input (resized and normalised here, so the model thread only runs the

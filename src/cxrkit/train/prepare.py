@@ -109,12 +109,17 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
     from cxrkit.data.splits import load_splits, save_splits
 
     ds = pipeline.load_data(recipe.data)
+    if ds.spec.task != "multilabel" and len(ds.spec.labels) < 2 and len(ds):
+        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has one class only "
+                       f"({', '.join(ds.spec.labels)}); a classifier needs images of at least 2 classes")
+    pre = pipeline.resolve_preprocessing(recipe.model)
+    # before the split: decoding every image finds those that cannot be, which the split must not hold
+    cached = _decoded(ds, pre, recipe, runtime, console) if len(ds) else None
+    if cached is not None:
+        ds = cached
     if not len(ds):
         why = ds.skipped_note()  # e.g. a CSV whose every path is wrong: say how and where
         raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has no images" + (f"; {why}" if why else ""))
-    if ds.spec.task != "multilabel" and len(ds.spec.labels) < 2:
-        raise CxrError(f"dataset {recipe.data.root or recipe.data.name} has one class only "
-                       f"({', '.join(ds.spec.labels)}); a classifier needs images of at least 2 classes")
     resumed = run is not None and run.file("splits.csv").is_file()
     if ds.skipped and console is not None and runtime.is_main and not resumed:
         where = " (the run's data.json lists them all)" if run is not None else ""  # written below, if all goes well
@@ -131,11 +136,9 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
         own = recipe.data.split.use_own and any(it.split in ("val", "test") for it in ds.items)  # kept as given
         for note in split_notes(ds, splits, recipe.data.split.ratios, carved=not own):
             console.print(note, highlight=False)
-    pre = pipeline.resolve_preprocessing(recipe.model)
     augment = pipeline.augmentation(recipe.augment)
-    source = _decoded(ds, pre, recipe, runtime, console)
-    resized = source is not ds
-    data = RunData(ds.spec, source, splits, pre, build_transform(pre, augment, resized),
+    resized = cached is not None
+    data = RunData(ds.spec, ds, splits, pre, build_transform(pre, augment, resized),
                    build_transform(pre, None, resized))
     if run is not None and runtime.is_main and not resumed:
         save_splits(run.file("splits.csv"), ds, splits)
@@ -150,10 +153,12 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
     return data
 
 
-def _decoded(ds: LabelledImages, pre: Preprocessing, recipe: Recipe, runtime: Runtime, console: Any) -> LabelledImages:
-    """``ds`` on the decoded-image cache when it is on and can be built, else ``ds`` itself."""
+def _decoded(ds: LabelledImages, pre: Preprocessing, recipe: Recipe, runtime: Runtime,
+             console: Any) -> LabelledImages | None:
+    """``ds`` on the decoded-image cache, without the images that cannot be decoded, when the cache is on and can
+    be built; else None."""
     if not recipe.runtime.cache_images or runtime.distributed:
-        return ds
+        return None
     from cxrkit.data.decoded import decoded_images
     from cxrkit.train.loop import make_progress
 
@@ -162,5 +167,4 @@ def _decoded(ds: LabelledImages, pre: Preprocessing, recipe: Recipe, runtime: Ru
             console.print(text, highlight=False)
 
     with make_progress(console, console is not None and runtime.is_main) as progress:
-        cached = decoded_images(ds, pre, runtime.workers, progress, log)
-    return cached if cached is not None else ds
+        return decoded_images(ds, pre, runtime.workers, progress, log)
