@@ -1,6 +1,8 @@
 import fractions
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,3 +252,54 @@ def test_resuming_removes_the_temporary_files_of_killed_writes(tmp_path):
     assert run.remove_leftovers() == 5
     assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
     assert run.remove_leftovers() == 0
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tmp_path):
+    """torch.save turned a KeyboardInterrupt inside its writer into a RuntimeError ("unexpected pos"), which
+    cxr compare recorded as a failed cell before going on; now the write finishes, then the interrupt comes."""
+    path = tmp_path / "best.pt"
+    result = _python(f"""
+import os, signal, torch
+from cxrkit.runs import atomic_write
+
+def write(fh):
+    fh.write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+    torch.save({{"w": torch.arange(10)}}, fh)
+
+try:
+    atomic_write({str(path)!r}, write)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+""")
+    assert result.stdout.strip() == "KeyboardInterrupt", result.stderr
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:1000] == b"x" * 1000  # the whole file, in place
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left
+
+
+def test_a_ctrl_c_that_python_ignores_still_ends_the_command_as_interrupted(tmp_path):
+    """A KeyboardInterrupt raised inside __del__ (a DataLoader iterator stopping its workers) is printed and ignored
+    by Python, and the command went on to exit 0; the CLI remembers the Ctrl-C and exits 130."""
+    result = _python("""
+import os, signal, sys, time
+import cxrkit.cli.main as cli
+
+class Workers:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here, inside __del__
+
+def command():
+    Workers()  # dropped at once
+    raise SystemExit(0)
+
+cli.app = command
+cli.main()
+""")
+    assert result.returncode == 130, (result.returncode, result.stderr)
+    assert result.stderr.strip() == "interrupted"  # not Python's "Exception ignored in ..." traceback

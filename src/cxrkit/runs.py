@@ -15,7 +15,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +31,52 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_interrupted = False  # a Ctrl-C was seen by on_interrupt (or deferred by an atomic write) in this process
+
+
+def on_interrupt(signum: int, frame: Any) -> None:
+    """The CLI's SIGINT handler: Python's (raise KeyboardInterrupt), remembering that it happened, because an
+    exception raised where Python ignores exceptions (a DataLoader iterator's ``__del__`` stopping its workers) would
+    otherwise be lost and the command would go on. :func:`raise_if_interrupted` finds it."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C was seen in this process (see :func:`on_interrupt`)."""
+    return _interrupted
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was seen (and maybe lost): between epochs and between cells."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Ctrl-C during the block takes effect when the block has ended. A KeyboardInterrupt inside ``torch.save``'s
+    writer came back as a RuntimeError ("unexpected pos"), which looked like a failure (``cxr compare`` recorded the
+    cell as failed and went on); and a write is short, so it finishes first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    global _interrupted
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted = _interrupted or bool(pressed)  # kept even when the block raised
+    if pressed:
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
@@ -45,12 +93,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except OSError as err:  # a parent that is a file, a folder without write permission, a read-only disk
         raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with _interrupt_after():
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):  # e.g. the disk filled up

@@ -41,11 +41,15 @@ def test_files_give_overlays_raw_maps_and_a_check(run, data, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 150), dtype=np.uint8)).save(wide)
     bad = tmp_path / "broken.jpeg"
     bad.write_text("not an image")
+    blank = tmp_path / "blank.png"  # refused as cxr predict refuses it; it used to get a heatmap
+    Image.new("L", (64, 64), 128).save(blank)
     pneumonia = sorted((data / "train" / "PNEUMONIA").iterdir())[0]
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["explain", str(run), str(pneumonia), str(wide), str(bad), "--out", str(out)])
-    assert result.exit_code == 1  # the bad file fails the command, after the others are done
-    assert "broken.jpeg" in result.output and "1 of 3 files could not be explained" in result.output
+    result = CliRunner().invoke(app, ["explain", str(run), str(pneumonia), str(wide), str(bad), str(blank), "--out",
+                                      str(out)])
+    assert result.exit_code == 1  # the bad files fail the command, after the others are done
+    assert "broken.jpeg" in result.output and "2 of 4 files could not be explained" in result.output
+    assert "blank.png: blank image (every pixel is 128 of 255): nothing to classify" in " ".join(result.output.split())
     rows = _rows(out / "explain.csv")
     assert [Path(r["source"]).name for r in rows] == [pneumonia.name, "wide.png"]
     for row in rows:

@@ -133,3 +133,91 @@ def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpo
             "then), not on this best checkpoint") in " ".join(result.stderr.split())
     result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0], "--checkpoint", "last"])
     assert result.exit_code == 0 and "fitted on other weights" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def calibratable(tmp_path_factory):
+    """A run with both classes in its validation split, so cxr calibrate can choose a threshold."""
+    from synth import kermany_folder
+
+    folder = tmp_path_factory.mktemp("calibratable")
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(kermany_folder(folder / "xray", per_class=10, size=48)), "--out", str(folder),
+        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48", "--epochs", "1",
+        "--set", "runtime.workers=0", "--set", "data.split.ratios=[0.5,0.3,0.2]"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    for fmt in ("onnx", "torchscript"):
+        result = CliRunner().invoke(app, ["export", str(run), "-f", fmt])
+        assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture
+def own_run(calibratable, tmp_path):
+    """A copy of that run, with its ONNX and TorchScript exports, for a test that changes it."""
+    import shutil
+
+    return Path(shutil.copytree(calibratable, tmp_path / calibratable.name))
+
+
+def _calibration_of(run: Path) -> dict:
+    from cxrkit.export.torchscript import load_torchscript
+
+    _, scripted = load_torchscript(run / "export" / "best.torchscript.pt")
+    return {key: scripted[key] for key in ("threshold", "temperature")}
+
+
+def test_a_calibration_stopped_before_the_exports_is_finished_by_the_next_command(own_run, data, monkeypatch):
+    """A kill between labels.json and RUN/export/ left the TorchScript file with the old threshold for good."""
+    before = _calibration_of(own_run)
+
+    def killed(self, console=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Predictor, "refresh_exports", killed)
+        stopped = CliRunner().invoke(app, ["calibrate", str(own_run), "--no-temperature"])
+    assert stopped.exit_code != 0
+    labels = json.loads((own_run / "labels.json").read_text())
+    assert labels["temperature"] == 1.0 != before["temperature"] and _calibration_of(own_run) == before  # apart
+    result = CliRunner().invoke(app, ["predict", str(own_run), _images(data)[0]])  # any command that loads the run
+    assert result.exit_code == 0, result.output
+    assert _calibration_of(own_run) == {key: labels[key] for key in ("threshold", "temperature")}
+    assert "a cxr calibrate of this run stopped before it updated" in " ".join(result.stderr.split())
+    assert not list((own_run / "export").glob(".calibration*"))
+    again = CliRunner().invoke(app, ["predict", str(own_run), _images(data)[0]])
+    assert again.exit_code == 0 and "stopped" not in again.stderr  # once
+
+
+def test_calibrate_changes_nothing_when_the_exports_cannot_be_written(own_run, monkeypatch):
+    import cxrkit.serve.predictor
+
+    labels = (own_run / "labels.json").read_text()
+    monkeypatch.setattr(cxrkit.serve.predictor, "folder_unwritable", lambda folder: "Read-only file system")
+    result = CliRunner().invoke(app, ["calibrate", str(own_run), "--target-sensitivity", "1"])
+    assert result.exit_code != 0
+    assert str(result.exception) == (f"{own_run / 'export'}: cannot write here (Read-only file system); cxr "
+                                     "calibrate updates labels.json and the files exported there together, so it "
+                                     "changed nothing")
+    assert (own_run / "labels.json").read_text() == labels  # it used to be rewritten before the export failed
+
+
+def test_a_renamed_run_on_a_read_only_disk_predicts_with_its_current_exports(own_run, data, monkeypatch):
+    """The exports name their run; a renamed copy's differ only in that, and a read-only mount made every
+    --engine onnx command fail trying to write it."""
+    import cxrkit.export.onnx
+    from cxrkit.errors import CxrError
+
+    renamed = own_run.rename(own_run.with_name("deployed"))
+    stamp = (renamed / "export" / "best.onnx").stat().st_mtime_ns
+
+    def read_only(path, metadata):
+        raise CxrError(f"{path}: cannot write here (Read-only file system)")
+
+    monkeypatch.setattr(cxrkit.export.onnx, "update_metadata", read_only)
+    result = CliRunner().invoke(app, ["predict", str(renamed), _images(data)[0], "--engine", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert "best.onnx: cannot write here (Read-only file system); it keeps its old run in its metadata" in " ".join(
+        result.stderr.split())
+    assert (renamed / "export" / "best.onnx").stat().st_mtime_ns == stamp

@@ -68,11 +68,17 @@ def test_the_int8_engine_quantizes_once_with_its_own_calibration_and_answers_lik
     assert not np.array_equal(raw8, raw32)  # int8 arithmetic, not the fp32 graph
     scale = np.abs(raw32).max()
     assert np.abs(raw8 - raw32).max() < 0.25 * scale  # close to fp32's logits
+    assert _output_producer(path) == "Gemm"  # the logits are not rounded to 8 bits on the way out
 
     capsys.readouterr()
     stamp = path.stat().st_mtime_ns
     Predictor(run, engine="onnx-int8")  # reused as it is: no new quantization, no new fit
     assert path.stat().st_mtime_ns == stamp and "quantizing" not in capsys.readouterr().err
+
+
+def _output_producer(path: Path) -> str:
+    graph = onnx.load(str(path)).graph
+    return next(node.op_type for node in graph.node if graph.output[0].name in node.output)
 
 
 def _batch(predictor, images):
@@ -346,6 +352,19 @@ def test_a_batchnorm_after_no_convolution_is_quantized_as_a_depthwise_convolutio
     assert read_metadata(out)["quantization"]["batchnorm"] == "depthwise 1x1 convolution where not folded"
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
+    assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_the_logits_stay_fp32(preactivation, tmp_path):
+    """A uint8 output takes at most 256 values, so 512 quantized logits would hold ties (and probabilities on a
+    coarse grid, some exactly at a threshold); the classifier's matrix product is left in fp32 instead."""
+    source, batches = preactivation
+    out = quantize_int8(source, tmp_path / "m.int8.onnx", iter(batches), len(batches), {})
+    assert read_metadata(out)["quantization"]["outputs"] == SETTINGS["outputs"]
+    assert _output_producer(out) == "Gemm" and _output_producer(source) == "Gemm"
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
+    assert len(np.unique(int8.numpy())) > 400  # it was at most 256
     assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()
 
 

@@ -28,7 +28,7 @@ def calibrate(
     from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
     from cxrkit.eval.calibrate import calibrate_run, calibration_notes
-    from cxrkit.serve.predictor import Predictor
+    from cxrkit.serve.predictor import CALIBRATING, Predictor
 
     threshold_options = [name for name, value in (("--method", method), ("--target-sensitivity", target_sensitivity))
                          if value is not None]
@@ -48,7 +48,12 @@ def calibrate(
         raise CxrError(f"{' and '.join(threshold_options)} {verb} a binary run's threshold; this {predictor.task} "
                        f"run decides by {rule}. Without them, cxr calibrate fits its temperature")
     before = {key: predictor.labels_info.get(key) for key in ("temperature", "threshold", "threshold_method")}
-    info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
+    predictor.begin_calibration()
+    try:
+        info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
+    except CxrError:  # nothing was written (say, no validation split): nothing for the next command to finish
+        (predictor.run.path / "export" / CALIBRATING).unlink(missing_ok=True)
+        raise
     for note in calibration_notes(info):
         console.print(note, highlight=False)
     refreshed, unreadable = predictor.refresh_exports(console)

@@ -7,7 +7,9 @@ Heavy imports (torch) happen inside the commands, so ``cxr --help`` is instant. 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import Any
 
 import typer
 
@@ -26,6 +28,7 @@ from cxrkit.cli import (
     train,
 )
 from cxrkit.errors import CxrError, first_line, user_message
+from cxrkit.runs import interrupted, on_interrupt
 
 app = typer.Typer(
     name="cxr", help="Transfer learning on chest X-rays: train, evaluate and apply CNNs from recipes.",
@@ -45,8 +48,19 @@ app.command("serve")(serve.serve)
 app.add_typer(cache.app, name="cache")
 
 
+def _quiet_about_interrupts(hook: Any) -> Any:
+    """``sys.unraisablehook`` that says nothing of a KeyboardInterrupt raised where Python cannot pass it on (in a
+    ``__del__``): on_interrupt remembered it, and the command ends as interrupted instead of printing a traceback."""
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            hook(unraisable)
+    return quiet
+
+
 def main() -> None:
     """Entry point of the console script."""
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = _quiet_about_interrupts(sys.unraisablehook)
     try:
         app()
     except CxrError as err:
@@ -63,6 +77,8 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except SystemExit as exit_:
+        if exit_.code in (0, None) and interrupted():  # a Ctrl-C lost where Python ignores exceptions
+            exit_.code = 130
         if exit_.code == 130:  # typer turns Ctrl-C into this exit status without a word
             print("interrupted", file=sys.stderr)
         raise

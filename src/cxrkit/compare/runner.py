@@ -23,7 +23,7 @@ from cxrkit.compare.spec import Cell, ComparisonSpec, expand_cells, load_compari
 from cxrkit.config import load_recipe
 from cxrkit.console import notes_console
 from cxrkit.errors import CxrError, first_line, user_message
-from cxrkit.runs import Run, atomic_write_json
+from cxrkit.runs import Run, atomic_write_json, raise_if_interrupted
 
 # recipe keys that do not change what a cell means: a cell run with other values is still the same cell
 _EXECUTION_KEYS = ("name", "description", "out", "runtime.workers", "runtime.threads", "runtime.device",
@@ -253,6 +253,7 @@ def run_comparison(spec_path: str | Path, out: str | Path | None = None, console
     plan.root.mkdir(parents=True, exist_ok=True)
     write_comparison_json(plan)
     for index, cell in enumerate(chosen, 1):
+        raise_if_interrupted()  # a Ctrl-C that the last cell's work lost (see cxrkit.runs.on_interrupt)
         console.rule(f"cell {index}/{len(chosen)}: {escape(cell.id)}")
         run_cell(plan, cell, console)
         write_comparison_json(plan)

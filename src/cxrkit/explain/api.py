@@ -181,7 +181,7 @@ def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrit
              result: FilesResult, batch_size: int) -> Iterator[list[tuple[str, str, Any, dict[str, Any] | None]]]:
     """Batches of ``(path, name, image, earlier record or None)``; unreadable files go to ``result.failed``, and
     images done with these settings are reloaded."""
-    from cxrkit.data.images import read_image
+    from cxrkit.data.images import read_image, refuse_blank
 
     batch: list[tuple[str, str, Any, dict[str, Any] | None]] = []
     for path, name in zip(paths, names):
@@ -191,7 +191,7 @@ def _decoded(paths: Sequence[str], names: Sequence[str], out_dir: Path, overwrit
             result.skipped += 1
             continue
         try:
-            image = read_image(path)
+            image = refuse_blank(read_image(path), path)  # as cxr predict and the service do: nothing to explain
         except CxrError as err:
             result.failed.append((path, str(err)))
             continue

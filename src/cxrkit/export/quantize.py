@@ -13,7 +13,8 @@ pre-activation ``norm1``, which ONNX Runtime cannot fold into one) is first rewr
 convolution, so it runs in int8 too instead of between a DequantizeLinear and a QuantizeLinear in fp32, with layout
 transposes around it. The tensors that meet in concatenations (DenseNet's dense blocks, GoogLeNet's inception
 blocks) share one activation range, so that ONNX Runtime concatenates their bytes instead of requantizing every
-input. One choice is left to the user,
+input. The nodes that compute the outputs (the classifier's last matrix product) stay fp32, so the
+logits are not rounded to 8 bits. One choice is left to the user,
 ``fp32_convs``: how many of the first convolutions stay in fp32. Most of int8's error comes from the early,
 high-resolution layers, so keeping a few of them in fp32 buys back accuracy for part of the speed (measured in
 ``docs/performance.md``).
@@ -43,7 +44,8 @@ CALIBRATION_IMAGES = 256
 
 SETTINGS = {"format": "QDQ", "weights": "int8 per channel, 7-bit range", "activations": "uint8 per tensor",
             "activation_ranges": "minmax", "batchnorm": "depthwise 1x1 convolution where not folded",
-            "concatenations": "one range per concatenated group; ReLU outputs in it where its lower bound stays 0"}
+            "concatenations": "one range per concatenated group; ReLU outputs in it where its lower bound stays 0",
+            "outputs": "fp32 (the node that computes each output is not quantized)"}
 """What every int8 file records about how it was quantized (with ``range_images``, how many images set the
 activation ranges, ``range_split``, where they came from, and ``fp32_convs``, how many leading convolutions stayed
 in fp32)."""
@@ -202,6 +204,24 @@ def _first_convs(graph: Any, own: list[str], count: int, path: Path) -> list[str
     return convs if count == len(own) else convs[:convs.index(own[count])]
 
 
+_SHAPE_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"}
+
+
+def _output_nodes(graph: Any) -> list[str]:
+    """The nodes that compute the graph's outputs: each output's producer, and through shape-only steps (a Reshape
+    after the last Gemm) the node that computes the values. Left out of quantization, they keep the logits in fp32:
+    quantized, the logits would take about 256 values over their range, so probabilities would fall on a coarse
+    grid (ties at a threshold), for no speed (the classifier's matrix product is a tiny share of the work)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    names: list[str] = []
+    for output in graph.output:
+        node = producer.get(output.name)
+        while node is not None and node.name and node.name not in names:  # an unnamed node cannot be excluded
+            names.append(node.name)
+            node = producer.get(node.input[0]) if node.op_type in _SHAPE_OPS and node.input else None
+    return names
+
+
 def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.ndarray], count: int,
                   metadata: dict[str, Any], fp32_convs: int = 0) -> Path:
     """Write the int8 version of the fp32 ONNX file ``source`` to ``path`` (atomic).
@@ -241,7 +261,8 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
                        "weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": True,
                        "calibrate_method": CalibrationMethod.MinMax,
                        "calibration_cache_path": Path(tmp) / "ranges.json",
-                       "nodes_to_exclude": _first_convs(graph_proto.graph, own, fp32_convs, path)}
+                       "nodes_to_exclude": _first_convs(graph_proto.graph, own, fp32_convs, path)
+                       + _output_nodes(graph_proto.graph)}
             quantize_static(str(prepared), str(quantized), reader, **options, extra_options={"CalibStridedMinMax": 1})
             shared = _shared_concat_ranges(graph_proto.graph, load_tensors_data(options["calibration_cache_path"]))
             if shared:

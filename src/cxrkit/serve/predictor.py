@@ -20,7 +20,7 @@ from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
 from cxrkit.errors import CxrError
 from cxrkit.models.weights import weights_digest
-from cxrkit.runs import Run, staged
+from cxrkit.runs import Run, folder_unwritable, staged
 from cxrkit.train.loop import make_progress, predict
 from cxrkit.train.losses import probabilities
 from cxrkit.train.runtime import Runtime, setup_runtime
@@ -79,6 +79,24 @@ def resolve_engine(engine: str) -> str:
     from cxrkit.train.runtime import cpu_supports_bf16
 
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
+
+
+CALIBRATING = ".calibration-pending"
+"""In ``RUN/export/`` while ``cxr calibrate`` has not yet brought the files there up to date with ``labels.json``."""
+
+
+def _update_if_writable(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Bring the metadata of the exported file ``path`` from ``found`` to ``wanted``; where the file cannot be
+    written (a read-only mount of a run, perhaps renamed or copied), say which keys it keeps and go on: the model in
+    it is current, and this process uses ``wanted`` (the run's own calibration) either way."""
+    from cxrkit.export.onnx import update_metadata
+
+    try:
+        update_metadata(path, wanted)
+    except CxrError as err:
+        keys = sorted(key for key in {*found, *wanted} if found.get(key) != wanted.get(key))
+        notes_console().print(f"note: {err}; it keeps its old {', '.join(keys)} in its metadata (this command uses "
+                              "the run's)", highlight=False)
 
 
 def _exported_metadata(path: Path) -> dict[str, Any]:
@@ -146,6 +164,35 @@ class Predictor:
         else:
             self.use_onnx(self.onnx_file(model, console) if engine == "onnx" else self.int8_file(model, console),
                           console)
+        if check_calibration and (self.run.path / "export" / CALIBRATING).exists():
+            self._finish_stopped_calibration(console or notes_console())
+
+    def begin_calibration(self) -> None:
+        """Before ``cxr calibrate`` writes ``labels.json``: refuse when ``RUN/export/`` holds files but cannot be
+        written (they change with ``labels.json``), else leave a marker there until :meth:`refresh_exports` has
+        brought them up to date, so that a calibration stopped between the two is finished by the next command that
+        loads the run (a copied TorchScript file would otherwise keep the old threshold unseen)."""
+        folder = self.run.path / "export"
+        if not folder.is_dir() or not any(not p.name.startswith(".") for p in folder.iterdir()):
+            return
+        why = folder_unwritable(folder)
+        if why is not None:
+            raise CxrError(f"{folder}: cannot write here ({why}); cxr calibrate updates labels.json and the files "
+                           "exported there together, so it changed nothing")
+        (folder / CALIBRATING).touch()
+
+    def _finish_stopped_calibration(self, console: Any) -> None:
+        folder = self.run.path / "export"
+        stopped = f"note: a cxr calibrate of this run stopped before it updated {folder}"
+        try:
+            refreshed, _ = self.refresh_exports(console)
+        except CxrError as err:
+            console.print(f"{stopped}, and bringing it up to date failed ({err}); run cxr calibrate again",
+                          highlight=False)
+            return
+        if refreshed:  # else it stopped before labels.json changed
+            console.print(f"{stopped}; brought {', '.join(path.name for path in refreshed)} up to date now",
+                          highlight=False)
 
     def use_onnx(self, path: Path, console: Any = None) -> None:
         """Answer from now on with ``path``, an ONNX export of these weights, run by ONNX Runtime; an int8 file
@@ -204,6 +251,7 @@ class Predictor:
                 continue
             changed = update_torchscript_metadata(path, calibration)
             (refreshed if changed else unreadable if changed is None else []).append(path)
+        (folder / CALIBRATING).unlink(missing_ok=True)  # see begin_calibration
         return refreshed, unreadable
 
     def onnx_file(self, model: torch.nn.Module, console: Any = None) -> Path:
@@ -264,15 +312,13 @@ class Predictor:
         """Whether the exported file at ``path``, whose metadata is ``found``, holds these weights; its metadata is
         brought up to date (a new calibration changes the threshold and temperature, not the graph). How an int8
         file was quantized is kept."""
-        from cxrkit.export.onnx import update_metadata
-
         if found.get("weights_sha256") != self.weights_sha256:
             return False
         wanted = self.export_metadata()
         if "quantization" in found:  # an int8 file keeps its own calibration (see _use_int8_calibration)
             wanted.update({key: found.get(key) for key in ("quantization", "threshold", "temperature")})
         if found != wanted:
-            update_metadata(path, wanted)
+            _update_if_writable(path, found, wanted)
         return True
 
     def _use_int8_calibration(self, path: Path, found: dict[str, Any], console: Any) -> None:
@@ -281,7 +327,6 @@ class Predictor:
         They are kept in the file's metadata with the run's calibration they follow, and refitted when the run is
         calibrated again (``cxr calibrate``). ``found`` is the file's metadata."""
         from cxrkit.eval.calibrate import fit_calibration
-        from cxrkit.export.onnx import update_metadata
 
         run_labels = self.run.read_json("labels.json")  # the run's own, not the int8 values set below
         follows = {key: run_labels.get(key) for key in ("calibrated_on", "temperature", "threshold",
@@ -301,8 +346,8 @@ class Predictor:
                                       strict_threshold=False)
                 own.setdefault("threshold", follows["threshold"])  # only a binary threshold is fitted
             own["follows"] = follows
-            update_metadata(path, {**found, "threshold": own["threshold"], "temperature": own["temperature"],
-                                   "quantization": {**quantization, "calibration": own}})
+            _update_if_writable(path, found, {**found, "threshold": own["threshold"], "temperature": own["temperature"],
+                                              "quantization": {**quantization, "calibration": own}})
         self.labels_info = {**self.labels_info, **{key: value for key, value in own.items() if key != "follows"}}
 
     def _calibration_batches(self, images: int, console: Any) -> tuple[Iterator[np.ndarray], int]:

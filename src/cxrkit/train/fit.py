@@ -27,7 +27,7 @@ from cxrkit.config import Recipe, StageConfig
 from cxrkit.errors import CxrError
 from cxrkit.models.freeze import apply_trainable, set_train_mode
 from cxrkit.models.weights import weights_digest
-from cxrkit.runs import Run
+from cxrkit.runs import Run, raise_if_interrupted
 from cxrkit.train.features import extract_features, feature_loader, features_key, stored_meta
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
@@ -215,6 +215,7 @@ class Trainer:
             for stage_epoch in range(first_epoch, stage.epochs):
                 if tracker.stopped:
                     break
+                raise_if_interrupted()  # a Ctrl-C that the last epoch lost (see cxrkit.runs.on_interrupt)
                 row = self._run_epoch(index, stage, stage_epoch, inputs, optimizer, progress)
                 improved = tracker.update(row[stage.early_stopping.monitor], stage.early_stopping.min_delta)
                 best_improved = self.best.update(row[self.best.monitor]) or self.val_loader is None
