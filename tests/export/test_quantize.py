@@ -463,3 +463,19 @@ def test_relu_outputs_that_meet_in_a_concatenation_share_a_range_that_starts_at_
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     fp32, int8 = OnnxModel(source)(x), OnnxModel(out)(x)
     assert (int8 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_a_damaged_or_wrong_int8_file_is_named_and_quantized_again(run, capsys):
+    """Both were quantized again with only "quantizing ... once" said, and an fp32 model in its place was called
+    "quantized with an earlier version's int8 settings"."""
+    path = run / "export" / "best.int8.onnx"
+    Predictor(run, engine="onnx-int8")
+    Predictor(run, engine="onnx")  # RUN/export/best.onnx
+    for case, damage in (("damaged", lambda: path.write_bytes(path.read_bytes()[:5000])),
+                         ("not an int8 model", lambda: shutil.copyfile(run / "export" / "best.onnx", path))):
+        damage()
+        capsys.readouterr()
+        int8 = Predictor(run, engine="onnx-int8")
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{path} is {case}; quantizing again" in err and "earlier version" not in err
+        assert int8.engine == "onnx-int8" and "quantization" in read_metadata(path)

@@ -284,8 +284,10 @@ class Predictor:
         if not fresh:
             found = _exported_metadata(path)
             earlier = found.get("quantization")
+            if path.is_file() and not isinstance(earlier, dict):
+                console.print(f"{path} is {'not an int8 model' if found else 'damaged'}; quantizing again")
             earlier = earlier if isinstance(earlier, dict) else {}
-            if self._reusable(path, found):
+            if earlier and self._reusable(path, found):
                 if all(earlier.get(key) == value for key, value in SETTINGS.items()):
                     return path
                 console.print(f"{path} was quantized with an earlier version's int8 settings")
