@@ -102,6 +102,13 @@ def test_damaged_figures_are_drawn_again_and_a_damaged_run_is_refused(run):
 def test_unknown_evaluation_is_a_clear_error(run):
     with pytest.raises(CxrError, match="no evaluation 'nope'.*test"):
         build_report(run, "nope")
+    (run / "eval" / "stopped").mkdir()  # an evaluation killed before its metrics.json (written last)
+    try:
+        with pytest.raises(CxrError, match=r"evaluation 'stopped' did not finish \(it has no metrics.json\); run "
+                                           r"`cxr evaluate .* --name stopped`"):
+            build_report(run, "stopped")
+    finally:
+        (run / "eval" / "stopped").rmdir()
     with pytest.raises(CxrError, match="not a cxrkit run"):
         build_report(run / "eval")
 

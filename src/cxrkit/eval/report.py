@@ -105,6 +105,9 @@ def find_eval(run: Run, name: str | None = None) -> Path | None:
         return found[-1].parent if found else None
     name = safe_name(name, "eval")  # as cxr evaluate --name made it
     if not (run.path / "eval" / name / "metrics.json").is_file():
+        if (run.path / "eval" / name).is_dir():  # metrics.json is written last
+            raise CxrError(f"run {run.path}: evaluation {name!r} did not finish (it has no metrics.json); run "
+                           f"`cxr evaluate {run.path} --name {name}` (with its other options) again")
         have = ", ".join(p.parent.name for p in found) or "none"
         raise CxrError(f"run {run.path} has no evaluation {name!r} (it has: {have}); run `cxr evaluate` first")
     return run.path / "eval" / name
