@@ -18,7 +18,10 @@ CASES: dict[str, tuple[str, str]] = {
     "truncated-dicom": ("cut.dcm", r"cut\.dcm: .*(truncated|cannot|corrupt|pixel data)"),
     "huge-png": ("huge.png", r"huge\.png: image .*(too large|over the limit)"),
     "blank-png": ("blank.png", r"blank\.png: blank image \(every pixel is 0 of 255\): nothing to classify"),
-    "blank-dicom": ("flat.dcm", r"flat\.dcm: blank image \(every pixel is \d+ of 255\)"),
+    "blank-dicom": ("flat.dcm", r"flat\.dcm: blank image \(every stored pixel value is 2000, of 4096 levels\)"),
+    # a 1-level checkerboard: scaled by its min and max to 0..255 it looked full-contrast and was predicted
+    "near-blank-dicom": ("nearflat.dcm", r"nearflat\.dcm: blank image \(every stored pixel value is 1000 to 1001, "
+                                         r"of 4096 levels\)"),
     "16bit-png": ("deep.png", "ok"),
     "cmyk-jpeg": ("cmyk.jpeg", "ok"),
     "palette-png": ("palette.png", "ok"),
@@ -50,6 +53,7 @@ def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     png_header_only(paths["huge-png"], 20000, 20000)
     Image.new("L", (size, size)).save(paths["blank-png"])  # models gave such images confident probabilities
     write_dicom(paths["blank-dicom"], np.full((size, size), 2000, dtype=np.uint16), "MONOCHROME2")
+    write_dicom(paths["near-blank-dicom"], (1000 + np.indices((size, size)).sum(0) % 2).astype(np.uint16))
     Image.fromarray(pixels.astype(np.uint16) * 257).save(paths["16bit-png"])
     Image.fromarray(pixels).convert("CMYK").save(paths["cmyk-jpeg"])
     Image.fromarray(pixels).convert("P").save(paths["palette-png"])

@@ -18,6 +18,9 @@ from cxrkit.data.images import DEFAULT_MAX_PIXELS, scale_to_uint8
 from cxrkit.errors import CxrError, NotAnImage, first_line
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+STORED_RANGE = "cxrkit.stored_range"
+"""``Image.info`` key of a decoded grayscale DICOM: its lowest and highest stored value and how many values Bits
+Stored allows, for :func:`cxrkit.data.images.refuse_blank`."""
 
 
 def read_dicom(
@@ -54,7 +57,11 @@ def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -
     except Exception as e:  # pydicom raises many types for bad or compressed pixel data; report them all as one
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {first_line(e)}") from e
-    return Image.fromarray(dicom_to_uint8(arr, ds, name))
+    image = Image.fromarray(dicom_to_uint8(arr, ds, name))
+    if arr.ndim == 2 and arr.size:  # the stored values, which scaling by min and max to 0..255 hides
+        bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+        image.info[STORED_RANGE] = (float(np.nanmin(arr)), float(np.nanmax(arr)), 2 ** min(bits, 32))
+    return image
 
 
 def dicom_to_uint8(arr: np.ndarray, ds: Any, name: str = "<dicom>") -> np.ndarray:

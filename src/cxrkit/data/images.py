@@ -134,8 +134,16 @@ BLANK_LEVELS = 2  # an 8-bit image whose pixels all lie within this many grey le
 
 def refuse_blank(image: Image.Image, name: str) -> Image.Image:
     """``image`` (decoded from ``name``), unless it shows nothing: every pixel the same grey, give or take
-    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder). A model still returns confident-looking
-    probabilities for such an image, so prediction refuses it with a :class:`CxrError` naming ``name``."""
+    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM, the same share of the
+    values its Bits Stored allows. A model still returns confident-looking probabilities for such an image, so
+    prediction refuses it with a :class:`CxrError` naming ``name``."""
+    stored = image.info.get("cxrkit.stored_range")  # a DICOM's (see cxrkit.data.dicom.STORED_RANGE)
+    if stored is not None:  # its 0..255 image spans min to max, so a 1-level checkerboard would look full-contrast
+        low, high, levels = stored
+        if (high - low) * 255 <= BLANK_LEVELS * (levels - 1):
+            level = f"{low:g}" if low == high else f"{low:g} to {high:g}"
+            raise CxrError(f"{name}: blank image (every stored pixel value is {level}, of {levels} levels): nothing "
+                           "to classify")
     low, high = image.convert("L").getextrema()
     if high - low > BLANK_LEVELS:
         return image
