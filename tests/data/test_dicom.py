@@ -69,8 +69,27 @@ def test_truncated_pixel_data(tmp_path):
     path = write_dicom(tmp_path / "full.dcm", RAMP)
     data = path.read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
-    with pytest.raises(CxrError, match=r"cut\.dcm: cannot decode DICOM pixel data"):
+    with pytest.raises(CxrError, match=r"cut\.dcm: cannot decode DICOM pixel data \(Explicit VR Little Endian, "
+                                       r"transfer syntax 1\.2\.840\.10008\.1\.2\.1; damaged data\)"):
         read_image(tmp_path / "cut.dcm")
+
+
+def test_undecodable_compressed_pixel_data_names_its_encoding(tmp_path):
+    """pydicom's own words ("all available plugins: pillow: cannot identify image file") did not say which encoding
+    or what to do about it."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "j2k.dcm", RAMP))
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(200)])  # a JPEG 2000 marker, then garbage
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+    with pytest.raises(CxrError, match=r"j2k\.dcm: cannot decode DICOM pixel data \(JPEG 2000 Image Compression "
+                                       r"\(Lossless Only\), transfer syntax 1\.2\.840\.10008\.1\.2\.4\.90; damaged "
+                                       r"compressed data, or no decoder for it installed\)"):
+        read_image(tmp_path / "j2k.dcm")
 
 
 def test_truncated_header(tmp_path):

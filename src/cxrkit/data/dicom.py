@@ -55,8 +55,11 @@ def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -
     try:
         arr = ds.pixel_array
     except Exception as e:  # pydicom raises many types for bad or compressed pixel data; report them all as one
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise CxrError(f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax}): {first_line(e)}") from e
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        encoding = f"{syntax.name}, transfer syntax {syntax}" if syntax is not None else "unknown transfer syntax"
+        why = "damaged compressed data, or no decoder for it installed" if getattr(syntax, "is_compressed", False) \
+            else "damaged data"
+        raise CxrError(f"{name}: cannot decode DICOM pixel data ({encoding}; {why}): {first_line(e)}") from e
     image = Image.fromarray(dicom_to_uint8(arr, ds, name))
     if arr.ndim == 2 and arr.size:  # the stored values, which scaling by min and max to 0..255 hides
         bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
