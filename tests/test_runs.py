@@ -266,6 +266,8 @@ def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tm
 import os, signal, torch
 from cxrkit.runs import atomic_write
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a process started in the background ignores Ctrl-C
+
 def write(fh):
     fh.write(b"x" * 1000)
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
@@ -289,6 +291,8 @@ def test_a_ctrl_c_that_python_ignores_still_ends_the_command_as_interrupted(tmp_
 import os, signal, sys, time
 import cxrkit.cli.main as cli
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a process started in the background ignores Ctrl-C
+
 class Workers:
     def __del__(self):
         os.kill(os.getpid(), signal.SIGINT)
@@ -303,3 +307,22 @@ cli.main()
 """)
     assert result.returncode == 130, (result.returncode, result.stderr)
     assert result.stderr.strip() == "interrupted"  # not Python's "Exception ignored in ..." traceback
+
+
+def test_a_command_started_where_ctrl_c_is_ignored_keeps_ignoring_it():
+    """A shell script's `cxr train ... &` runs with SIGINT ignored, so that Ctrl-C in the terminal leaves it be."""
+    result = _python("""
+import os, signal, time
+import cxrkit.cli.main as cli
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+def command():
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    raise SystemExit(0)
+
+cli.app = command
+cli.main()
+""")
+    assert result.returncode == 0 and result.stderr == "", (result.returncode, result.stderr)

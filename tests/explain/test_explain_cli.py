@@ -98,9 +98,10 @@ def test_resuming_follows_the_settings_and_the_file_and_explain_csv_covers_the_f
     result, rows = explain(str(normal))
     assert "1 image was already explained" in result.output
 
-    for folder, value in (("in1", 10), ("in2", 240)):  # two files of one name, explained in two calls
+    for folder, value in (("in1", 10), ("in2", 180)):  # two files of one name, explained in two calls
         (tmp_path / folder).mkdir()
-        Image.fromarray(np.full((64, 64), value, dtype=np.uint8)).save(tmp_path / folder / "same.png")
+        ramp = value + np.add.outer(np.arange(64), np.arange(64)) // 2  # not blank, which explain refuses
+        Image.fromarray(ramp.astype(np.uint8)).save(tmp_path / folder / "same.png")
     explain(str(tmp_path / "in1" / "same.png"))
     result, rows = explain(str(tmp_path / "in2" / "same.png"))
     assert "already explained" not in result.output

@@ -59,7 +59,8 @@ def _quiet_about_interrupts(hook: Any) -> Any:
 
 def main() -> None:
     """Entry point of the console script."""
-    signal.signal(signal.SIGINT, on_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (a job run
+        signal.signal(signal.SIGINT, on_interrupt)                     # with & from a script, nohup)
     sys.unraisablehook = _quiet_about_interrupts(sys.unraisablehook)
     try:
         app()
