@@ -207,6 +207,7 @@ def test_a_renamed_run_on_a_read_only_disk_predicts_with_its_current_exports(own
     """The exports name their run; a renamed copy's differ only in that, and a read-only mount made every
     --engine onnx command fail trying to write it."""
     import cxrkit.export.onnx
+    import cxrkit.serve.predictor
     from cxrkit.errors import CxrError
 
     renamed = own_run.rename(own_run.with_name("deployed"))
@@ -216,6 +217,7 @@ def test_a_renamed_run_on_a_read_only_disk_predicts_with_its_current_exports(own
         raise CxrError(f"{path}: cannot write here (Read-only file system)")
 
     monkeypatch.setattr(cxrkit.export.onnx, "update_metadata", read_only)
+    monkeypatch.setattr(cxrkit.serve.predictor, "folder_unwritable", lambda folder: "Read-only file system")
     result = CliRunner().invoke(app, ["predict", str(renamed), _images(data)[0], "--engine", "onnx"])
     assert result.exit_code == 0, result.output
     assert "best.onnx: cannot write here (Read-only file system); it keeps its old run in its metadata" in " ".join(

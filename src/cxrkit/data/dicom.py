@@ -14,13 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.images import DEFAULT_MAX_PIXELS, scale_to_uint8
+from cxrkit.data.images import DEFAULT_MAX_PIXELS, STORED_RANGE, scale_to_uint8
 from cxrkit.errors import CxrError, NotAnImage, first_line
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-STORED_RANGE = "cxrkit.stored_range"
-"""``Image.info`` key of a decoded grayscale DICOM: its lowest and highest stored value and how many values Bits
-Stored allows, for :func:`cxrkit.data.images.refuse_blank`."""
 
 
 def read_dicom(
@@ -61,9 +58,9 @@ def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -
             else "damaged data"
         raise CxrError(f"{name}: cannot decode DICOM pixel data ({encoding}; {why}): {first_line(e)}") from e
     image = Image.fromarray(dicom_to_uint8(arr, ds, name))
-    if arr.ndim == 2 and arr.size:  # the stored values, which scaling by min and max to 0..255 hides
+    if arr.ndim == 2 and arr.size and np.issubdtype(arr.dtype, np.integer):  # what scaling to 0..255 hides
         bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
-        image.info[STORED_RANGE] = (float(np.nanmin(arr)), float(np.nanmax(arr)), 2 ** min(bits, 32))
+        image.info[STORED_RANGE] = (float(arr.min()), float(arr.max()), 2 ** min(bits, 32))
     return image
 
 

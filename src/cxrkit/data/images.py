@@ -129,6 +129,10 @@ def content_problem(path: str | os.PathLike) -> str | None:
     return truncation_reason(path, fmt) or header_problem(path, fmt)
 
 
+STORED_RANGE = "cxrkit.stored_range"
+"""``Image.info`` key of a decoded grayscale DICOM with integer pixels: its lowest and highest stored value and how
+many values its Bits Stored allows (set in :mod:`cxrkit.data.dicom`), for :func:`refuse_blank`."""
+
 BLANK_LEVELS = 2  # an 8-bit image whose pixels all lie within this many grey levels of each other is blank
 
 
@@ -137,7 +141,7 @@ def refuse_blank(image: Image.Image, name: str) -> Image.Image:
     :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM, the same share of the
     values its Bits Stored allows. A model still returns confident-looking probabilities for such an image, so
     prediction refuses it with a :class:`CxrError` naming ``name``."""
-    stored = image.info.get("cxrkit.stored_range")  # a DICOM's (see cxrkit.data.dicom.STORED_RANGE)
+    stored = image.info.get(STORED_RANGE)
     if stored is not None:  # its 0..255 image spans min to max, so a 1-level checkerboard would look full-contrast
         low, high, levels = stored
         if (high - low) * 255 <= BLANK_LEVELS * (levels - 1):

@@ -88,12 +88,15 @@ CALIBRATING = ".calibration-pending"
 def _update_if_writable(path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
     """Bring the metadata of the exported file ``path`` from ``found`` to ``wanted``; where the file cannot be
     written (a read-only mount of a run, perhaps renamed or copied), say which keys it keeps and go on: the model in
-    it is current, and this process uses ``wanted`` (the run's own calibration) either way."""
+    it is current, and this process uses ``wanted`` (the run's own calibration) either way. Any other failure (a
+    full disk) is raised: an int8 file being made must not be put in place without its calibration."""
     from cxrkit.export.onnx import update_metadata
 
     try:
         update_metadata(path, wanted)
     except CxrError as err:
+        if folder_unwritable(path.parent) is None:
+            raise
         keys = sorted(key for key in {*found, *wanted} if found.get(key) != wanted.get(key))
         notes_console().print(f"note: {err}; it keeps its old {', '.join(keys)} in its metadata (this command uses "
                               "the run's)", highlight=False)
