@@ -84,20 +84,40 @@ def test_an_unknown_engine_is_a_one_line_error(run, data):
     assert "engine 'tensorrt' is not one of auto, torch, onnx" in str(result.exception) + result.output
 
 
-def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpoint(data, tmp_path):
+@pytest.fixture(scope="module")
+def calibratable(tmp_path_factory):
+    """A run with both classes in its validation split, so cxr calibrate can choose a threshold."""
+    from synth import kermany_folder
+
+    folder = tmp_path_factory.mktemp("calibratable")
+    result = CliRunner().invoke(app, [
+        "train", "--data", str(kermany_folder(folder / "xray", per_class=10, size=48)), "--out", str(folder),
+        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48", "--epochs", "1",
+        "--set", "runtime.workers=0", "--set", "data.split.ratios=[0.5,0.3,0.2]"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    for fmt in ("onnx", "torchscript"):
+        result = CliRunner().invoke(app, ["export", str(run), "-f", fmt])
+        assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.fixture
+def own_run(calibratable, tmp_path):
+    """A copy of that run, with its ONNX and TorchScript exports, for a test that changes it."""
+    import shutil
+
+    return Path(shutil.copytree(calibratable, tmp_path / calibratable.name))
+
+
+def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpoint(own_run, data):
     """`cxr calibrate` used to leave RUN/export/ with the old threshold (the ONNX file until its next use, the
     TorchScript file for good), and a calibration fitted on `last` was silently used for `best`."""
     import torch
-    from synth import kermany_folder
 
     from cxrkit.export.torchscript import load_torchscript
 
-    result = CliRunner().invoke(app, [
-        "train", "--data", str(kermany_folder(tmp_path / "xray", per_class=10, size=48)), "--out", str(tmp_path),
-        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48", "--epochs", "1",
-        "--set", "runtime.workers=0", "--set", "data.split.ratios=[0.5,0.3,0.2]"])  # both classes in val
-    assert result.exit_code == 0, result.output
-    run = Path(result.stdout.strip().splitlines()[-1])
+    run = own_run
     for fmt in ("onnx", "torchscript", "onnx-int8"):
         result = CliRunner().invoke(app, ["export", str(run), "-f", fmt])
         assert result.exit_code == 0, result.output
@@ -133,32 +153,6 @@ def test_calibrate_brings_the_run_s_exports_up_to_date_and_notes_another_checkpo
             "then), not on this best checkpoint") in " ".join(result.stderr.split())
     result = CliRunner().invoke(app, ["predict", str(run), _images(data)[0], "--checkpoint", "last"])
     assert result.exit_code == 0 and "fitted on other weights" not in result.stderr
-
-
-@pytest.fixture(scope="module")
-def calibratable(tmp_path_factory):
-    """A run with both classes in its validation split, so cxr calibrate can choose a threshold."""
-    from synth import kermany_folder
-
-    folder = tmp_path_factory.mktemp("calibratable")
-    result = CliRunner().invoke(app, [
-        "train", "--data", str(kermany_folder(folder / "xray", per_class=10, size=48)), "--out", str(folder),
-        "--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=48", "--epochs", "1",
-        "--set", "runtime.workers=0", "--set", "data.split.ratios=[0.5,0.3,0.2]"])
-    assert result.exit_code == 0, result.output
-    run = Path(result.stdout.strip().splitlines()[-1])
-    for fmt in ("onnx", "torchscript"):
-        result = CliRunner().invoke(app, ["export", str(run), "-f", fmt])
-        assert result.exit_code == 0, result.output
-    return run
-
-
-@pytest.fixture
-def own_run(calibratable, tmp_path):
-    """A copy of that run, with its ONNX and TorchScript exports, for a test that changes it."""
-    import shutil
-
-    return Path(shutil.copytree(calibratable, tmp_path / calibratable.name))
 
 
 def _calibration_of(run: Path) -> dict:
