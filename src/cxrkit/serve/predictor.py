@@ -273,9 +273,9 @@ class Predictor:
                   path: Path | None = None, fp32_convs: int | None = None, name: Path | None = None) -> Path:
         """``RUN/export/<checkpoint>.int8.onnx`` for these weights: reused when its weights checksum matches
         (metadata refreshed if calibration changed since) and it was quantized with this cxrkit's settings, else
-        quantized from :meth:`onnx_file` with ranges measured on ``images`` training images (default
-        :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES`) and the first ``fp32_convs`` convolutions left in fp32
-        (default: as many as the earlier file there kept, else none). Given ``path``, ``images`` or ``fp32_convs``,
+        quantized from :meth:`onnx_file` with ranges measured on ``images`` training images and the first
+        ``fp32_convs`` convolutions left in fp32 (by default as many of each as the earlier file there had, else
+        :data:`~cxrkit.export.quantize.CALIBRATION_IMAGES` and none). Given ``path``, ``images`` or ``fp32_convs``,
         it is always quantized afresh, to ``path`` (which messages call ``name`` when given). The run's own file
         replaces the earlier one only once its calibration is fitted (a ``path`` is the caller's to complete)."""
         from cxrkit.export.quantize import CALIBRATION_IMAGES, SETTINGS, quantize_int8
@@ -294,8 +294,11 @@ class Predictor:
                 if all(earlier.get(key) == value for key, value in SETTINGS.items()):
                     return path
                 console.print(f"{path} was quantized with an earlier version's int8 settings")
-            kept = earlier.get("fp32_convs")  # new weights or settings: the choice of fp32 convolutions holds
+            # new weights or settings: the earlier file's choices hold (fp32 convolutions, how many images)
+            kept = earlier.get("fp32_convs")
             fp32_convs = kept if isinstance(kept, int) and kept >= 0 else None
+            kept = earlier.get("range_images")
+            images = kept if isinstance(kept, int) and kept >= 1 else None
         source = self.onnx_file(model, console)
         images = CALIBRATION_IMAGES if images is None else images
         if images < 1:
