@@ -18,10 +18,10 @@ CASES: dict[str, tuple[str, str]] = {
     "truncated-dicom": ("cut.dcm", r"cut\.dcm: .*(truncated|cannot|corrupt|pixel data)"),
     "huge-png": ("huge.png", r"huge\.png: image .*(too large|over the limit)"),
     "blank-png": ("blank.png", r"blank\.png: blank image \(every pixel is 0 of 255\): nothing to classify"),
-    "blank-dicom": ("flat.dcm", r"flat\.dcm: blank image \(every stored pixel value is 2000, of 4096 levels\)"),
+    "blank-dicom": ("flat.dcm", r"flat\.dcm: blank image \(every stored pixel value is 2000\): nothing"),
     # a 1-level checkerboard: scaled by its min and max to 0..255 it looked full-contrast and was predicted
-    "near-blank-dicom": ("nearflat.dcm", r"nearflat\.dcm: blank image \(every stored pixel value is 1000 to 1001, "
-                                         r"of 4096 levels\)"),
+    "near-blank-dicom": ("nearflat.dcm", r"nearflat\.dcm: blank image \(every stored pixel value is 1000 "
+                                         r"to 1001\)"),
     "16bit-png": ("deep.png", "ok"),
     "cmyk-jpeg": ("cmyk.jpeg", "ok"),
     "palette-png": ("palette.png", "ok"),
@@ -29,6 +29,8 @@ CASES: dict[str, tuple[str, str]] = {
     "exif-jpeg": ("rotated.jpeg", "ok"),
     "dicom-mono1": ("mono1.dcm", "ok"),
     "dicom-mono2": ("mono2.dcm", "ok"),
+    # 8-bit values in a 16-bit DICOM: 220 of 65,536 levels, which a rule by share of Bits Stored called blank
+    "dicom-8bit-in-16": ("eightbit.dcm", "ok"),
 }
 
 
@@ -65,4 +67,5 @@ def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     Image.fromarray(pixels[:, : size // 2]).save(paths["exif-jpeg"], exif=exif.tobytes())
     write_dicom(paths["dicom-mono2"], deep, "MONOCHROME2")
     write_dicom(paths["dicom-mono1"], 4095 - deep, "MONOCHROME1")
+    write_dicom(paths["dicom-8bit-in-16"], pixels.astype(np.uint16) * 220 // 255, BitsStored=16, HighBit=15)
     return paths

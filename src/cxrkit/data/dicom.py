@@ -59,8 +59,7 @@ def _read_dicom(source: str | os.PathLike | bytes, name: str, max_pixels: int) -
         raise CxrError(f"{name}: cannot decode DICOM pixel data ({encoding}; {why}): {first_line(e)}") from e
     image = Image.fromarray(dicom_to_uint8(arr, ds, name))
     if arr.ndim == 2 and arr.size and np.issubdtype(arr.dtype, np.integer):  # what scaling to 0..255 hides
-        bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
-        image.info[STORED_RANGE] = (float(arr.min()), float(arr.max()), 2 ** min(bits, 32))
+        image.info[STORED_RANGE] = (float(arr.min()), float(arr.max()))
     return image
 
 

@@ -130,24 +130,24 @@ def content_problem(path: str | os.PathLike) -> str | None:
 
 
 STORED_RANGE = "cxrkit.stored_range"
-"""``Image.info`` key of a decoded grayscale DICOM with integer pixels: its lowest and highest stored value and how
-many values its Bits Stored allows (set in :mod:`cxrkit.data.dicom`), for :func:`refuse_blank`."""
+"""``Image.info`` key of a decoded grayscale DICOM with integer pixels: its lowest and highest stored value (set in
+:mod:`cxrkit.data.dicom`), for :func:`refuse_blank`."""
 
-BLANK_LEVELS = 2  # an 8-bit image whose pixels all lie within this many grey levels of each other is blank
+BLANK_LEVELS = 2  # an image whose pixels (a DICOM's stored values) all lie within this many levels of each other
 
 
 def refuse_blank(image: Image.Image, name: str) -> Image.Image:
     """``image`` (decoded from ``name``), unless it shows nothing: every pixel the same grey, give or take
-    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM, the same share of the
-    values its Bits Stored allows. A model still returns confident-looking probabilities for such an image, so
-    prediction refuses it with a :class:`CxrError` naming ``name``."""
+    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM, every stored value. A
+    model still returns confident-looking probabilities for such an image, so prediction refuses it with a
+    :class:`CxrError` naming ``name``. A DICOM is judged by its stored values, not by a share of the range its Bits
+    Stored allows: 8-bit pictures are often stored in 16 bits."""
     stored = image.info.get(STORED_RANGE)
     if stored is not None:  # its 0..255 image spans min to max, so a 1-level checkerboard would look full-contrast
-        low, high, levels = stored
-        if (high - low) * 255 <= BLANK_LEVELS * (levels - 1):
+        low, high = stored
+        if high - low <= BLANK_LEVELS:
             level = f"{low:g}" if low == high else f"{low:g} to {high:g}"
-            raise CxrError(f"{name}: blank image (every stored pixel value is {level}, of {levels} levels): nothing "
-                           "to classify")
+            raise CxrError(f"{name}: blank image (every stored pixel value is {level}): nothing to classify")
     low, high = image.convert("L").getextrema()
     if high - low > BLANK_LEVELS:
         return image
