@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -104,13 +105,21 @@ def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = D
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Image.open warns; the size is checked
             with Image.open(path) as im:
                 width, height = im.size
-    except Image.DecompressionBombError:
-        return "image too large, a possible decompression bomb"
+    except Image.DecompressionBombError as err:
+        return _too_large(err, max_pixels)
     except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
         return f"corrupt {fmt or 'image'} header ({first_line(err)})"
     if width * height > max_pixels:
         return f"image is {width}x{height}, over the limit of {max_pixels / 1e6:g} megapixels"
     return None
+
+
+def _too_large(err: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow's refusal of a decompression bomb (over twice its own limit, found before cxrkit's check could run),
+    said with cxrkit's limit."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f" ({int(found.group(1)) / 1e6:.0f} megapixels)" if found else ""
+    return f"image too large{size}, over the limit of {max_pixels / 1e6:g} megapixels; a possible decompression bomb"
 
 
 def content_problem(path: str | os.PathLike) -> str | None:
@@ -195,7 +204,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
             raise CxrError(f"{name}: corrupt {fmt} file (its header cannot be read)") from e
         raise NotAnImage(f"{name}: not an image (unrecognised format)") from e
     except Image.DecompressionBombError as e:
-        raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
+        raise CxrError(f"{name}: {_too_large(e, max_pixels)}") from e
     except _DECODE_ERRORS as e:
         raise CxrError(f"{name}: corrupt image header ({e})") from e
     return _finish(im, name, max_pixels)
@@ -222,7 +231,7 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
         im.load()  # force the full decode so truncated data fails here, not later
         im = ImageOps.exif_transpose(im) or im
     except Image.DecompressionBombError as e:
-        raise CxrError(f"{name}: image too large, a possible decompression bomb ({e})") from e
+        raise CxrError(f"{name}: {_too_large(e, max_pixels)}") from e
     except _DECODE_ERRORS as e:
         raise CxrError(f"{name}: corrupt or truncated image ({e})") from e
     return to_grayscale(im)
