@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -138,3 +139,16 @@ def test_serve_refuses_bad_options_in_one_line(tiny_run, tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing-run" in proc.stderr
     proc = subprocess.run([*CXR, "serve", str(tiny_run), "--workers", "0"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--workers must be at least 1" in proc.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_run_that_cannot_be_loaded_stops_serve_before_it_starts_in_one_line(tiny_run, tmp_path, workers):
+    run = Path(shutil.copytree(tiny_run, tmp_path / tiny_run.name))
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])  # cut short
+    proc = subprocess.run([*CXR, "serve", str(run), "--port", str(_free_port()), "--workers", workers],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    # one line, not uvicorn's start-up traceback
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {best} cannot be read"), proc.stderr

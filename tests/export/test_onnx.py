@@ -1,6 +1,7 @@
 """ONNX export of a trained run and the ``--engine onnx`` path of predict and evaluate."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,40 @@ def test_a_renamed_run_on_a_read_only_disk_predicts_with_its_current_exports(own
     assert "best.onnx: cannot write here (Read-only file system); it keeps its old run in its metadata" in " ".join(
         result.stderr.split())
     assert (renamed / "export" / "best.onnx").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture
+def read_only_run(run, tmp_path, monkeypatch):
+    """A copy of the run without exports, on what behaves as a read-only disk (the tests run as root, so a chmod
+    would not stop them writing)."""
+    import cxrkit.runs
+
+    copy = Path(shutil.copytree(run, tmp_path / run.name, ignore=shutil.ignore_patterns("export")))
+    monkeypatch.setattr(cxrkit.runs, "folder_unwritable", lambda folder: "Read-only file system")
+    return copy
+
+
+@pytest.mark.parametrize("engine,file", [("onnx", "best.onnx"), ("onnx-int8", "best.int8.onnx")])
+def test_an_onnx_engine_on_a_read_only_run_without_exports_is_a_one_line_error_with_a_way_out(read_only_run,
+                                                                                                 engine, file):
+    from cxrkit.errors import CxrError
+
+    with pytest.raises(CxrError) as err:
+        Predictor(read_only_run, engine=engine)
+    assert str(err.value) == (f"{read_only_run / 'export' / file}: cannot write here (Read-only file system); "
+                              "the ONNX engines export the model there once, so run them once where the run can be "
+                              "written, or use --engine torch")  # it was an OSError from making RUN/export
+    assert not (read_only_run / "export").exists()
+
+
+def test_auto_on_a_read_only_run_without_exports_uses_pytorch_with_a_note(read_only_run, data, monkeypatch, capsys):
+    import cxrkit.train.runtime
+
+    monkeypatch.setattr(cxrkit.train.runtime, "cpu_supports_bf16", lambda: False)  # where auto picks ONNX Runtime
+    predictor = Predictor(read_only_run, engine="auto")
+    assert predictor.engine == "torch"
+    note = " ".join(capsys.readouterr().err.split())
+    assert "best.onnx: cannot write here (Read-only file system); using PyTorch instead" in note
+    images = _images(data)[:2]
+    assert [p.probabilities for p in predictor.predict_files(images)] == [
+        p.probabilities for p in Predictor(read_only_run, engine="torch").predict_files(images)]

@@ -70,6 +70,27 @@ def test_model_describes_labels_input_and_checksum(client, tiny_run):
     assert info["threshold"] == predictor.threshold and info["temperature"] == predictor.temperature
 
 
+def test_a_worker_started_after_a_new_calibration_answers_with_the_one_the_service_started_with(tiny_run, cases,
+                                                                                                   caplog):
+    """With several workers, uvicorn starts a crashed one again; it loaded the run's labels.json as it was then, so
+    after a cxr calibrate two workers answered the same image with two thresholds."""
+    started = {**Predictor(tiny_run).calibration, "threshold": 0.123, "temperature": 2.0}  # the run's is now another
+    with TestClient(create_app(ServeSettings(str(tiny_run), engine="torch", calibration=started))) as c:
+        info = c.get("/v1/model").json()
+        body = c.post("/v1/predict", files=_upload(cases["16bit-png"])).json()
+    assert (info["threshold"], info["temperature"], body["threshold"]) == (0.123, 2.0, 0.123)
+    expected = Predictor(tiny_run)
+    assert expected.hold_calibration(started)
+    (answer,) = expected.predict_files([str(cases["16bit-png"])])
+    assert list(body["probabilities"].values()) == pytest.approx(list(answer.probabilities.values()), abs=1e-4)
+    assert "was calibrated again since the service started" in caplog.text
+    caplog.clear()
+    with TestClient(create_app(ServeSettings(str(tiny_run), engine="torch",
+                                             calibration=Predictor(tiny_run).calibration))):  # the run's own
+        pass
+    assert "calibrated again" not in caplog.text
+
+
 def test_predict_answers_like_cxr_predict(client, tiny_run, cases):
     path = cases["16bit-png"]
     response = client.post("/v1/predict", files=_upload(path), headers=KEY)

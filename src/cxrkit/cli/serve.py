@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,8 @@ def serve(
     from cxrkit.errors import CxrError
     from cxrkit.runs import Run
     from cxrkit.serve.app import SETTINGS_ENV, ServeSettings, create_app
-    from cxrkit.serve.predictor import ENGINES, resolve_engine
+    from cxrkit.serve.predictor import ENGINES, Predictor
+    from cxrkit.serve.service import Service
     from cxrkit.train.runtime import usable_cores
 
     if workers < 1:
@@ -43,18 +45,21 @@ def serve(
     if engine not in ("auto", *ENGINES):
         raise CxrError(f"--engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
     path = Run.open(run).path.resolve()
-    resolved = resolve_engine(engine)
-    if resolved != "torch" and workers > 1:  # export once here, so that workers do not race to write one file
-        from cxrkit.serve.predictor import Predictor
-
-        Predictor(path, checkpoint, engine=resolved)
     threads = max(1, usable_cores() // workers) if workers > 1 else None
-    settings = ServeSettings(str(path), checkpoint, resolved, api_key, max_upload_mb, timeout_s=timeout,
+    settings = ServeSettings(str(path), checkpoint, engine, api_key, max_upload_mb, timeout_s=timeout,
                              max_files=max_files, max_batch=max_batch, batch_window_ms=batch_window_ms,
                              threads=threads, heatmaps=heatmaps)
-    typer.echo(f"serving {path.name} ({resolved} engine) on http://{host}:{port} with {workers} worker(s)", err=True)
-    if workers == 1:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+    # the model is loaded before the server starts, so a problem with it is a one-line error, not a failed start-up;
+    # with several workers, once here too, so that they do not race to export one file
+    service = Service(settings) if workers == 1 else None
+    predictor = service.predictor if service else Predictor(path, checkpoint, engine=engine)
+    used = predictor.engine
+    # for every worker: what auto chose, and the calibration (a worker started again after a crash must not answer
+    # with a later one)
+    settings = dataclasses.replace(settings, engine=used, calibration=predictor.calibration)
+    typer.echo(f"serving {path.name} ({used} engine) on http://{host}:{port} with {workers} worker(s)", err=True)
+    if service:
+        uvicorn.run(create_app(settings, service), host=host, port=port, log_level=log_level)
     else:
         os.environ[SETTINGS_ENV] = settings.to_env()
         uvicorn.run("cxrkit.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,

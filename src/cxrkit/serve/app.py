@@ -38,7 +38,9 @@ _log = logging.getLogger("cxrkit.serve")
 
 @dataclass
 class ServeSettings:
-    """How ``cxr serve`` runs; every field has a ``cxr serve`` option of the same name."""
+    """How ``cxr serve`` runs; every field but ``calibration`` has a ``cxr serve`` option of the same name.
+    ``calibration`` is the one the service started with (:attr:`Predictor.calibration`): with several workers,
+    one that uvicorn starts again later answers with it too, even if the run was calibrated since."""
 
     run: str
     checkpoint: str = "best"
@@ -52,6 +54,7 @@ class ServeSettings:
     batch_window_ms: float = 5.0
     threads: int | None = None
     heatmaps: bool = True
+    calibration: dict[str, Any] | None = None
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -72,8 +75,9 @@ class RequestError(Exception):
         self.status = status
 
 
-def create_app(settings: ServeSettings) -> Any:
-    """The FastAPI app; the model is loaded when the app starts (once per worker process)."""
+def create_app(settings: ServeSettings, service: Any = None) -> Any:
+    """The FastAPI app; the model is loaded when the app starts (once per worker process), unless ``service`` (a
+    :class:`~cxrkit.serve.service.Service` of ``settings``) was loaded already."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
@@ -87,9 +91,9 @@ def create_app(settings: ServeSettings) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = Service(settings)
-        async with service:
-            app.state.service = service
+        loaded = service or Service(settings)
+        async with loaded:
+            app.state.service = loaded
             yield
 
     app = FastAPI(title="cxrkit prediction service", version=__version__, lifespan=lifespan,

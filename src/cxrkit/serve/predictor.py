@@ -20,7 +20,7 @@ from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
 from cxrkit.errors import CxrError
 from cxrkit.models.weights import weights_digest
-from cxrkit.runs import Run, folder_unwritable, staged
+from cxrkit.runs import Run, check_writable, folder_unwritable, staged
 from cxrkit.train.loop import make_progress, predict
 from cxrkit.train.losses import probabilities
 from cxrkit.train.runtime import Runtime, setup_runtime
@@ -81,6 +81,23 @@ def resolve_engine(engine: str) -> str:
     return "torch" if torch.cuda.is_available() or cpu_supports_bf16() else "onnx"
 
 
+class CannotExport(CxrError):
+    """An ONNX engine needs a file in ``RUN/export/`` that is not there and cannot be written there."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(f"{problem}; the ONNX engines export the model there once, so run them once where the run "
+                         "can be written, or use --engine torch")
+
+
+def _check_exportable(path: Path) -> None:
+    """Raise :class:`CannotExport` when ``path``, an export an ONNX engine needs, cannot be written."""
+    try:
+        check_writable(path)
+    except CxrError as err:
+        raise CannotExport(str(err)) from None
+
+
 CALIBRATING = ".calibration-pending"
 """In ``RUN/export/`` while ``cxr calibrate`` has not yet brought the files there up to date with ``labels.json``."""
 
@@ -136,7 +153,7 @@ class Predictor:
                  engine: str = "torch", console: Any = None, check_calibration: bool = True):
         if engine not in ("auto", *ENGINES):
             raise CxrError(f"engine {engine!r} is not one of auto, {', '.join(ENGINES)}")
-        engine = resolve_engine(engine)
+        requested, engine = engine, resolve_engine(engine)
         self.run = run if isinstance(run, Run) else Run.open(run)
         self.recipe = load_recipe(self.run.file("recipe.yaml"))
         self.labels_info = self.run.read_json("labels.json")
@@ -162,11 +179,17 @@ class Predictor:
                 f"{checkpoint} checkpoint; `cxr calibrate {self.run.path} --checkpoint {checkpoint}` fits them for it",
                 highlight=False)
         self.model: torch.nn.Module
+        if engine != "torch":
+            try:
+                self.use_onnx(self.onnx_file(model, console) if engine == "onnx" else self.int8_file(model, console),
+                              console)
+            except CannotExport as err:
+                if requested != "auto":
+                    raise
+                (console or notes_console()).print(f"note: {err.problem}; using PyTorch instead", highlight=False)
+                self.engine = engine = "torch"
         if engine == "torch":
             self.model = self.runtime.prepare_model(model).eval()
-        else:
-            self.use_onnx(self.onnx_file(model, console) if engine == "onnx" else self.int8_file(model, console),
-                          console)
         if check_calibration and (self.run.path / "export" / CALIBRATING).exists():
             self._finish_stopped_calibration(console or notes_console())
 
@@ -265,6 +288,7 @@ class Predictor:
         path = self.run.path / "export" / f"{self.checkpoint}.onnx"
         if self._reusable(path, _exported_metadata(path)):
             return path
+        _check_exportable(path)
         console = console or notes_console()
         console.print(f"exporting the {self.checkpoint} checkpoint to ONNX once: {path}")
         return export_onnx(model, path, self.preprocessing.size, self.export_metadata())
@@ -299,6 +323,8 @@ class Predictor:
             fp32_convs = kept if isinstance(kept, int) and kept >= 0 else None
             kept = earlier.get("range_images")
             images = kept if isinstance(kept, int) and kept >= 1 else None
+        if given is None:
+            _check_exportable(path)
         source = self.onnx_file(model, console)
         images = CALIBRATION_IMAGES if images is None else images
         if images < 1:
@@ -378,6 +404,18 @@ class Predictor:
                     progress.advance(task)
 
         return batches(), len(loader)
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The temperature and threshold this predictor answers with, and where they come from."""
+        return {key: self.labels_info.get(key) for key in CALIBRATION_KEYS}
+
+    def hold_calibration(self, calibration: dict[str, Any]) -> bool:
+        """Answer with ``calibration`` (a :attr:`calibration` of these weights and engine, taken earlier) instead
+        of what the run holds now; whether the two differed."""
+        differed = calibration != self.calibration
+        self.labels_info = {**self.labels_info, **calibration}
+        return differed
 
     @property
     def threshold(self) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from cxrkit.serve.app import RequestError, ServeSettings
 from cxrkit.serve.batcher import MicroBatcher
 from cxrkit.serve.predictor import Prediction, Predictor
 
+_log = logging.getLogger("cxrkit.serve")
 SUPPORTED = "PNG, JPEG, TIFF, WebP, BMP, GIF, JPEG 2000 or DICOM"
 NAME_LIMIT = 200
 
@@ -41,6 +43,9 @@ class Service:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         self.predictor = Predictor(settings.run, settings.checkpoint, engine=settings.engine)
+        if settings.calibration is not None and self.predictor.hold_calibration(settings.calibration):
+            _log.warning("%s was calibrated again since the service started; this worker answers with the "
+                         "calibration the others have (restart the service for the new one)", self.predictor.run.name)
         self.cam_predictor = self._load_cam_predictor() if settings.heatmaps else None
         self.batcher: MicroBatcher[tuple[str, Any, float], Prediction] = MicroBatcher(
             self.predictor.predict_decoded, settings.max_batch, settings.batch_window_ms)
