@@ -112,6 +112,18 @@ def test_resuming_follows_the_settings_and_the_file_and_explain_csv_covers_the_f
     assert result.exit_code != 0 and len(rows) == 3
 
 
+def test_images_checked_under_an_earlier_verdict_rule_are_explained_again(run, data, tmp_path):
+    normal = sorted((data / "train" / "NORMAL").iterdir())[0]
+    out = tmp_path / "out"
+    first = CliRunner().invoke(app, ["explain", str(run), str(normal), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    record = json.loads((out / f"{normal.stem}.json").read_text())
+    del record["settings"]["verdicts"]  # as written before the rule asked the heatmap's own drop to reach 0.01
+    (out / f"{normal.stem}.json").write_text(json.dumps(record))
+    again = CliRunner().invoke(app, ["explain", str(run), str(normal), "--out", str(out)])
+    assert "1 image explained before with other settings" in again.output
+
+
 def test_every_class_and_another_method(run, data, tmp_path):
     image = sorted((data / "train" / "NORMAL").iterdir())[0]
     out = tmp_path / "all"

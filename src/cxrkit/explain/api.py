@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cxrkit.errors import CxrError
+from cxrkit.explain.faithfulness import VERDICTS
 from cxrkit.explain.gradcam import Explainer, choose_targets
 from cxrkit.explain.plots import Explained, plot_overlay
 from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name
@@ -140,7 +141,8 @@ def settings_of(predictor: Predictor, options: ExplainOptions) -> dict[str, Any]
     return {"checkpoint": predictor.checkpoint, "weights_sha256": predictor.weights_sha256, "method": options.method,
             "layer": options.layer, "targets": list(options.targets), "check": options.check,
             "percent": options.percent, "n_random": options.n_random, "seed": options.seed,
-            "opacity": options.opacity, "temperature": predictor.temperature, "threshold": predictor.threshold}
+            "opacity": options.opacity, "temperature": predictor.temperature, "threshold": predictor.threshold,
+            "verdicts": VERDICTS}
 
 
 def _record(out_dir: Path, name: str) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from torch import nn
 from cxrkit.explain.gradcam import ProbabilityTarget
 
 MARGIN = 0.01  # probability differences below this are treated as no change
+VERDICTS = "heatmap drop and its excess over random, each at least MARGIN"
+"""The rule of :attr:`Faithfulness.verdict`, kept with explained images so that a change of rule redoes them."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,13 @@ class Faithfulness:
 
     @property
     def verdict(self) -> str:
-        """``meaningful`` (removing the heatmap's region costs at least :data:`MARGIN` more probability than a
-        random region), ``inconclusive`` (neither removal moves the probability by :data:`MARGIN`, as happens
-        when a prediction is saturated near 0 or 1) or ``no better than random``."""
+        """``meaningful`` (removing the heatmap's region lowers the probability by at least :data:`MARGIN`, and by
+        at least that much more than a random region does), ``inconclusive`` (removing the heatmap's region does not
+        lower the probability by :data:`MARGIN` while it does better than random regions: neither removal moves the
+        probability, as when a prediction is saturated near 0 or 1, or random regions raise it, as for a class the
+        model gives a low probability) or ``no better than random``."""
         if self.score >= MARGIN:
-            return "meaningful"
+            return "meaningful" if self.drop_heatmap >= MARGIN else "inconclusive"
         if max(abs(self.drop_heatmap), abs(self.drop_random)) < MARGIN:
             return "inconclusive"
         return "no better than random"
