@@ -53,11 +53,12 @@ def serve(
     # with several workers, once here too, so that they do not race to export one file
     service = Service(settings) if workers == 1 else None
     predictor = service.predictor if service else Predictor(path, checkpoint, engine=engine)
-    used = predictor.engine
     # for every worker: what auto chose, and the calibration (a worker started again after a crash must not answer
     # with a later one)
-    settings = dataclasses.replace(settings, engine=used, calibration=predictor.calibration)
-    typer.echo(f"serving {path.name} ({used} engine) on http://{host}:{port} with {workers} worker(s)", err=True)
+    settings = dataclasses.replace(settings, engine=predictor.engine, calibration=predictor.calibration)
+    del predictor  # with several workers, each loads its own
+    typer.echo(f"serving {path.name} ({settings.engine} engine) on http://{host}:{port} with {workers} worker(s)",
+               err=True)
     if service:
         uvicorn.run(create_app(settings, service), host=host, port=port, log_level=log_level)
     else:
