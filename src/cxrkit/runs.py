@@ -377,8 +377,12 @@ class Run:
         """Rewrite ``metrics.csv`` atomically (a few hundred rows at most, so rewriting is cheap and safe)."""
         self.write_text("metrics.csv", csv_text(rows))
 
+    def eval_path(self, name: str) -> Path:
+        """The folder ``RUN/eval/<name>``, ``name`` made a plain file name (:func:`safe_name`)."""
+        return self.path / "eval" / safe_name(name, "eval")
+
     def eval_dir(self, name: str) -> Path:
-        """The folder ``RUN/eval/<name>`` (made if needed), ``name`` made a plain file name (:func:`safe_name`)."""
-        path = self.path / "eval" / safe_name(name, "eval")
+        """:meth:`eval_path`, made if needed."""
+        path = self.eval_path(name)
         path.mkdir(parents=True, exist_ok=True)
         return path

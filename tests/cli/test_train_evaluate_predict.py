@@ -90,6 +90,21 @@ def test_evaluations_by_another_engine_or_checkpoint_keep_their_own_folders(trai
             "onnx", "best"), ("--checkpoint", "last"): ("torch", "last")}[args]
 
 
+def test_evaluate_on_a_run_that_cannot_be_written_says_so_before_predicting(trained, monkeypatch):
+    """It predicted the whole split, then failed on RUN/eval without saying what to do."""
+    import cxrkit.runs
+    from cxrkit.serve.predictor import Predictor
+
+    monkeypatch.setattr(cxrkit.runs, "folder_unwritable", lambda folder: "Read-only file system")
+    monkeypatch.setattr(Predictor, "predict_dataset", lambda *args, **kwargs: pytest.fail("predicted first"))
+    result = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "val", "--name", "ro"])
+    assert result.exit_code != 0
+    assert str(result.exception) == (f"{trained / 'eval' / 'ro' / 'metrics.json'}: cannot write here (Read-only file "
+                                     "system); cxr evaluate keeps its results in the run, so evaluate a copy of the "
+                                     "run that can be written")
+    assert not (trained / "eval" / "ro").exists()
+
+
 def test_predict_formats_and_bad_files(trained, data, tmp_path):
     images = sorted((data / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
     result = CliRunner().invoke(app, ["predict", str(trained), *map(str, images), "--format", "json"])

@@ -158,7 +158,7 @@ def test_files_whose_header_rules_them_out_are_skipped_by_the_scan(tmp_path):
     assert reasons == {
         "frames.dcm": "multi-frame DICOM (2 frames) is not supported; export a single frame",
         "nopix.dcm": "DICOM file has no pixel data (cut short, or a DICOM object that is not an image)",
-        "huge.png": "image is 10000x10000, over the limit of 64 megapixels",
+        "huge.png": "image is 10000x10000 (100 megapixels), over the limit of 64 megapixels",
         "cut.dcm": "truncated DICOM file (its pixel data needs 8192 bytes, the file ends after 5192)",
         "declared.dcm": "DICOM pixel data is 8192 bytes, but 64x128 pixels of 16 bits need 16384 (a damaged file or "
                         "header)",

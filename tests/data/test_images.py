@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -167,6 +168,12 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path):
     big = png_header_only(tmp_path / "big.png", 9000, 9000)  # 81 MP: below Pillow's own limit, above ours
     with pytest.raises(CxrError, match=r"big\.png: image is 9000x9000 .* over the limit of 64 megapixels"):
         read_image(big)
+    larger = png_header_only(tmp_path / "larger.png", 10000, 10000)  # 100 MP: Pillow warns, then ours refuses
+    with warnings.catch_warnings(record=True) as caught:
+        with pytest.raises(CxrError, match=r"^\S*larger\.png: image is 10000x10000 \(100 megapixels\), over the limit "
+                                           r"of 64 megapixels$"):
+            read_image(larger)
+    assert not caught  # Pillow's DecompressionBombWarning was printed above the one-line error
     small = save_gray(tmp_path / "small.png", (20, 10))
     with pytest.raises(CxrError, match="over the limit"):
         read_image(small, max_pixels=199)

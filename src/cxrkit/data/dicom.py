@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrkit.data.images import DEFAULT_MAX_PIXELS, STORED_RANGE, scale_to_uint8
+from cxrkit.data.images import DEFAULT_MAX_PIXELS, STORED_RANGE, over_limit, scale_to_uint8
 from cxrkit.errors import CxrError, NotAnImage, first_line
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -186,4 +186,4 @@ def _check_single_frame_image(ds: Any, name: str, max_pixels: int) -> None:
     if frames > 1:
         raise CxrError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; export a single frame")
     if rows * cols > max_pixels:
-        raise CxrError(f"{name}: image is {cols}x{rows}, over the limit of {max_pixels / 1e6:g} megapixels")
+        raise CxrError(f"{name}: {over_limit(cols, rows, max_pixels)}")

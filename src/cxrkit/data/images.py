@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,17 +102,29 @@ def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = D
 
         return dicom_header_problem(path, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Image.open warns; the size is checked
-            with Image.open(path) as im:
-                width, height = im.size
+        with _open(path) as im:
+            width, height = im.size
     except Image.DecompressionBombError as err:
         return _too_large(err, max_pixels)
     except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
         return f"corrupt {fmt or 'image'} header ({first_line(err)})"
     if width * height > max_pixels:
-        return f"image is {width}x{height}, over the limit of {max_pixels / 1e6:g} megapixels"
+        return over_limit(width, height, max_pixels)
     return None
+
+
+def _open(source: Any) -> Image.Image:
+    """``Image.open`` without Pillow's warning for images over 89 megapixels (on stderr, or in a service's log):
+    cxrkit checks every image against its own limit before decoding and says so in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def over_limit(width: int, height: int, max_pixels: int) -> str:
+    """Why an image of ``width`` x ``height`` pixels is refused (more than ``max_pixels``)."""
+    return (f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the limit of "
+            f"{max_pixels / 1e6:g} megapixels")
 
 
 def _too_large(err: Image.DecompressionBombError, max_pixels: int) -> str:
@@ -195,7 +208,7 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
     if is_dicom_bytes(data):
         return _decode_dicom(data, name, max_pixels)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = _open(io.BytesIO(data))
     except UnidentifiedImageError as e:
         if name.lower().endswith(DICOM_SUFFIXES):  # DICOM written without the preamble
             return _decode_dicom(data, name, max_pixels)
@@ -220,10 +233,7 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
     """Size check, full decode, orientation and conversion to mode ``L``."""
     width, height = im.size
     if width * height > max_pixels:
-        raise CxrError(
-            f"{name}: image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the limit of "
-            f"{max_pixels / 1e6:g} megapixels"
-        )
+        raise CxrError(f"{name}: {over_limit(width, height, max_pixels)}")
     if width == 0 or height == 0:
         raise CxrError(f"{name}: image has zero size ({width}x{height})")
     try:

@@ -12,7 +12,7 @@ from cxrkit import pipeline
 from cxrkit.config import DataConfig
 from cxrkit.data.base import LabelledImages
 from cxrkit.errors import CxrError
-from cxrkit.runs import atomic_write_json, atomic_write_text, csv_text
+from cxrkit.runs import atomic_write_json, atomic_write_text, check_writable, csv_text
 from cxrkit.serve.predictor import Predictor
 
 
@@ -99,6 +99,15 @@ def evaluate_run(
     ds, ds_name, external, split = select_data(predictor, data, split)
     if not len(ds):
         raise CxrError(f"nothing to evaluate: the {split} split of {ds_name} is empty")
+    # the engine and checkpoint where they are not the defaults: evaluating one split with two of them keeps both
+    chosen = [value for value, default in ((predictor.engine, "torch"), (predictor.checkpoint, "best"))
+              if value != default]
+    name = name or "-".join([ds_name, split, *chosen])
+    try:  # before the work, not after it
+        check_writable(predictor.run.eval_path(name) / "metrics.json")
+    except CxrError as err:
+        raise CxrError(f"{err}; cxr evaluate keeps its results in the run, so evaluate a copy of the run that can be "
+                       "written") from None
     targets = mapped_targets(ds, predictor.labels, label_map)
     probs = predictor.predict_dataset(ds, batch_size, console)
     task, labels, threshold = predictor.task, predictor.labels, predictor.threshold
@@ -118,10 +127,7 @@ def evaluate_run(
         "recipe": {"backbone": predictor.recipe.model.backbone, "weights": predictor.recipe.model.weights,
                    "stages": [dataclasses.asdict(s)["trainable"] for s in predictor.recipe.stages]},
     })
-    # the engine and checkpoint where they are not the defaults: evaluating one split with two of them keeps both
-    chosen = [value for value, default in ((predictor.engine, "torch"), (predictor.checkpoint, "best"))
-              if value != default]
-    out = predictor.run.eval_dir(name or "-".join([ds_name, split, *chosen]))
+    out = predictor.run.eval_dir(name)
     # an earlier evaluation under this name goes as a whole (its figures, its report), so that a folder never mixes
     # two; metrics.json, written last, marks it complete, and an interrupted one is redone
     for old in sorted(out.iterdir(), key=lambda f: f.name != "metrics.json"):
