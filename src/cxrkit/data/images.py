@@ -115,7 +115,9 @@ def header_problem(path: str | os.PathLike, fmt: str | None, max_pixels: int = D
 
 def _open(source: Any) -> Image.Image:
     """``Image.open`` without Pillow's warning for images over 89 megapixels (on stderr, or in a service's log):
-    cxrkit checks every image against its own limit before decoding and says so in one line."""
+    cxrkit checks every image against its own limit before decoding and says so in one line. The filter is set
+    for this call only, not for the user's process (the service's decoding threads racing here can at worst leave
+    this one filter in place)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(source)
