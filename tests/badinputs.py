@@ -22,6 +22,9 @@ CASES: dict[str, tuple[str, str]] = {
     # a 1-level checkerboard: scaled by its min and max to 0..255 it looked full-contrast and was predicted
     "near-blank-dicom": ("nearflat.dcm", r"nearflat\.dcm: blank image \(every stored pixel value is 1000 "
                                          r"to 1001\)"),
+    # the same in a 16-bit PNG, scaled to 0..255 the same way
+    "near-blank-16bit-png": ("nearflat16.png", r"nearflat16\.png: blank image \(every stored pixel value is 1000 "
+                                               r"to 1001\)"),
     "16bit-png": ("deep.png", "ok"),
     "cmyk-jpeg": ("cmyk.jpeg", "ok"),
     "palette-png": ("palette.png", "ok"),
@@ -56,6 +59,7 @@ def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     Image.new("L", (size, size)).save(paths["blank-png"])  # models gave such images confident probabilities
     write_dicom(paths["blank-dicom"], np.full((size, size), 2000, dtype=np.uint16), "MONOCHROME2")
     write_dicom(paths["near-blank-dicom"], (1000 + np.indices((size, size)).sum(0) % 2).astype(np.uint16))
+    Image.fromarray((1000 + np.indices((size, size)).sum(0) % 2).astype(np.uint16)).save(paths["near-blank-16bit-png"])
     Image.fromarray(pixels.astype(np.uint16) * 257).save(paths["16bit-png"])
     Image.fromarray(pixels).convert("CMYK").save(paths["cmyk-jpeg"])
     Image.fromarray(pixels).convert("P").save(paths["palette-png"])

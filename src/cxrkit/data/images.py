@@ -154,18 +154,19 @@ def content_problem(path: str | os.PathLike) -> str | None:
 
 
 STORED_RANGE = "cxrkit.stored_range"
-"""``Image.info`` key of a decoded grayscale DICOM with integer pixels: its lowest and highest stored value (set in
-:mod:`cxrkit.data.dicom`), for :func:`refuse_blank`."""
+"""``Image.info`` key of a decoded grayscale DICOM with integer pixels, or of a 16- or 32-bit integer image: its
+lowest and highest stored value (set in :mod:`cxrkit.data.dicom` and :func:`to_grayscale`), for
+:func:`refuse_blank`."""
 
-BLANK_LEVELS = 2  # an image whose pixels (a DICOM's stored values) all lie within this many levels of each other
+BLANK_LEVELS = 2  # an image whose pixels (its stored values) all lie within this many levels of each other
 
 
 def refuse_blank(image: Image.Image, name: str) -> Image.Image:
     """``image`` (decoded from ``name``), unless it shows nothing: every pixel the same grey, give or take
-    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM, every stored value. A
-    model still returns confident-looking probabilities for such an image, so prediction refuses it with a
-    :class:`CxrError` naming ``name``. A DICOM is judged by its stored values, not by a share of the range its Bits
-    Stored allows: 8-bit pictures are often stored in 16 bits."""
+    :data:`BLANK_LEVELS` (an unexposed or failed acquisition, a placeholder); for a DICOM or a 16-bit image, every
+    stored value. A model still returns confident-looking probabilities for such an image, so prediction refuses it
+    with a :class:`CxrError` naming ``name``. A DICOM is judged by its stored values, not by a share of the range
+    its Bits Stored allows: 8-bit pictures are often stored in 16 bits."""
     stored = image.info.get(STORED_RANGE)
     if stored is not None:  # its 0..255 image spans min to max, so a 1-level checkerboard would look full-contrast
         low, high = stored
@@ -252,7 +253,8 @@ def _finish(im: Image.Image, name: str, max_pixels: int) -> Image.Image:
 def to_grayscale(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit ``L``.
 
-    High bit depth (``I;16*``, ``I``, ``F``) is scaled by the image's own min and max; alpha is dropped; palette,
+    High bit depth (``I;16*``, ``I``, ``F``) is scaled by the image's own min and max, and an integer image keeps
+    its lowest and highest value under :data:`STORED_RANGE` (for :func:`refuse_blank`); alpha is dropped; palette,
     CMYK and other colour modes go through RGB and then ITU-R 601 luma (Pillow's ``L`` conversion).
     """
     if im.mode == "L":
@@ -260,7 +262,11 @@ def to_grayscale(im: Image.Image) -> Image.Image:
     if im.mode in ("1", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa"):
         return im.convert("L")
     if im.mode.startswith("I") or im.mode.startswith("F"):
-        return Image.fromarray(scale_to_uint8(np.asarray(im)))
+        arr = np.asarray(im)
+        out = Image.fromarray(scale_to_uint8(arr))
+        if im.mode.startswith("I") and arr.size:  # what scaling to 0..255 hides, as for a DICOM's stored values
+            out.info[STORED_RANGE] = (float(arr.min()), float(arr.max()))
+        return out
     return im.convert("RGB").convert("L")
 
 
