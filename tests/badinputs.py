@@ -15,6 +15,8 @@ CASES: dict[str, tuple[str, str]] = {
     "empty": ("empty.jpeg", r"empty\.jpeg: empty file"),
     "text": ("notes.jpeg", r"notes\.jpeg: not .*image"),
     "truncated-jpeg": ("cut.jpeg", r"cut\.jpeg: corrupt or truncated"),
+    # a complete zlib stream holding half the rows: Pillow decoded the rest as black
+    "short-png": ("short.png", r"short\.png: corrupt or truncated image \(PNG pixel data ends early"),
     "truncated-dicom": ("cut.dcm", r"cut\.dcm: .*(truncated|cannot|corrupt|pixel data)"),
     "huge-png": ("huge.png", r"huge\.png: image .*(too large|over the limit)"),
     "blank-png": ("blank.png", r"blank\.png: blank image \(every pixel is 0 of 255\): nothing to classify"),
@@ -39,7 +41,7 @@ CASES: dict[str, tuple[str, str]] = {
 
 def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     """Write every case of :data:`CASES` into ``folder``; returns ``case -> path``."""
-    from data.helpers import png_header_only, write_dicom
+    from data.helpers import png_first_rows, png_header_only, write_dicom
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -55,6 +57,7 @@ def write_cases(folder: Path, size: int = 64) -> dict[str, Path]:
     dicom = write_dicom(folder / "whole.dcm", deep, "MONOCHROME2").read_bytes()
     paths["truncated-dicom"].write_bytes(dicom[: len(dicom) - size * size])  # cut inside the pixel data
     (folder / "whole.dcm").unlink()
+    png_first_rows(paths["short-png"], pixels, size // 2)
     png_header_only(paths["huge-png"], 20000, 20000)
     Image.new("L", (size, size)).save(paths["blank-png"])  # models gave such images confident probabilities
     write_dicom(paths["blank-dicom"], np.full((size, size), 2000, dtype=np.uint16), "MONOCHROME2")

@@ -24,17 +24,29 @@ def save_gray(
     return path
 
 
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims ``width x height`` 1-bit pixels (IHDR, empty IDAT, IEND): a decompression bomb stand-in."""
+def _png(path: Path, width: int, height: int, bit_depth: int, pixel_data: bytes) -> Path:
+    """A greyscale PNG of IHDR, one IDAT holding ``pixel_data`` (filter bytes included) compressed, and IEND."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-    )
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(pixel_data))
+                     + chunk(b"IEND", b""))
     return path
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims ``width x height`` 1-bit pixels (IHDR, empty IDAT, IEND): a decompression bomb stand-in."""
+    return _png(path, width, height, 1, b"")
+
+
+def png_first_rows(path: Path, pixels: np.ndarray, rows: int) -> Path:
+    """An 8-bit greyscale PNG of ``pixels``' size whose zlib stream is complete but holds only the first ``rows``
+    rows (as from a writer that stopped early)."""
+    height, width = pixels.shape
+    data = b"".join(b"\x00" + bytes(row) for row in pixels[:rows].astype(np.uint8))  # filter type 0 per row
+    return _png(path, width, height, 8, data)
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs: object) -> Path:

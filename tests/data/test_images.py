@@ -6,9 +6,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from cxrkit.data.images import decode_image_bytes, header_problem, read_image, scale_to_uint8, sniff_format
+from cxrkit.data.png import needed_bytes
 from cxrkit.errors import CxrError
 
-from .helpers import gray, png_header_only, save_gray, write_dicom
+from .helpers import gray, png_first_rows, png_header_only, save_gray, write_dicom
 
 
 def _header(path) -> Image.Image:
@@ -149,6 +150,46 @@ def test_truncated_jpeg_fails_without_global_settings(tmp_path):
     with pytest.raises(CxrError, match=r"cut\.jpeg: corrupt or truncated"):
         read_image(tmp_path / "cut.jpeg")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_png_whose_pixel_data_ends_cleanly_but_early_is_refused(tmp_path):
+    """Its zlib stream is complete, so Pillow decoded it with the missing rows black and said nothing."""
+    pixels = gray((32, 24)) | 1  # no black row of its own
+    np.testing.assert_array_equal(_pixels(read_image(png_first_rows(tmp_path / "whole.png", pixels, 24))), pixels)
+    with pytest.raises(CxrError, match=r"short\.png: corrupt or truncated image \(PNG pixel data ends early: 396 of "
+                                       r"the 792 bytes a 32x24 image needs\)$"):
+        read_image(png_first_rows(tmp_path / "short.png", pixels, 12))
+    pixels[-2:] = 0  # an image that really ends in black rows is checked, and passes
+    np.testing.assert_array_equal(_pixels(read_image(png_first_rows(tmp_path / "dark.png", pixels, 24))), pixels)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (33, 10)])
+def test_png_pixel_data_size_matches_what_pillow_writes(mode, size):
+    import struct
+    import zlib
+
+    from cxrkit.data.png import _chunks
+
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    chunks = list(_chunks(buf.getvalue()))
+    width, height, bit_depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1][:13])
+    inflated = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert needed_bytes(width, height, bit_depth, colour_type, bool(interlace)) == len(inflated)
+
+
+def test_interlaced_png_pixel_data_counts_every_adam7_pass():
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    for width, height in [(1, 1), (5, 3), (8, 8), (13, 29), (100, 7)]:
+        for bits, colour_type in [(1, 0), (8, 0), (16, 2), (8, 6)]:  # bits per sample
+            bits_per_pixel = bits * {0: 1, 2: 3, 6: 4}[colour_type]
+            expected = 0
+            for x0, y0, dx, dy in passes:  # count each pass's pixels one by one
+                columns, rows = len(range(x0, width, dx)), len(range(y0, height, dy))
+                if columns and rows:
+                    expected += rows * (1 + (columns * bits_per_pixel + 7) // 8)
+            assert needed_bytes(width, height, bits, colour_type, True) == expected
 
 
 def test_decompression_bomb_is_refused_quickly(tmp_path):

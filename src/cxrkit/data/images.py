@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrkit.data.base import Item
+from cxrkit.data.png import short_pixel_data
 from cxrkit.errors import CxrError, NotAnImage, first_line
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -223,7 +224,18 @@ def decode_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIX
         raise CxrError(f"{name}: {_too_large(e, max_pixels)}") from e
     except _DECODE_ERRORS as e:
         raise CxrError(f"{name}: corrupt image header ({e})") from e
-    return _finish(im, name, max_pixels)
+    image = _finish(im, name, max_pixels)
+    if im.format == "PNG" and _ends_black(im):  # where Pillow fills the rows a PNG's pixel data lacks
+        short = short_pixel_data(data)
+        if short:
+            raise CxrError(f"{name}: corrupt or truncated image ({short})")
+    return image
+
+
+def _ends_black(im: Image.Image) -> bool:
+    """Whether the decoded image's last two rows are all zero (the last pass of an interlaced PNG fills the odd
+    rows), as Pillow leaves the rows of a PNG whose pixel data ends early."""
+    return not np.asarray(im.crop((0, max(0, im.height - 2), im.width, im.height))).any()
 
 
 def _decode_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
