@@ -377,10 +377,15 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
                 raise CxrError(f"override {dotted}: {part} is empty")
 
 
-def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key=value`` strings; values are YAML (``1e-5`` -> float, ``[1, 2]`` -> list, ``null`` -> None)."""
+def parse_overrides(pairs: list[str | tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` strings; values are YAML (``1e-5`` -> float, ``[1, 2]`` -> list, ``null`` -> None). A
+    ``(key, value)`` pair is taken as it is: a path from a command-line flag is not YAML (``runs #2`` is not
+    ``runs``)."""
     parsed = []
     for pair in pairs:
+        if isinstance(pair, tuple):
+            parsed.append(pair)
+            continue
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise CxrError(f"override {pair!r} is not key=value")
@@ -404,8 +409,8 @@ def _fix_floats(node: Any) -> Any:
     return node
 
 
-def recipe_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Recipe:
-    """Build a checked :class:`Recipe` from a mapping plus ``key=value`` overrides."""
+def recipe_from_dict(data: dict[str, Any], overrides: list[str | tuple[str, Any]] | None = None) -> Recipe:
+    """Build a checked :class:`Recipe` from a mapping plus overrides (:func:`parse_overrides`)."""
     data = _fix_floats(data or {})
     apply_overrides(data, parse_overrides(overrides or []))
     recipe = _from_dict(Recipe, data)
@@ -443,7 +448,7 @@ def apply_overrides(data: dict[str, Any], pairs: list[tuple[str, Any]]) -> dict[
     return data
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: list[str | tuple[str, Any]] | None = None) -> Recipe:
     """Load a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from data.helpers import covid_like, medmnist_npz
 from PIL import Image
 from synth import kermany_folder, nih_csv
@@ -226,6 +227,19 @@ def test_a_run_trained_from_relative_paths_is_used_from_another_directory(tmp_pa
     assert f"root: {tmp_path / 'work' / 'data'}" in recipe
     monkeypatch.chdir(tmp_path)
     assert _evaluate(run)["n"] > 0
+
+
+def test_paths_given_by_flags_are_taken_literally_not_as_yaml(tmp_path):
+    """``--data "data #1"`` was read as YAML, whose `` #`` starts a comment: cxr trained on ``data`` (another
+    dataset, when there was one) and wrote the run into ``runs``."""
+    root = kermany_folder(tmp_path / "data #1", per_class=6, size=32)
+    kermany_folder(tmp_path / "data", per_class=4, size=32)  # the folder the cut path named
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "runs #2"), *TINY])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert run.parent == tmp_path / "runs #2"
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["root"] == str(root)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_calibrate_infers_its_method_from_a_target_and_refuses_a_conflict(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -12,20 +12,15 @@ if TYPE_CHECKING:
 
 
 def _flag_overrides(data: str | None, task: str | None, backbone: str | None, weights: str | None,
-                    epochs: int | None, out: str | None, stages: int) -> list[str]:
-    pairs = []
-    if data is not None:
-        pairs.append(f"data.root={data}")
-    if task is not None:
-        pairs.append(f"data.task={task}")
-    if backbone is not None:
-        pairs.append(f"model.backbone={backbone}")
-    if weights is not None:
-        pairs.append(f"model.weights={weights}")
-    if out is not None:
-        pairs.append(f"out={out}")
+                    epochs: int | None, out: str | None, stages: int) -> list[tuple[str, Any]]:
+    """The recipe keys the flags set, as values, not YAML text: a path such as ``data #1`` or ``yes`` is itself."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in (("data.root", data), ("data.task", task), ("model.backbone", backbone),
+                       ("model.weights", weights), ("out", out)):
+        if value is not None:
+            pairs.append((key, value))
     if epochs is not None:
-        pairs += [f"stages.{i}.epochs={epochs}" for i in range(max(stages, 1))]
+        pairs += [(f"stages.{i}.epochs", epochs) for i in range(max(stages, 1))]
     return pairs
 
 
