@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +69,16 @@ def test_glob_patterns_and_an_unmatched_pattern(tiny_run, cases):
     assert sources[0] == str(first) and sorted(sources) == sorted({str(p) for p in folder.glob("*.png")})
     result = CliRunner().invoke(app, ["predict", str(tiny_run), str(first), "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_an_existing_file_whose_name_looks_like_a_pattern_is_that_file(tiny_run, cases, tmp_path):
+    """``a[1].png`` was read as a pattern: it predicted ``a1.png`` in its place, or found no match."""
+    literal, other = tmp_path / "a[1].png", tmp_path / "a1.png"
+    shutil.copy(cases["rgba-png"], literal)
+    shutil.copy(cases["palette-png"], other)
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(literal), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [r["source"] for r in json.loads(result.stdout)] == [str(literal)]
 
 
 def test_multiframe_dicom_is_refused_with_a_clear_message(tiny_run, tmp_path):

@@ -532,8 +532,9 @@ class Predictor:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files, folders (searched recursively for images) and glob patterns, in a stable order; a file named twice
-    (a file and a pattern that matches it, ``a.png`` and ``./a.png``) is listed once, where it was first named."""
+    """Files, folders (searched recursively for images) and glob patterns (an existing file whose name holds ``*?[``
+    is that file), in a stable order; a file named twice (a file and a pattern that matches it, ``a.png`` and
+    ``./a.png``) is listed once, where it was first named."""
     import glob
 
     from cxrkit.data.images import IMAGE_SUFFIXES
@@ -543,7 +544,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         path = Path(item)
         if path.is_dir():
             paths += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif any(ch in item for ch in "*?["):
+        elif any(ch in item for ch in "*?[") and not path.exists():  # a file named a[1].png is that file
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise CxrError(f"{item}: no file matches this pattern")
