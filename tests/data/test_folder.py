@@ -70,6 +70,35 @@ def test_more_than_two_classes_is_multiclass_sorted(tmp_path):
     assert ds.spec.labels == ("Normal", "COVID", "Lung_Opacity", "Viral Pneumonia")
 
 
+def test_class_folders_named_with_spaces_at_either_end_keep_their_images(tmp_path):
+    """A folder " Normal " was a label that find_label could not find again: every item's target was None."""
+    for n in range(2):
+        save_gray(tmp_path / "db" / " Normal " / f"n-{n}.png", (8, 8), n)
+        save_gray(tmp_path / "db" / "COVID" / f"c-{n}.png", (8, 8), 10 + n)
+    ds = load_folder(tmp_path / "db")
+    assert ds.spec.labels == (" Normal ", "COVID")
+    assert ds.targets().tolist() == [0, 0, 1, 1]  # " Normal " sorts first
+
+
+@pytest.mark.parametrize("other", ["viral", " Viral"])
+def test_class_folders_side_by_side_that_differ_only_in_case_or_spaces_are_refused(tmp_path, other):
+    """They were merged into one class without a word: a three-class dataset trained as binary."""
+    for n, cls in enumerate(("NORMAL", "Viral", other)):
+        save_gray(tmp_path / "db" / "train" / cls / f"x-{n}.png", (8, 8), n)
+    first, second = sorted([other, "Viral"])
+    with pytest.raises(CxrError, match=rf"db/train: class folders '{first}' and '{second}' differ only in case or "
+                                       r"spaces, and would be read as one class; merge or rename them"):
+        load_folder(tmp_path / "db")
+
+
+def test_the_same_class_in_two_split_folders_may_differ_in_case(tmp_path):
+    save_gray(tmp_path / "db" / "train" / "Viral" / "x.png", (8, 8))
+    save_gray(tmp_path / "db" / "train" / "NORMAL" / "y.png", (8, 8), 1)
+    save_gray(tmp_path / "db" / "test" / "viral" / "z.png", (8, 8), 2)
+    save_gray(tmp_path / "db" / "test" / "normal" / "w.png", (8, 8), 3)
+    assert load_folder(tmp_path / "db").spec.labels == ("normal", "viral")  # as the first split folder spells them
+
+
 def test_normal_bacterial_viral(tmp_path):
     root = kermany_like(tmp_path / "k")
     save_gray(root / "train" / "PNEUMONIA" / "pneumonia-unknown-1.jpeg", (8, 8))

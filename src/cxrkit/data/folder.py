@@ -130,6 +130,7 @@ def _scan(root: Path, check: bool, skipped: list[tuple[str, str]]) -> list[tuple
         class_dirs = [(c, SPLIT_DIRS[d.name.lower()]) for d in split_dirs for c in _visible_dirs(d)]
     else:
         class_dirs = [(c, None) for c in subdirs]
+    _refuse_look_alike_classes([c for c, _ in class_dirs])
     files = []
     for class_dir, split in class_dirs:
         for path in sorted(class_dir.iterdir()):
@@ -139,6 +140,17 @@ def _scan(root: Path, check: bool, skipped: list[tuple[str, str]]) -> list[tuple
             else:
                 files.append((path, class_dir.name, split))
     return files
+
+
+def _refuse_look_alike_classes(class_dirs: list[Path]) -> None:
+    """Class folders side by side whose names differ only in case or in spaces at either end (``Viral`` and
+    ``viral``) would be read as one class, as ``NORMAL`` in train and ``Normal`` in test are: refuse them."""
+    seen: dict[tuple[Path, str], Path] = {}
+    for folder in class_dirs:
+        other = seen.setdefault((folder.parent, folder.name.strip().lower()), folder)
+        if other is not folder:
+            raise CxrError(f"{folder.parent}: class folders {other.name!r} and {folder.name!r} differ only in case or "
+                           "spaces, and would be read as one class; merge or rename them")
 
 
 def _stray_images(folder: Path, skipped: list[tuple[str, str]]) -> None:

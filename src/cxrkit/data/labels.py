@@ -49,8 +49,8 @@ def single_label_task(labels: Sequence[str], task: str, where: str) -> Task:
 
 
 def find_label(name: str, labels: Sequence[str]) -> int | None:
-    """Index of ``name`` in ``labels`` by case-insensitive match, or None."""
-    lowered = [lab.lower() for lab in labels]
+    """Index of ``name`` in ``labels`` by case-insensitive match, spaces at either end ignored, or None."""
+    lowered = [lab.strip().lower() for lab in labels]
     key = name.strip().lower()
     return lowered.index(key) if key in lowered else None
 
