@@ -252,6 +252,9 @@ def test_calibrate_infers_its_method_from_a_target_and_refuses_a_conflict(tmp_pa
     result = CliRunner().invoke(app, ["calibrate", str(run), "--method", "youden", "--target-sensitivity", "0.9"])
     assert result.exit_code != 0 and "--target-sensitivity is for --method sensitivity" in str(result.exception)
     assert (run / "labels.json").read_text() == before
+    next((tmp_path / "k").rglob("*.jpeg")).unlink()
+    result = CliRunner().invoke(app, ["calibrate", str(run)])  # it said the run had no validation split
+    assert result.exit_code != 0 and "the dataset changed since the splits were saved" in str(result.exception)
 
 
 def test_a_missing_split_and_unmapped_labels_are_explained(tmp_path):
