@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrkit.errors import CxrError, first_line
-from cxrkit.runs import Run, atomic_write, atomic_write_text, check_writable, safe_name, staged
+from cxrkit.runs import Run, atomic_write, atomic_write_text, check_writable, csv_text, safe_name, staged
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -326,3 +326,17 @@ cli.app = command
 cli.main()
 """)
     assert result.returncode == 0 and result.stderr == "", (result.returncode, result.stderr)
+
+
+def test_csv_text_gives_one_row_per_dict_whatever_the_names_hold():
+    """A carriage return, which the writer does not quote with "\\n" line ends, split a row in two; a file name that
+    is not UTF-8 could not be written."""
+    import csv
+
+    rows = [{"source": "cr\rx.png", "p": 0.5}, {"source": os.fsdecode(b"bad\xff.png"), "p": 0.25},
+            {"source": 'a "quoted", name\nwith a newline', "p": 1}]
+    text = csv_text(rows)
+    text.encode("utf-8")
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert [r["source"] for r in parsed] == ["cr\\rx.png", "bad\\xff.png", 'a "quoted", name\\nwith a newline']
+    assert [float(r["p"]) for r in parsed] == [0.5, 0.25, 1.0]

@@ -29,6 +29,21 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def printable(text: str) -> str:
+    """``text`` as one line of UTF-8: the bytes of a file name that is not UTF-8 (which Python keeps as lone
+    surrogates) spelt ``\\xff``, and control characters (a carriage return in a file name) spelt ``\\r``, ``\\x1b``.
+    Text without them is returned as it is."""
+    import re
+
+    if text.isascii() and text.isprintable():
+        return text
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name made
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
 def user_message(err: CxrError) -> str:
     """What to print for ``err``: its message, or, when a DataLoader worker raised it (PyTorch raises it again in the
     main process as ``"Caught CxrError in DataLoader worker process 0. Original Traceback ..."``), the original

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cxrkit.errors import CxrError, first_line
+from cxrkit.errors import CxrError, first_line, printable
 
 
 def _umask() -> int:
@@ -205,7 +205,9 @@ def safe_name(text: str, default: str = "x") -> str:
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows of dicts as CSV text; columns are the union of keys in first-seen order unless given."""
+    """Rows of dicts as CSV text; columns are the union of keys in first-seen order unless given. Text cells go
+    through :func:`~cxrkit.errors.printable`: a carriage return, which the writer would not quote, would end a row
+    early, and a file name that is not UTF-8 could not be written."""
     if columns is None:
         columns = []
         for row in rows:
@@ -213,7 +215,7 @@ def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> st
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
     return buf.getvalue()
 
 

@@ -81,6 +81,26 @@ def test_an_existing_file_whose_name_looks_like_a_pattern_is_that_file(tiny_run,
     assert [r["source"] for r in json.loads(result.stdout)] == [str(literal)]
 
 
+def test_files_whose_names_outputs_cannot_hold_are_reported_and_the_rest_written(tiny_run, cases, tmp_path):
+    """A file name that is not UTF-8 made `-o out.csv` fail after every image was predicted, with nothing written;
+    a carriage return in a name split its CSV row in two."""
+    import os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    for name in ("plain.png", os.fsdecode(b"bad\xff.png"), "cr\rx.png"):
+        shutil.copy(cases["rgba-png"], folder / name)
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(folder), "-o", str(tmp_path / "out.csv")])
+    assert result.exit_code == 1
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out.csv").read_text(encoding="utf-8"))))
+    assert {r["source"]: r["error"] for r in rows} == {
+        f"{folder}/plain.png": "",
+        f"{folder}/bad\\xff.png": f"{folder}/bad\\xff.png: its name is not valid UTF-8; rename it",
+        f"{folder}/cr\\rx.png": f"{folder}/cr\\rx.png: its name holds a control character; rename it",
+    }
+    assert f"error: {folder}/bad\\xff.png: its name is not valid UTF-8; rename it" in result.stderr
+
+
 def test_multiframe_dicom_is_refused_with_a_clear_message(tiny_run, tmp_path):
     from data.helpers import write_dicom
 

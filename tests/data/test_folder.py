@@ -1,3 +1,4 @@
+import os
 from collections import Counter
 
 import numpy as np
@@ -97,6 +98,25 @@ def test_the_same_class_in_two_split_folders_may_differ_in_case(tmp_path):
     save_gray(tmp_path / "db" / "test" / "viral" / "z.png", (8, 8), 2)
     save_gray(tmp_path / "db" / "test" / "normal" / "w.png", (8, 8), 3)
     assert load_folder(tmp_path / "db").spec.labels == ("normal", "viral")  # as the first split folder spells them
+
+
+def test_names_that_outputs_cannot_hold_are_skipped_by_the_scan_with_the_reason(tmp_path):
+    """A file name that is not UTF-8 crashed training (hashing it for the image cache); one with a carriage return
+    split its row of splits.csv in two, and the finished run could not be evaluated."""
+    root = tmp_path / "db"
+    for n in range(2):
+        save_gray(root / "NORMAL" / f"n-{n}.png", (8, 8), n)
+        save_gray(root / "COVID" / f"c-{n}.png", (8, 8), 10 + n)
+    save_gray(root / "NORMAL" / os.fsdecode(b"bad\xff.png"), (8, 8), 20)
+    save_gray(root / "NORMAL" / "cr\rx.png", (8, 8), 21)
+    save_gray(root / os.fsdecode(b"odd\xffclass") / "o.png", (8, 8), 22)
+    ds = load_folder(root)
+    assert ds.spec.labels == ("NORMAL", "COVID") and len(ds.items) == 4
+    assert sorted(ds.skipped) == [
+        (f"{root}/NORMAL/bad\\xff.png", "its name is not valid UTF-8; rename it"),
+        (f"{root}/NORMAL/cr\\rx.png", "its name holds a control character; rename it"),
+        (f"{root}/odd\\xffclass", "class folder ignored: its name is not valid UTF-8; rename it"),
+    ]
 
 
 def test_normal_bacterial_viral(tmp_path):

@@ -27,7 +27,7 @@ from cxrkit.cli import (
     serve,
     train,
 )
-from cxrkit.errors import CxrError, first_line, user_message
+from cxrkit.errors import CxrError, first_line, printable, user_message
 from cxrkit.runs import interrupted, on_interrupt
 
 app = typer.Typer(
@@ -67,7 +67,7 @@ def main() -> None:
     except CxrError as err:
         if os.environ.get("CXR_DEBUG"):
             raise
-        print(f"error: {user_message(err)}", file=sys.stderr)
+        print(f"error: {printable(user_message(err))}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if os.environ.get("CXR_DEBUG") or err.filename is None:  # no file named: not a user's path, a bug

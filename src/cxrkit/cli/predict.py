@@ -111,6 +111,8 @@ def _print_table(results: list, labels: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cxrkit.errors import printable
+
     table = Table()
     table.add_column("image")
     table.add_column("label")
@@ -119,5 +121,5 @@ def _print_table(results: list, labels: list[str]) -> None:
     for r in results:
         if r.error:
             continue
-        table.add_row(r.source, r.label, *[f"{r.probabilities[n]:.4f}" for n in labels])
+        table.add_row(printable(r.source), r.label, *[f"{r.probabilities[n]:.4f}" for n in labels])
     Console().print(table)

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cxrkit.data.base import DatasetSpec, Item, LabelledImages
-from cxrkit.data.images import IMAGE_SUFFIXES, content_problem, read_item
+from cxrkit.data.images import IMAGE_SUFFIXES, content_problem, name_problem, read_item
 from cxrkit.data.labels import find_label, order_labels, select_labels, single_label_task
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, printable
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 NORMAL_BACTERIAL_VIRAL = "normal-bacterial-viral"
@@ -108,6 +108,7 @@ def load_folder(
     labels = order_labels(names)
     items = [Item(str(p), patient_from_filename(p.name), find_label(lab, labels), split) for p, lab, split in files]
     ds_name = name or root.resolve().name
+    skipped = [(printable(source), reason) for source, reason in skipped]  # a name that is not UTF-8, spelt out
     ds = LabelledImages(DatasetSpec(ds_name, "multiclass", labels), items, read_item, skipped)
     if include is not None or rename:
         ds = select_labels(ds, include=include, rename=rename)
@@ -133,6 +134,9 @@ def _scan(root: Path, check: bool, skipped: list[tuple[str, str]]) -> list[tuple
     _refuse_look_alike_classes([c for c, _ in class_dirs])
     files = []
     for class_dir, split in class_dirs:
+        if problem := name_problem(class_dir.name):
+            skipped.append((str(class_dir), f"class folder ignored: {problem}"))
+            continue
         for path in sorted(class_dir.iterdir()):
             reason = _reject_reason(path, check)
             if reason:
@@ -171,6 +175,8 @@ def _reject_reason(path: Path, check: bool) -> str | None:
         return f"nested folder ignored ({inside} file{'' if inside == 1 else 's'} in it)"
     if path.name.startswith(".") or path.name.lower() in SYSTEM_FILES:
         return "hidden or system file"
+    if problem := name_problem(path.name):
+        return problem
     suffix = path.suffix.lower()
     if suffix and suffix not in IMAGE_SUFFIXES:
         return f"not an image file extension ({suffix})"

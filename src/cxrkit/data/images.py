@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrkit.data.base import Item
 from cxrkit.data.png import short_pixel_data
-from cxrkit.errors import CxrError, NotAnImage, first_line
+from cxrkit.errors import CxrError, NotAnImage, first_line, printable
 
 DEFAULT_MAX_PIXELS = 64_000_000
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -56,15 +56,30 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         CxrError: the file is missing, empty, not an image, corrupt, too large or a multi-frame DICOM.
     """
     p = Path(path)
+    name = printable(str(p))
     if not p.exists():
-        raise CxrError(f"{p}: file does not exist")
+        raise CxrError(f"{name}: file does not exist")
     if p.is_dir():
-        raise CxrError(f"{p}: is a directory, not an image file")
+        raise CxrError(f"{name}: is a directory, not an image file")
+    if problem := name_problem(p.name):
+        raise CxrError(f"{name}: {problem}")
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise CxrError(f"{p}: cannot read file ({e.strerror or e})") from e
-    return decode_image_bytes(data, str(p), max_pixels=max_pixels)
+        raise CxrError(f"{name}: cannot read file ({e.strerror or e})") from e
+    return decode_image_bytes(data, name, max_pixels=max_pixels)
+
+
+def name_problem(name: str) -> str | None:
+    """Why a file or folder name cannot go into cxrkit's outputs as it is (CSV, JSON and logs are UTF-8 text, one
+    line per image), or None: bytes that are not UTF-8, or a control character such as a carriage return."""
+    if not name.isprintable() and re.search(r"[\x00-\x1f\x7f]", name):
+        return "its name holds a control character; rename it"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8; rename it"
+    return None
 
 
 def read_item(item: Item) -> Image.Image:

@@ -18,7 +18,7 @@ from cxrkit.config import load_recipe
 from cxrkit.console import notes_console
 from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, printable
 from cxrkit.models.weights import weights_digest
 from cxrkit.runs import Run, check_writable, folder_unwritable, staged
 from cxrkit.train.loop import make_progress, predict
@@ -52,11 +52,11 @@ class Prediction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "source": printable(self.source)}  # a file name that is not UTF-8, spelt out
 
     def to_row(self, labels: list[str]) -> dict[str, Any]:
         """The same fields, flat, for CSV: ``p_<label>`` columns, ``model_<key>`` and ``ms_<stage>``."""
-        return {"source": self.source, "label": self.label or "",
+        return {"source": printable(self.source), "label": self.label or "",
                 **{f"p_{n}": self.probabilities.get(n, "") for n in labels},
                 "threshold": "" if self.threshold is None else self.threshold,
                 "exceeded": "" if self.exceeded is None else int(self.exceeded),
