@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from cxrkit.errors import CxrError, first_line
-from cxrkit.runs import Run, atomic_write, atomic_write_text, check_writable, csv_text, safe_name, staged
+from cxrkit.runs import (
+    Run,
+    atomic_write,
+    atomic_write_text,
+    check_writable,
+    csv_text,
+    safe_name,
+    staged,
+    unique_safe_names,
+)
 
 
 def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -340,3 +349,7 @@ def test_csv_text_gives_one_row_per_dict_whatever_the_names_hold():
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert [r["source"] for r in parsed] == ["cr\\rx.png", "bad\\xff.png", 'a "quoted", name\\nwith a newline']
     assert [float(r["p"]) for r in parsed] == [0.5, 0.25, 1.0]
+
+
+def test_unique_safe_names_number_the_names_that_come_out_the_same():
+    assert unique_safe_names(["病毒", "肺炎", "a,b", "a;b", "x-2", "ok"]) == ["x", "x-2", "a_b", "a_b-2", "x-2-2", "ok"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -202,6 +203,21 @@ def safe_name(text: str, default: str = "x") -> str:
     """``text`` as a file-name part: runs of characters other than ``[A-Za-z0-9._-]`` become ``_``, and leading or
     trailing dots and underscores go (no hidden files, no ``..``); ``default`` when nothing is left."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or default
+
+
+def unique_safe_names(texts: Sequence[str], default: str = "x") -> list[str]:
+    """:func:`safe_name` of each of ``texts``, made unique in order: a name already given gets ``-2``, ``-3``...
+    (labels ``a,b`` and ``a;b`` are both ``a_b``; ``病毒`` and ``肺炎`` are both ``x``)."""
+    names: list[str] = []
+    for text in texts:
+        base = safe_name(text, default)
+        name = base
+        for k in itertools.count(2):
+            if name not in names:
+                break
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
 
 
 def csv_text(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -181,6 +181,21 @@ def test_bad_requests_are_one_line_errors(run, tmp_path):
     assert str(result.exception) == f"--out {tmp_path / 'afile'} is a file, not a folder"
 
 
+def test_classes_whose_file_names_come_out_the_same_get_their_own_files(tmp_path):
+    """Classes 病毒 and 肺炎 are both ``x`` as file names: the second class's heatmap replaced the first's."""
+    root = kermany_folder(tmp_path / "data", per_class=8, size=64)
+    for old, new in (("NORMAL", "病毒"), ("PNEUMONIA", "肺炎")):
+        (root / "train" / old).rename(root / "train" / new)
+    run = _train(tmp_path / "runs", "--data", str(root))
+    image = sorted((root / "train" / "病毒").iterdir())[0]
+    result = CliRunner().invoke(app, ["explain", str(run), str(image), "--target", "all", "--no-check", "--out",
+                                      str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "ex").glob("*.npy")) == [f"{image.stem}.x-2.npy", f"{image.stem}.x.npy"]
+    assert not np.array_equal(np.load(tmp_path / "ex" / f"{image.stem}.x.npy"),
+                              np.load(tmp_path / "ex" / f"{image.stem}.x-2.npy"))
+
+
 def test_multilabel_explains_each_label(tmp_path):
     run = _train(tmp_path / "runs", "--data", str(nih_csv(tmp_path / "nih", n=40, size=64)), "--task",
                  "multilabel")

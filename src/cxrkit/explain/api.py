@@ -25,7 +25,7 @@ from cxrkit.errors import CxrError
 from cxrkit.explain.faithfulness import VERDICTS
 from cxrkit.explain.gradcam import Explainer, choose_targets
 from cxrkit.explain.plots import Explained, plot_overlay
-from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name
+from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name, unique_safe_names
 from cxrkit.serve.predictor import Predictor
 
 SUMMARY_COLUMNS = ["source", "target", "probability", "predicted", "drop_heatmap", "drop_random", "score",
@@ -269,7 +269,7 @@ def _write_map(out_dir: Path, name: str, path: str, image: Any, box: tuple[float
                m: MapResult, predicted: str, predictor: Predictor, ex: Explainer,
                options: ExplainOptions) -> dict[str, Any]:
     label = predictor.labels[m.index]
-    stem = f"{name}.{safe_name(label)}"
+    stem = f"{name}.{unique_safe_names(predictor.labels)[m.index]}"  # labels 病毒 and 肺炎: x and x-2
     atomic_write(out_dir / f"{stem}.npy", lambda fh: np.save(fh, m.heatmap.astype(np.float32)))
     item = Explained(image, m.heatmap, box, label, m.probability, predicted, Path(path).name, check_text(m.check))
     plot_overlay(item, ex.method_name, ex.layer_name, out_dir / f"{stem}.png", options.opacity)

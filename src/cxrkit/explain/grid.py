@@ -18,7 +18,7 @@ from cxrkit.errors import CxrError
 from cxrkit.explain.api import ExplainOptions, check_text, explain_batch, verdict_summary
 from cxrkit.explain.gradcam import Explainer
 from cxrkit.explain.plots import Explained, GridCell, grid_figure
-from cxrkit.runs import atomic_write_text, csv_text, safe_name
+from cxrkit.runs import atomic_write_text, csv_text, safe_name, unique_safe_names
 from cxrkit.serve.predictor import Predictor
 
 PICKS = ("confident", "random")
@@ -109,8 +109,8 @@ def explain_grid(predictor: Predictor, out_dir: str | Path, options: ExplainOpti
                                      "predicted": names[p], "explained": example.label,
                                      "probability": round(example.probability, 6), **example.check})
                 cells[(names[t], names[p])] = GridCell(names[t], names[p], len(members), examples)
-            results.append(_write_grid(Path(out_dir), ds_name, split, label, names, cells, csv_rows, per_cell,
-                                       ex, pick, options))
+            results.append(_write_grid(Path(out_dir), ds_name, split, label, predictor.labels, names, cells,
+                                       csv_rows, per_cell, ex, pick, options))
     return results
 
 
@@ -140,7 +140,7 @@ def _grid_labels(predictor: Predictor, targets: np.ndarray, options: ExplainOpti
     return [n for j, n in enumerate(predictor.labels) if np.nansum(targets[:, j]) > 0]
 
 
-def _write_grid(out_dir: Path, ds_name: str, split: str, label: str | None, names: list[str],
+def _write_grid(out_dir: Path, ds_name: str, split: str, label: str | None, labels: Sequence[str], names: list[str],
                 cells: dict[tuple[str, str], GridCell], csv_rows: list[dict[str, Any]], per_cell: int,
                 ex: Explainer, pick: str, options: ExplainOptions) -> GridResult:
     from cxrkit.eval.plots import save_figure
@@ -153,7 +153,9 @@ def _write_grid(out_dir: Path, ds_name: str, split: str, label: str | None, name
         title += f"\nremoving the top {options.percent:g}% of each heatmap vs a random region: {summary}"
     rows, columns = (f"true {label}", f"predicted {label}") if label else ("true", "predicted")
     fig = grid_figure(names, cells, per_cell, ex.method_name, title, options.opacity, rows, columns)
-    stem = safe_name(f"grid-{ds_name}-{split}-{options.method}" + (f"-{label}" if label else ""))
+    stem = safe_name(f"grid-{ds_name}-{split}-{options.method}")
+    if label:  # one grid per label of a multilabel run, each in its own file (labels 病毒 and 肺炎: x and x-2)
+        stem += "-" + unique_safe_names(labels)[labels.index(label)]
     png = save_figure(fig, out_dir / f"{stem}.png")
     csv_path = out_dir / f"{stem}.csv"
     columns = ["source", "patient", "true", "predicted", "explained", "probability", "drop_heatmap", "drop_random",
