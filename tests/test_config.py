@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from cxrkit.config import Recipe, load_recipe, load_yaml, recipe_from_dict
+from cxrkit.config import Recipe, expand_path, load_recipe, load_yaml, recipe_from_dict
 from cxrkit.errors import CxrError
 
 
@@ -58,6 +58,23 @@ def test_an_emptied_stage_list_is_filled_only_by_whole_stages():
         ("runtime.workers=true", "runtime.workers: true is not a whole number or null"),  # said Python's True
         ("runtime.eval_batch_size=1.5", "runtime.eval_batch_size: 1.5 is not a whole number"),
         ("stages.0.optimizer.lr=0.01", r"stages.0.optimizer is a value \('adam'\), not a group of keys"),  # traceback
+        # each of these passed, then ended in a traceback from torch or torchvision (or trained at chance)
+        ("stages.0.lr=.nan", r"^recipe key stages.0.lr: nan must be a positive number$"),
+        ("stages.0.lr=.inf", r"^recipe key stages.0.lr: inf must be a positive number$"),
+        ("stages.0.lr=-1e-3", r"^recipe key stages.0.lr: -0.001 must be a positive number$"),
+        ("stages.0.epochs=-1", r"^recipe key stages.0.epochs: -1 is negative$"),
+        ("stages.0.weight_decay=-1", r"^recipe key stages.0.weight_decay: -1 must be at least 0$"),
+        ("stages.0.momentum=-1", r"^recipe key stages.0.momentum: -1 must be in \[0, 1\)$"),
+        ("stages.0.gamma=0", r"^recipe key stages.0.gamma: 0 must be a positive number$"),
+        ("stages.0.step_size=0", r"^recipe key stages.0.step_size: 0 must be at least 1 \(epochs\)$"),
+        ("loss.label_smoothing=2", r"^recipe key loss.label_smoothing: 2 must be in \[0, 1\)$"),
+        ("model.dropout=2", r"^recipe key model.dropout: 2 must be in \[0, 1\)$"),  # did not name the key
+        ("augment.brightness=.nan", r"^recipe key augment.brightness: nan must be at least 0$"),
+        ("augment.rotate=.inf", r"^recipe key augment.rotate: inf must be at least 0$"),
+        ("augment.translate=3", r"^recipe key augment.translate: 3 must be a fraction of the image size, in \[0, "
+                                r"1\]$"),  # was cut to 1 silently
+        ("model.image_size=7", r"^recipe key model.image_size: 7 is outside 32 to 4096 pixels"),  # trained at chance
+        ("model.image_size=100000", r"^recipe key model.image_size: 100000 is outside 32 to 4096 pixels"),  # 40 GB
     ],
 )
 def test_bad_keys_and_values_fail_clearly(override, message):
@@ -132,3 +149,23 @@ def test_a_recipe_that_is_not_utf8_text_or_is_a_folder_is_named(tmp_path):
         load_recipe(tmp_path / "latin1.yaml")
     with pytest.raises(CxrError, match=r"recipe .* is a folder, not a YAML file"):
         load_recipe(tmp_path)
+
+
+def test_augment_translate_of_1_and_image_sizes_at_the_limits_are_allowed():
+    recipe = recipe_from_dict({}, ["augment.translate=1", "model.image_size=32"])
+    assert recipe.augment.translate == 1 and recipe.model.image_size == 32
+    assert recipe_from_dict({}, ["model.image_size=4096"]).model.image_size == 4096
+
+
+def test_paths_expand_variables_and_home_or_say_why_not(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CXR_TEST_DIR", "/data")
+    assert expand_path("~/runs", "out") == f"{tmp_path}/runs"
+    assert expand_path("${CXR_TEST_DIR}/x", "out") == "/data/x"
+    assert expand_path("/plain/price$", "out") == "/plain/price$"  # a dollar that names no variable
+    monkeypatch.delenv("CXR_NO_SUCH_VAR", raising=False)
+    with pytest.raises(CxrError, match=r"^out \$\{CXR_NO_SUCH_VAR\}/runs: set the environment variable "
+                                       r"CXR_NO_SUCH_VAR it names$"):
+        expand_path("${CXR_NO_SUCH_VAR}/runs", "out")
+    with pytest.raises(CxrError, match=r"^data root ~cxrnosuchuser/x: there is no user 'cxrnosuchuser'"):
+        expand_path("~cxrnosuchuser/x", "data root")  # was Path.expanduser's RuntimeError, as a traceback

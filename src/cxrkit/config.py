@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -285,6 +286,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+MIN_IMAGE_SIZE = 32  # below it the backbones' 32-fold downsampling leaves less than one feature per map
+MAX_IMAGE_SIZE = 4096
+
+
 def _validate(recipe: Recipe) -> None:
     if not recipe.stages:
         raise CxrError("recipe has no stages")
@@ -295,6 +300,15 @@ def _validate(recipe: Recipe) -> None:
         ("loss.sampling", recipe.loss.sampling, ("none", "oversample")),
         ("model.resize", recipe.model.resize, ("squash", "crop")),
         ("augment.policy", recipe.augment.policy, ("none", "light", "strong")),
+    ]
+    aug = recipe.augment
+    # (key, value, lowest, whether the lowest is allowed, highest (never allowed), what it must be)
+    numbers: list[tuple[str, Any, float, bool, float, str]] = [
+        ("loss.label_smoothing", recipe.loss.label_smoothing, 0, True, 1, "in [0, 1)"),
+        ("model.dropout", recipe.model.dropout, 0, True, 1, "in [0, 1)"),
+        *[(f"augment.{key}", getattr(aug, key), 0, True, math.inf, "at least 0")
+          for key in ("rotate", "brightness", "contrast")],
+        ("augment.translate", aug.translate, 0, True, math.nextafter(1, 2), "a fraction of the image size, in [0, 1]"),
     ]
     for i, stage in enumerate(recipe.stages):
         checks += [
@@ -308,12 +322,25 @@ def _validate(recipe: Recipe) -> None:
                 f"recipe key stages.{i}.trainable: {stage.trainable!r} is not head, all, top:N, top:N:blocks "
                 "or from:<layer name>"
             )
-        if stage.epochs < 0 or stage.lr <= 0:
-            raise CxrError(f"recipe key stages.{i}: epochs must be >= 0 and lr > 0")
+        if stage.epochs < 0:
+            raise CxrError(f"recipe key stages.{i}.epochs: {stage.epochs} is negative")
+        numbers += [(f"stages.{i}.lr", stage.lr, 0, False, math.inf, "a positive number"),
+                    (f"stages.{i}.weight_decay", stage.weight_decay, 0, True, math.inf, "at least 0"),
+                    (f"stages.{i}.momentum", stage.momentum, 0, True, 1, "in [0, 1)"),
+                    (f"stages.{i}.gamma", stage.gamma, 0, False, math.inf, "a positive number"),
+                    (f"stages.{i}.early_stopping.min_delta", stage.early_stopping.min_delta, 0, True, math.inf,
+                     "at least 0")]
+        if stage.step_size < 1:
+            raise CxrError(f"recipe key stages.{i}.step_size: {stage.step_size} must be at least 1 (epochs)")
         patience = stage.early_stopping.patience
         if patience is not None and patience < 0:
             raise CxrError(f"recipe key stages.{i}.early_stopping.patience: {patience} is negative (0 stops at the "
                            "first epoch that does not improve; leave it out never to stop early)")
+    for key, value, low, low_allowed, high, must in numbers:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # a wrong type is the type check's
+        if not (math.isfinite(value) and (value >= low if low_allowed else value > low) and value < high):
+            raise CxrError(f"recipe key {key}: {value:g} must be {must}")
     from cxrkit.data.splits import check_ratios
 
     try:
@@ -324,6 +351,9 @@ def _validate(recipe: Recipe) -> None:
     if size is not None and (not isinstance(size, int) or size < 1):
         raise CxrError(f"recipe key model.image_size: {size!r} is not a positive number of pixels (leave it out for "
                        "the backbone's own size)")
+    if size is not None and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise CxrError(f"recipe key model.image_size: {size} is outside {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "
+                       "(a CNN shrinks its input 32-fold; leave it out for the backbone's own size)")
     runtime = recipe.runtime
     for key, value, least, meaning in [
         ("batch_size", runtime.batch_size, 1, ""), ("eval_batch_size", runtime.eval_batch_size, 1, ""),
@@ -375,6 +405,19 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             node = node.setdefault(part, {})
             if node is None:
                 raise CxrError(f"override {dotted}: {part} is empty")
+
+
+def expand_path(path: str, what: str) -> str:
+    """``path`` with ``${VARS}`` and ``~`` expanded, as recipes may write their paths (``${CXR_DATA_DIR}/chest_xray``,
+    ``~/runs``). ``what`` names the path in the error for an unset variable or an unknown ``~user``."""
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    unset = re.search(r"\$(\w+|\{[^}]*\})", expanded)  # expandvars leaves an unset variable as it is
+    if unset:
+        raise CxrError(f"{what} {path}: set the environment variable {unset.group(1).strip('{}')} it names")
+    if expanded.startswith("~"):
+        user = expanded[1:].split("/", 1)[0]
+        raise CxrError(f"{what} {path}: there is no user {user!r} whose home folder ~{user} could name")
+    return expanded
 
 
 def parse_overrides(pairs: list[str | tuple[str, Any]]) -> list[tuple[str, Any]]:

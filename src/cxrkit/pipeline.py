@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe
+from cxrkit.config import AugmentConfig, DataConfig, ModelConfig, Recipe, expand_path
 from cxrkit.data.base import LabelledImages
 from cxrkit.data.transforms import Augment, Preprocessing
-from cxrkit.errors import CxrError
 from cxrkit.train.runtime import Runtime
 
 
@@ -24,16 +23,11 @@ def load_data(cfg: DataConfig) -> LabelledImages:
     return load_dataset(expand_paths(cfg))
 
 
-def _expand(path: str | None) -> str | None:
-    return None if path is None else os.path.expanduser(os.path.expandvars(path))
-
-
 def expand_paths(cfg: DataConfig) -> DataConfig:
     """``~`` and ``${VARS}`` in data roots, so recipes can say ``${CXR_DATA_DIR}/chest_xray``."""
-    root = _expand(cfg.root)
-    if root is not None and "$" in root:
-        raise CxrError(f"data root {cfg.root}: set the environment variable it names (e.g. CXR_DATA_DIR)")
-    sources = [{**s, "root": _expand(s.get("root"))} for s in cfg.sources]
+    root = None if cfg.root is None else expand_path(cfg.root, "data root")
+    sources = [{**s, "root": expand_path(s["root"], "data root")} if s.get("root") is not None else s
+               for s in cfg.sources]
     return dataclasses.replace(cfg, root=root, sources=sources)
 
 

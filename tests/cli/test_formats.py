@@ -14,6 +14,7 @@ from synth import kermany_folder, nih_csv
 from typer.testing import CliRunner
 
 from cxrkit.cli.main import app
+from cxrkit.errors import CxrError
 from cxrkit.export.onnx import read_metadata
 
 TINY = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--set", "model.image_size=32",
@@ -240,6 +241,32 @@ def test_paths_given_by_flags_are_taken_literally_not_as_yaml(tmp_path):
     assert run.parent == tmp_path / "runs #2"
     assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["root"] == str(root)
     assert not (tmp_path / "runs").exists()
+
+
+def test_out_in_a_recipe_expands_home_and_variables(tmp_path, monkeypatch):
+    """``out: ~/runs`` made a folder named ``~`` in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    result = CliRunner().invoke(app, ["train", "--data", str(root), *TINY, "--set", "out=~/runs"])
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip().splitlines()[-1]).parent == tmp_path / "home" / "runs"
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_training_loss_that_is_not_a_number_is_a_one_line_error(tmp_path):
+    """It was a FloatingPointError with its traceback."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    state["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    root = kermany_folder(tmp_path / "k", per_class=6, size=32)
+    args = [a if a != "none" else str(tmp_path / "nan.safetensors") for a in TINY]
+    result = CliRunner().invoke(app, ["train", "--data", str(root), "--out", str(tmp_path / "runs"), *args])
+    assert result.exit_code != 0 and isinstance(result.exception, CxrError)
+    assert re.fullmatch(r"training loss became nan in .+; lower the learning rate", str(result.exception))
 
 
 def test_calibrate_infers_its_method_from_a_target_and_refuses_a_conflict(tmp_path):

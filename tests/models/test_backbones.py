@@ -258,9 +258,14 @@ def test_mismatched_corrupt_and_missing_files_name_the_file(tmp_path):
     (tmp_path / "folder.pth").mkdir()
     with pytest.raises(CxrError, match=r"folder\.pth is a folder, not a file"):
         load_state_dict_file(tmp_path / "folder.pth")
-    for absent in (tmp_path / "absent.pth", "ImageNet"):
-        with pytest.raises(CxrError, match="weights must be 'imagenet', 'none' or a weights file"):
-            build_backbone("mobilenet_v2", absent)
+    with pytest.raises(CxrError, match=r"^weights file \S*absent\.pth does not exist \(weights are 'imagenet', "
+                                       r"'none' or a file\)$"):  # it said the path was none of those
+        build_backbone("mobilenet_v2", tmp_path / "absent.pth")
+    with pytest.raises(CxrError, match="weights must be 'imagenet', 'none' or a weights file; 'ImageNet' is none"):
+        build_backbone("mobilenet_v2", "ImageNet")
+    with pytest.raises(CxrError, match=r"weights file \$\{CXR_NO_SUCH_VAR\}/w\.pth: set the environment variable "
+                                       "CXR_NO_SUCH_VAR it names"):
+        build_backbone("mobilenet_v2", "${CXR_NO_SUCH_VAR}/w.pth")
     with pytest.raises(CxrError, match="not one of"):
         build_backbone("mobilenet_v2", wrong.rename(tmp_path / "weights.h5"))
     with pytest.raises(CxrError, match="unknown backbone 'mobilenet_v9'; did you mean"):

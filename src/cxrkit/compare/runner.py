@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cxrkit.compare.spec import Cell, ComparisonSpec, expand_cells, load_comparison
-from cxrkit.config import load_recipe
+from cxrkit.config import expand_path, load_recipe
 from cxrkit.console import notes_console
 from cxrkit.errors import CxrError, first_line, user_message
 from cxrkit.runs import Run, atomic_write_json, raise_if_interrupted
@@ -53,7 +53,7 @@ def plan_comparison(spec_path: str | Path, out: str | Path | None = None,
                     overrides: list[str] | None = None) -> Plan:
     """Load the spec and resolve its cells; ``out`` overrides the spec's output directory."""
     spec = load_comparison(spec_path, overrides)
-    return Plan(spec, expand_cells(spec), Path(out or spec.out) / spec.name)
+    return Plan(spec, expand_cells(spec), Path(out or expand_path(spec.out, "out")) / spec.name)
 
 
 def cell_status(plan: Plan, cell: Cell) -> str:

@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ def _parse_axis(name: Any, values: Any, where: str) -> Axis:
 def resolve_recipe_path(recipe: str, spec_path: Path | None) -> Path:
     """The base recipe: absolute, or relative to the spec's folder or one of its parents (so specs in
     ``comparisons/`` may name ``recipes/x.yaml`` from the repository root), or to the working directory."""
-    path = Path(recipe).expanduser()
+    path = Path(os.path.expanduser(recipe))
     if path.is_absolute():
         candidates = [path]
     else:

@@ -197,7 +197,7 @@ def _row_problem(path: Path, line: int, value: str, file: Path, seen: dict[str, 
 
 
 def _resolve(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
+    p = Path(os.path.expanduser(value))
     return p if p.is_absolute() else base / p
 
 

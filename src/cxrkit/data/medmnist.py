@@ -80,7 +80,7 @@ def _locate(flag: str, size: int, root: str | os.PathLike | None, download: bool
         if Path(root).is_file():
             return Path(root)
         raise CxrError(f"{root}: MedMNIST file does not exist")
-    folder = Path(root).expanduser() if root is not None else default_root()
+    folder = Path(os.path.expanduser(root)) if root is not None else default_root()
     folders = [folder, folder / "medmnist"]  # a data folder may keep MedMNIST files in a medmnist/ subfolder
     names = [npz_filename(flag, size)] + ([f"{flag}_28.npz"] if size == 28 else [])
     candidates = [f / n for f in folders for n in names]

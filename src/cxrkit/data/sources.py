@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,7 +65,7 @@ def load_dataset(cfg: Any) -> LabelledImages:
         return _select(combine(parts, cfg.name or "combined"), cfg)
     if fmt == "medmnist":
         return _select(_load_medmnist(cfg), cfg)
-    root = Path(cfg.root).expanduser()
+    root = Path(os.path.expanduser(cfg.root))
     if fmt == "csv":
         from cxrkit.data.csv import load_csv
 
@@ -81,7 +82,7 @@ def resolve_format(cfg: SimpleNamespace) -> str:
         raise CxrError(f"data source: format {cfg.format!r} is not one of {FORMATS}")
     if cfg.format == "combine":
         return "combine"
-    root = Path(cfg.root).expanduser() if cfg.root is not None else None
+    root = Path(os.path.expanduser(cfg.root)) if cfg.root is not None else None
     if cfg.format in ("auto", "medmnist") and root is not None and not root.exists() and is_medmnist_name(cfg.root):
         # ``--data pneumoniamnist``: a MedMNIST name, looked up in the default data folder
         cfg.name, cfg.root, root = str(cfg.root).lower(), None, None

@@ -60,7 +60,7 @@ def weights_search_dirs(weights_dirs: PathLike | Sequence[PathLike] | None = Non
         given = [weights_dirs]
     else:
         given = list(weights_dirs)
-    folders = [Path(d).expanduser() for d in given] + [default_weights_dir()]
+    folders = [Path(os.path.expanduser(d)) for d in given] + [default_weights_dir()]
     return list(dict.fromkeys(folders))
 
 
@@ -99,7 +99,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
     Raises:
         CxrError: the file is missing, unreadable, holds arbitrary Python objects, or is not a state dict.
     """
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     if not path.is_file():
         raise CxrError(f"weights file {path} is a folder, not a file" if path.is_dir()
                        else f"weights file {path} does not exist")
@@ -159,8 +159,12 @@ def build_backbone(
             return _download(spec, weights_dirs)
         _log.info("%s: ImageNet weights from %s", name, local)
         return _load_state(spec, load_state_dict_file(local), f"weights file {local}")
-    path = Path(weights).expanduser()
+    from cxrkit.config import expand_path
+
+    path = Path(expand_path(str(weights), "weights file"))
     if not path.exists():
+        if "/" in str(weights) or path.suffix:  # a path, not a misspelt name
+            raise CxrError(f"weights file {weights} does not exist (weights are 'imagenet', 'none' or a file)")
         raise CxrError(f"weights must be 'imagenet', 'none' or a weights file; {str(weights)!r} is none of these")
     return _load_state(spec, load_state_dict_file(path), f"weights file {path}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from cxrkit.config import Recipe, load_recipe
+from cxrkit.config import Recipe, expand_path, load_recipe
 from cxrkit.console import notes_console
 from cxrkit.errors import CxrError
 from cxrkit.runs import Run
@@ -84,7 +84,7 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
     created = None
     try:
         if run is None:
-            run = created = _create_run(recipe.out, recipe.name, runtime)
+            run = created = _create_run(expand_path(recipe.out, "out"), recipe.name, runtime)
         if last is not None and last["stage"] >= len(recipe.stages):
             if not _calibration_interrupted(run):
                 console.print(f"run {run.path} is already complete")

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import distributed as dist
 from torch import nn
 
+from cxrkit.errors import CxrError
 from cxrkit.train.losses import probabilities
 from cxrkit.train.runtime import Runtime
 
@@ -72,7 +73,7 @@ def train_one_epoch(
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} in {description}; lower the learning rate")
+            raise CxrError(f"training loss became {loss.item()} in {description}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
