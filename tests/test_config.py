@@ -102,6 +102,17 @@ def test_missing_and_invalid_recipe_files(tmp_path):
         load_recipe(bad)
 
 
+@pytest.mark.parametrize(("text", "where"), [
+    ("name: x\nstages:\n  - epochs: 1\n  lr: 2\n", r"line 4, column 3: expected <block end>, but found '\?'"),
+    ("name: x\nmodel:\n\tbackbone: x\n", r"line 3, column 1: found character '\\t' that cannot start any token"),
+])
+def test_a_yaml_mistake_is_given_with_its_line_and_column(tmp_path, text, where):
+    """Only PyYAML's context was said (``while parsing a block collection``): not where, nor what."""
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(CxrError, match=rf"bad\.yaml is not valid YAML: {where}$"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
 @pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("recipes/*.yaml")))
 def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
@@ -149,6 +160,8 @@ def test_a_recipe_that_is_not_utf8_text_or_is_a_folder_is_named(tmp_path):
         load_recipe(tmp_path / "latin1.yaml")
     with pytest.raises(CxrError, match=r"recipe .* is a folder, not a YAML file"):
         load_recipe(tmp_path)
+    with pytest.raises(CxrError, match=r"^recipe /dev/null is not a regular file \(a device or a pipe\)$"):
+        load_recipe("/dev/null")  # it said /dev/null did not exist
 
 
 def test_augment_translate_of_1_and_image_sizes_at_the_limits_are_allowed():
@@ -169,3 +182,13 @@ def test_paths_expand_variables_and_home_or_say_why_not(monkeypatch, tmp_path):
         expand_path("${CXR_NO_SUCH_VAR}/runs", "out")
     with pytest.raises(CxrError, match=r"^data root ~cxrnosuchuser/x: there is no user 'cxrnosuchuser'"):
         expand_path("~cxrnosuchuser/x", "data root")  # was Path.expanduser's RuntimeError, as a traceback
+
+
+def test_a_mistake_inside_a_recipe_file_names_the_file(tmp_path):
+    """``cxr train --resume RUN`` on a recipe.yaml edited by hand named the key but not the file."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stages:\n  - epochs: many\n")
+    with pytest.raises(CxrError, match=rf"^{path}: recipe key stages.0.epochs: 'many' is not a whole number$"):
+        load_recipe(path)
+    with pytest.raises(CxrError, match=r"^override stages.1.lr: the recipe has 1 stage"):  # the override's own
+        load_recipe(tmp_path / "recipe.yaml", ["stages.0.epochs=1", "stages.1.lr=1e-5"])

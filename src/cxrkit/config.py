@@ -55,6 +55,16 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong in a YAML text, and where: ``line 5, column 4: expected <block end>, but found '-'`` (PyYAML's
+    first line is its context, ``while parsing a block collection``, without either)."""
+    problem = getattr(err, "problem", None)
+    if not problem:
+        return first_line(err)
+    mark = getattr(err, "problem_mark", None)
+    return problem if mark is None else f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 @dataclass
 class SplitConfig:
     """How to split a dataset without its own splits: stratified, grouped by patient, saved in the run."""
@@ -407,6 +417,13 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
                 raise CxrError(f"override {dotted}: {part} is empty")
 
 
+def not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one."""
+    if path.is_dir():
+        return "is a folder, not a YAML file"
+    return "is not a regular file (a device or a pipe)" if path.exists() else "does not exist"
+
+
 def expand_path(path: str, what: str) -> str:
     """``path`` with ``${VARS}`` and ``~`` expanded, as recipes may write their paths (``${CXR_DATA_DIR}/chest_xray``,
     ``~/runs``). ``what`` names the path in the error for an unset variable or an unknown ``~user``."""
@@ -497,15 +514,19 @@ def load_recipe(path: str | Path | None, overrides: list[str | tuple[str, Any]] 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise CxrError(f"recipe {path} is a folder, not a YAML file" if path.is_dir()
-                           else f"recipe {path} does not exist")
+            raise CxrError(f"recipe {path} {not_a_file(path)}")
         try:
             data = load_yaml(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as err:
             raise CxrError(f"recipe {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
         except yaml.YAMLError as err:
-            raise CxrError(f"recipe {path} is not valid YAML: {first_line(err)}") from None
+            raise CxrError(f"recipe {path} is not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(data, dict):
             raise CxrError(f"recipe {path} must be a mapping of keys to values")
         data.setdefault("name", path.stem)
-    return recipe_from_dict(data, overrides)
+    try:
+        return recipe_from_dict(data, overrides)
+    except CxrError as err:  # name the file: a run's recipe.yaml edited by hand is read without the user naming it
+        if path is None or str(err).startswith("override "):
+            raise
+        raise CxrError(f"{path}: {err}") from None

@@ -113,6 +113,11 @@ def test_a_spec_key_given_twice_is_refused(tmp_path):
         load_comparison(spec)
 
 
+def test_a_spec_path_that_is_a_folder_is_called_one(tmp_path):
+    with pytest.raises(CxrError, match=r"^comparison spec \S+ is a folder, not a YAML file$"):  # "does not exist"
+        load_comparison(tmp_path)
+
+
 def test_negative_axis_values_keep_their_sign_in_cell_ids():
     """``-1`` used to become ``1`` (the minus was taken for a separator), so -1 and 1 gave cells of one name."""
     assert [slug(v) for v in (-1, 1, -0.5, 1e-5, "from:features.denseblock4", None)] == [

@@ -46,8 +46,16 @@ from typing import Any
 
 import yaml
 
-from cxrkit.config import Recipe, load_recipe, load_yaml, parse_overrides, recipe_from_dict
-from cxrkit.errors import CxrError, first_line
+from cxrkit.config import (
+    Recipe,
+    load_recipe,
+    load_yaml,
+    not_a_file,
+    parse_overrides,
+    recipe_from_dict,
+    yaml_problem,
+)
+from cxrkit.errors import CxrError
 from cxrkit.models.backbones import BACKBONES
 
 SHORTHANDS = {"backbone": "model.backbone", "weights": "model.weights", "seed": "seed",
@@ -256,13 +264,13 @@ def load_comparison(path: str | Path, overrides: list[str] | None = None) -> Com
     """Read a comparison spec from YAML and check it (see the module docstring for the format)."""
     path = Path(path)
     if not path.is_file():
-        raise CxrError(f"comparison spec {path} does not exist")
+        raise CxrError(f"comparison spec {path} {not_a_file(path)}")
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise CxrError(f"comparison spec {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML") from None
     except yaml.YAMLError as err:
-        raise CxrError(f"comparison spec {path} is not valid YAML: {first_line(err)}") from None
+        raise CxrError(f"comparison spec {path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise CxrError(f"comparison spec {path} must be a mapping of keys to values")
     return comparison_from_dict(data, path, overrides, default_name=path.stem)
