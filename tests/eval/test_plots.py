@@ -197,3 +197,34 @@ def test_write_eval_figures_writes_every_file(task, with_reliability, tmp_path):
     assert {path.name for path in tmp_path.iterdir()} == {f"{name}.png" for name in names}
     for path in written.values():
         _assert_png(path)
+
+
+def test_characters_no_installed_font_has_give_one_note_instead_of_a_warning_each(tmp_path, capsys):
+    """Class names in a script DejaVu Sans lacks gave dozens of matplotlib warnings, each with its source line."""
+    import warnings
+
+    labels = ["\U0001d801 normal", "\U0001d802 other"]  # Sutton SignWriting: in no font a machine is likely to have
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that reaches the caller fails the test
+        for name in ("a.png", "b.png"):
+            plots.plot_confusion_matrix(labels, np.array([[3, 1], [2, 4]]), tmp_path / name)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: no installed font")]
+    assert notes == ["note: no installed font draws \U0001d801\U0001d802, so figures show boxes in their place; "
+                     "install a font that has them (such as Noto Sans CJK)"]
+    assert plots.font_families()[0] == "DejaVu Sans"
+
+
+def test_a_warning_that_is_not_about_fonts_still_reaches_the_caller(tmp_path):
+    from matplotlib.artist import Artist
+    from matplotlib.figure import Figure
+
+    class Warns(Artist):
+        def draw(self, renderer):
+            import warnings
+
+            warnings.warn("drawn with a caveat", UserWarning, stacklevel=1)
+
+    fig = Figure()
+    fig.add_artist(Warns())
+    with pytest.warns(UserWarning, match="drawn with a caveat"):
+        plots.save_figure(fig, tmp_path / "x.png")

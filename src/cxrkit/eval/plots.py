@@ -13,8 +13,12 @@ or NaN (unknown, left out) and ``probs`` holds sigmoid outputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +35,40 @@ _STYLE = {
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "axes.grid": True,
     "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "figure.facecolor": "white",
 }
+
+
+# Fonts that draw what DejaVu Sans (matplotlib's own) lacks, such as Chinese, Japanese or Korean class names; those
+# installed follow it in the figures' font list, and matplotlib takes each character from the first that has it.
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
+    "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback", "Microsoft YaHei", "Yu Gothic", "MS Gothic",
+    "Malgun Gothic", "PingFang SC", "Hiragino Sans", "Arial Unicode MS", "Noto Sans", "Noto Sans Arabic",
+    "Noto Sans Hebrew", "Noto Sans Devanagari", "Noto Sans Thai",
+)
+_GLYPH_MISSING = re.compile(r"Glyph (\d+) .*missing from font")
+_noted_missing: set[str] = set()  # characters already in a note, said once per process
+
+
+@functools.cache
+def font_families() -> tuple[str, ...]:
+    """DejaVu Sans, then the :data:`FALLBACK_FONTS` installed on this machine."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
+
+
+@contextlib.contextmanager
+def _quiet_font_lookups() -> Iterator[None]:
+    """Without matplotlib's log lines about a fallback font's weights (``findfont: Failed to find font weight normal
+    for WenQuanYi Zen Hei, now using 500``), for the figure being made only."""
+    logger = logging.getLogger("matplotlib.font_manager")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def new_figure(n_panels: int, ncols: int | None = None, panel: tuple[float, float] = (4.6, 3.6)) -> Figure:
@@ -54,7 +92,7 @@ def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
     def styled(*args: Any, **kwargs: Any) -> Figure:
         import matplotlib
 
-        with matplotlib.rc_context(_STYLE):
+        with matplotlib.rc_context({**_STYLE, "font.family": list(font_families())}), _quiet_font_lookups():
             return build(*args, **kwargs)
 
     return styled
@@ -65,7 +103,21 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     from cxrkit.runs import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, facecolor="white"))
+    with warnings.catch_warnings(record=True) as caught, _quiet_font_lookups():
+        warnings.simplefilter("always")
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, facecolor="white"))
+    missing = set()
+    for warning in caught:
+        if found := _GLYPH_MISSING.search(str(warning.message)):
+            missing.add(chr(int(found.group(1))))
+        else:  # not ours to hide
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if missing - _noted_missing:  # one note, not matplotlib's warning per character and figure
+        from cxrkit.console import notes_console
+
+        _noted_missing.update(missing)
+        notes_console().print(f"note: no installed font draws {''.join(sorted(missing))}, so figures show boxes in "
+                              "their place; install a font that has them (such as Noto Sans CJK)", highlight=False)
     return path
 
 
