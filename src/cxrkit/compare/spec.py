@@ -195,6 +195,12 @@ def _parse_axis(name: Any, values: Any, where: str) -> Axis:
         raise CxrError(f"{where}: matrix axis {name} must be a non-empty list of values or a mapping of named "
                        f"override sets, got {values!r}")
     key = SHORTHANDS.get(name, name)
+    top_level = tuple(f.name for f in dataclasses.fields(Recipe))
+    if "." not in key and key not in top_level:  # backbonee: a shorthand misspelt, not an unknown recipe key
+        close = difflib.get_close_matches(name, [*SHORTHANDS, *top_level], n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise CxrError(f"{where}: matrix axis {name!r} is not a shorthand ({', '.join(SHORTHANDS)}) or a recipe key"
+                       f"{hint}")
     items = []
     for value in values:
         label = "none" if value is None else str(value)
