@@ -13,9 +13,7 @@ or NaN (unknown, left out) and ``probs`` holds sigmoid outputs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 import re
 import warnings
@@ -24,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cxrkit.console import notes_console, quiet_logger
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -58,19 +58,6 @@ def font_families() -> tuple[str, ...]:
     return ("DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed))
 
 
-@contextlib.contextmanager
-def _quiet_font_lookups() -> Iterator[None]:
-    """Without matplotlib's log lines about a fallback font's weights (``findfont: Failed to find font weight normal
-    for WenQuanYi Zen Hei, now using 500``), for the figure being made only."""
-    logger = logging.getLogger("matplotlib.font_manager")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def new_figure(n_panels: int, ncols: int | None = None, panel: tuple[float, float] = (4.6, 3.6)) -> Figure:
     """A Figure with ``n_panels`` axes in a grid, on an Agg canvas, in the module's style."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -92,7 +79,9 @@ def styled(build: Callable[..., Figure]) -> Callable[..., Figure]:
     def styled(*args: Any, **kwargs: Any) -> Figure:
         import matplotlib
 
-        with matplotlib.rc_context({**_STYLE, "font.family": list(font_families())}), _quiet_font_lookups():
+        # without matplotlib's log lines about a fallback font's weights ("findfont: Failed to find font weight")
+        with matplotlib.rc_context({**_STYLE, "font.family": list(font_families())}), \
+                quiet_logger("matplotlib.font_manager"):
             return build(*args, **kwargs)
 
     return styled
@@ -103,7 +92,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     from cxrkit.runs import atomic_write
 
     path = Path(path)
-    with warnings.catch_warnings(record=True) as caught, _quiet_font_lookups():
+    with warnings.catch_warnings(record=True) as caught, quiet_logger("matplotlib.font_manager"):
         warnings.simplefilter("always")
         atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=DPI, facecolor="white"))
     missing = set()
@@ -113,8 +102,6 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
         else:  # not ours to hide
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if missing - _noted_missing:  # one note, not matplotlib's warning per character and figure
-        from cxrkit.console import notes_console
-
         _noted_missing.update(missing)
         notes_console().print(f"note: no installed font draws {''.join(sorted(missing))}, so figures show boxes in "
                               "their place; install a font that has them (such as Noto Sans CJK)", highlight=False)

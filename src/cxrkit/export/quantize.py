@@ -26,8 +26,6 @@ where it is faster; it is not everywhere.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrkit.console import quiet_logger
 from cxrkit.errors import CxrError, first_line
 from cxrkit.export.onnx import INPUT, set_metadata
 from cxrkit.runs import atomic_write_bytes
@@ -75,19 +74,6 @@ class _Batches:
         self._left -= 1
         self.seen += len(batch)
         return {INPUT: np.ascontiguousarray(batch, dtype=np.float32)}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Hold back the quantizer's warnings on the root logger (it notes, for instance, each node it leaves in fp32);
-    errors still show."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _batchnorm_as_convs(graph: Any) -> int:
@@ -248,7 +234,8 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
     if fp32_convs < 0:
         raise CxrError(f"{path}: the number of convolutions kept in fp32 cannot be negative ({fp32_convs})")
     reader = _Batches(batches, count)
-    with tempfile.TemporaryDirectory(prefix="cxrkit-int8-") as tmp, _quiet():
+    # the quantizer notes on the root logger, for instance, each node it leaves in fp32
+    with tempfile.TemporaryDirectory(prefix="cxrkit-int8-") as tmp, quiet_logger():
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         try:
             # shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks
