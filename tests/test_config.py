@@ -177,6 +177,7 @@ def test_paths_expand_variables_and_home_or_say_why_not(monkeypatch, tmp_path):
     assert expand_path("${CXR_TEST_DIR}/x", "out") == "/data/x"
     assert expand_path("/plain/price$", "out") == "/plain/price$"  # a dollar that names no variable
     monkeypatch.delenv("CXR_NO_SUCH_VAR", raising=False)
+    assert expand_path("/runs/dollar$CXR_NO_SUCH_VAR", "out") == "/runs/dollar$CXR_NO_SUCH_VAR"  # a folder's name
     with pytest.raises(CxrError, match=r"^out \$\{CXR_NO_SUCH_VAR\}/runs: set the environment variable "
                                        r"CXR_NO_SUCH_VAR it names$"):
         expand_path("${CXR_NO_SUCH_VAR}/runs", "out")
@@ -190,5 +191,5 @@ def test_a_mistake_inside_a_recipe_file_names_the_file(tmp_path):
     path.write_text("stages:\n  - epochs: many\n")
     with pytest.raises(CxrError, match=rf"^{path}: recipe key stages.0.epochs: 'many' is not a whole number$"):
         load_recipe(path)
-    with pytest.raises(CxrError, match=r"^override stages.1.lr: the recipe has 1 stage"):  # the override's own
-        load_recipe(tmp_path / "recipe.yaml", ["stages.0.epochs=1", "stages.1.lr=1e-5"])
+    with pytest.raises(CxrError, match=r"^recipe key stages.0.lr: -1 must be a positive number$"):  # not the file's
+        load_recipe(tmp_path / "recipe.yaml", ["stages.0.epochs=1", "stages.0.lr=-1"])

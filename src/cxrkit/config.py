@@ -428,9 +428,10 @@ def expand_path(path: str, what: str) -> str:
     """``path`` with ``${VARS}`` and ``~`` expanded, as recipes may write their paths (``${CXR_DATA_DIR}/chest_xray``,
     ``~/runs``). ``what`` names the path in the error for an unset variable or an unknown ``~user``."""
     expanded = os.path.expanduser(os.path.expandvars(path))
-    unset = re.search(r"\$(\w+|\{[^}]*\})", expanded)  # expandvars leaves an unset variable as it is
+    # expandvars leaves an unset variable as it is: ${NAME} must be set, while $NAME may be part of a folder's name
+    unset = re.search(r"\$\{([^}]*)\}", expanded)
     if unset:
-        raise CxrError(f"{what} {path}: set the environment variable {unset.group(1).strip('{}')} it names")
+        raise CxrError(f"{what} {path}: set the environment variable {unset.group(1)} it names")
     if expanded.startswith("~"):
         user = expanded[1:].split("/", 1)[0]
         raise CxrError(f"{what} {path}: there is no user {user!r} whose home folder ~{user} could name")
@@ -527,6 +528,6 @@ def load_recipe(path: str | Path | None, overrides: list[str | tuple[str, Any]] 
     try:
         return recipe_from_dict(data, overrides)
     except CxrError as err:  # name the file: a run's recipe.yaml edited by hand is read without the user naming it
-        if path is None or str(err).startswith("override "):
+        if path is None or overrides:  # the mistake may be in an override, not in the file
             raise
         raise CxrError(f"{path}: {err}") from None

@@ -67,6 +67,13 @@ def test_a_second_run_reuses_the_cache_and_a_changed_image_makes_a_new_one(folde
     assert cache_key(ds.items, SQUASH) != cache_key(ds.items, CROP)
 
 
+def test_a_dataset_under_a_folder_whose_name_is_not_utf8_is_cached(tmp_path):
+    """Hashing its paths raised UnicodeEncodeError: cxr train crashed before its first epoch."""
+    root = kermany_folder(tmp_path / os.fsdecode(b"r\xf6ntgen"), per_class=2, size=32)
+    cached, notes = _build(load_folder(root), SQUASH, tmp_path / "cache")
+    assert notes and len(cached) == 4 and cached.read(0).shape == (1, 32, 32)
+
+
 def test_colour_images_turn_the_cache_off_with_a_reason(folder, tmp_path):
     ds = load_folder(folder)
     colour = LabelledImages(ds.spec, ds.items, lambda item: Image.open(item.source).convert("RGB"))

@@ -92,6 +92,16 @@ def test_class_folders_side_by_side_that_differ_only_in_case_or_spaces_are_refus
         load_folder(tmp_path / "db")
 
 
+def test_normal_bacterial_viral_finds_a_pneumonia_folder_with_spaces_around_its_name(tmp_path):
+    """`` Pneumonia`` in test stayed a fourth class, and the test split had no bacterial or viral image."""
+    root = kermany_like(tmp_path / "x", splits=("train", "test"))
+    (root / "test" / "PNEUMONIA").rename(root / "test" / " Pneumonia")
+    ds = load_folder(root, task="normal-bacterial-viral")
+    assert ds.spec.labels == ("NORMAL", "bacterial", "viral")
+    assert Counter(ds.spec.labels[it.target] for it in ds.items if it.split == "test") == {
+        "NORMAL": 6, "bacterial": 4, "viral": 2}
+
+
 def test_the_same_class_in_two_split_folders_may_differ_in_case(tmp_path):
     save_gray(tmp_path / "db" / "train" / "Viral" / "x.png", (8, 8))
     save_gray(tmp_path / "db" / "train" / "NORMAL" / "y.png", (8, 8), 1)

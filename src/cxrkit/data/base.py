@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from cxrkit.errors import printable
+
 Task = Literal["binary", "multiclass", "multilabel"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -94,7 +96,8 @@ class LabelledImages:
         if not self.skipped:
             return None
         source, reason = self.skipped[0]
-        return f"skipped {len(self.skipped)} file(s) that are not usable images{where}; the first: {source}: {reason}"
+        return (f"skipped {len(self.skipped)} file(s) that are not usable images{where}; the first: "
+                f"{printable(source)}: {reason}")
 
     def subset(self, indices: Sequence[int]) -> LabelledImages:
         return LabelledImages(self.spec, [self.items[i] for i in indices], self.reader, list(self.skipped))

@@ -47,7 +47,7 @@ def cache_key(items: list[Item], pre: Preprocessing) -> str:
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "-"  # not a file (an array inside a MedMNIST archive): the archive's own key is in the source
-        h.update(f"{item.source}\0{stamp}\n".encode())
+        h.update(f"{item.source}\0{stamp}\n".encode("utf-8", "surrogateescape"))  # a path that is not UTF-8 too
     return h.hexdigest()[:32]
 
 

@@ -187,11 +187,11 @@ def _split_pneumonia(
     root: Path, files: list[tuple[Path, str, str | None]], skipped: list[tuple[str, str]]
 ) -> list[tuple[Path, str, str | None]]:
     """Relabel files of the PNEUMONIA folder as bacterial / viral from their names; report the undecidable."""
-    if not any(label.lower() == "pneumonia" for _, label, _ in files):
+    if not any(label.strip().lower() == "pneumonia" for _, label, _ in files):
         raise CxrError(f"{root}: task {NORMAL_BACTERIAL_VIRAL!r} needs a PNEUMONIA class folder")
     out = []
     for path, label, split in files:
-        if label.lower() == "pneumonia":
+        if label.strip().lower() == "pneumonia":
             cause = pneumonia_cause(path.name)
             if cause is None:
                 skipped.append((str(path), "cannot tell bacterial from viral: no '_bacteria_' or '_virus_' in name"))
