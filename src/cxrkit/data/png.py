@@ -3,15 +3,16 @@
 When a PNG's zlib stream is complete (it ends with its end marker and checksum) yet holds fewer bytes than the
 image needs, Pillow fills the missing rows with black and reports nothing; libpng refuses such a file ("Not enough
 image data"). A file cut short is caught by its missing ``IEND``; this catches a writer that stopped early, or a
-stream re-compressed from part of an image. The check inflates the pixel data a second time, without keeping it:
-26 ms for a 2,000 x 2,000 8-bit X-ray whose decoding takes 88 ms, so :mod:`cxrkit.data.images` runs it only when
-the decoded image ends in black rows, as Pillow leaves the missing ones.
+stream re-compressed from part of an image. The check inflates the pixel data a second time, without keeping it,
+so :mod:`cxrkit.data.images` runs it only when the decoded image ends in black rows, as Pillow leaves the missing
+ones.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey + alpha, RGBA
@@ -20,7 +21,7 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 _PIECE = 1 << 20  # inflate at most this many bytes at a time: a 64-megapixel image is never held inflated
 
 
-def _chunks(data: bytes):
+def _chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     """``(type, body)`` of each chunk up to ``IEND`` (or the end of the data)."""
     pos = len(SIGNATURE)
     while pos + 8 <= len(data):
