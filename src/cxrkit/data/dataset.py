@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cxrkit.data.base import LabelledImages
-from cxrkit.data.labels import find_label
+from cxrkit.data.labels import find_label, label_key
 from cxrkit.errors import CxrError
 
 
@@ -83,10 +83,10 @@ def label_mapping(
                 f"label mapping {src!r} -> {dst!r} does not match: dataset labels {list(source_labels)}, "
                 f"model labels {list(target_labels)}"
             )
-        explicit[src.strip().lower()] = dst
+        explicit[label_key(src)] = dst
     out, unmapped = [], []
     for label in source_labels:
-        idx = find_label(explicit.get(label.strip().lower(), label), target_labels)
+        idx = find_label(explicit.get(label_key(label), label), target_labels)
         if idx is None:
             unmapped.append(label)
         else:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cxrkit.data.base import DatasetSpec, Item, LabelledImages
 from cxrkit.data.images import IMAGE_SUFFIXES, content_problem, name_problem, read_item
-from cxrkit.data.labels import find_label, order_labels, select_labels, single_label_task
+from cxrkit.data.labels import find_label, label_key, order_labels, select_labels, single_label_task
 from cxrkit.errors import CxrError, printable
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -151,7 +151,7 @@ def _refuse_look_alike_classes(class_dirs: list[Path]) -> None:
     ``viral``) would be read as one class, as ``NORMAL`` in train and ``Normal`` in test are: refuse them."""
     seen: dict[tuple[Path, str], Path] = {}
     for folder in class_dirs:
-        other = seen.setdefault((folder.parent, folder.name.strip().lower()), folder)
+        other = seen.setdefault((folder.parent, label_key(folder.name)), folder)
         if other is not folder:
             raise CxrError(f"{folder.parent}: class folders {other.name!r} and {folder.name!r} differ only in case or "
                            "spaces, and would be read as one class; merge or rename them")
@@ -187,11 +187,11 @@ def _split_pneumonia(
     root: Path, files: list[tuple[Path, str, str | None]], skipped: list[tuple[str, str]]
 ) -> list[tuple[Path, str, str | None]]:
     """Relabel files of the PNEUMONIA folder as bacterial / viral from their names; report the undecidable."""
-    if not any(label.strip().lower() == "pneumonia" for _, label, _ in files):
+    if not any(label_key(label) == "pneumonia" for _, label, _ in files):
         raise CxrError(f"{root}: task {NORMAL_BACTERIAL_VIRAL!r} needs a PNEUMONIA class folder")
     out = []
     for path, label, split in files:
-        if label.strip().lower() == "pneumonia":
+        if label_key(label) == "pneumonia":
             cause = pneumonia_cause(path.name)
             if cause is None:
                 skipped.append((str(path), "cannot tell bacterial from viral: no '_bacteria_' or '_virus_' in name"))

@@ -17,9 +17,15 @@ NORMAL_NAMES = frozenset({"normal", "no finding", "no_finding", "healthy", "nega
 SINGLE_LABEL_TASKS = ("auto", "binary", "multiclass")
 
 
+def label_key(name: str) -> str:
+    """How class names are matched: without case and without spaces at either end (``NORMAL`` in train is
+    ``Normal`` in test)."""
+    return name.strip().lower()
+
+
 def is_normal_like(label: str) -> bool:
     """Whether a label names the normal / negative class (``NORMAL``, ``Normal``, ``No Finding``, ...)."""
-    return label.strip().lower() in NORMAL_NAMES
+    return label_key(label) in NORMAL_NAMES
 
 
 def order_labels(names: Iterable[str]) -> tuple[str, ...]:
@@ -49,10 +55,10 @@ def single_label_task(labels: Sequence[str], task: str, where: str) -> Task:
 
 
 def find_label(name: str, labels: Sequence[str]) -> int | None:
-    """Index of ``name`` in ``labels`` by case-insensitive match, spaces at either end ignored, or None."""
-    lowered = [lab.strip().lower() for lab in labels]
-    key = name.strip().lower()
-    return lowered.index(key) if key in lowered else None
+    """Index of ``name`` in ``labels`` matched by :func:`label_key`, or None."""
+    keys = [label_key(lab) for lab in labels]
+    key = label_key(name)
+    return keys.index(key) if key in keys else None
 
 
 def select_labels(
