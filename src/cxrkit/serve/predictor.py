@@ -56,7 +56,7 @@ class Prediction:
 
     def to_row(self, labels: list[str]) -> dict[str, Any]:
         """The same fields, flat, for CSV: ``p_<label>`` columns, ``model_<key>`` and ``ms_<stage>``."""
-        return {"source": printable(self.source), "label": self.label or "",
+        return {"source": self.source, "label": self.label or "",  # csv_text spells out what CSV cannot hold
                 **{f"p_{n}": self.probabilities.get(n, "") for n in labels},
                 "threshold": "" if self.threshold is None else self.threshold,
                 "exceeded": "" if self.exceeded is None else int(self.exceeded),
