@@ -103,12 +103,16 @@ def test_leftovers_of_interrupted_writes_go_and_a_live_write_is_never_touched(ca
     (root / "features" / "cafe.bin").write_bytes(b"x" * 10)  # renamed into place, .json never written
     _age(root / "features" / "cafe.bin", 1)
     (root / "decoded" / f"abcd.u8.{os.getpid()}.tmp").write_bytes(b"x" * 10)  # this process is still writing it
+    (root / "features" / "d00d.bin").write_bytes(b"x" * 10)  # its .json's atomic write was killed a moment ago
+    (root / "features" / f".d00d.json.{dead.stdout.strip()}.a1b2.tmp").write_bytes(b"{")
+    _age(root / "features" / "d00d.bin", 1)
     entries = {e.key: e for e in scan(root)}
-    assert entries["beef"].status == entries["cafe"].status == "incomplete (an interrupted write)"
+    assert entries["beef"].status == entries["cafe"].status == entries["d00d"].status == \
+        "incomplete (an interrupted write)"
     assert entries["abcd"].status == f"being written (process {os.getpid()})"
     # even a filter that keeps every complete entry removes the leftovers, and never the live write
     chosen = {e.key for e in select(scan(root), older_than=30 * DAY)}
-    assert chosen == {"beef", "cafe"}
+    assert chosen == {"beef", "cafe", "d00d"}
     assert "abcd" not in {e.key for e in select(scan(root))}
 
     result = _cli("clear")

@@ -246,21 +246,48 @@ def test_opening_a_file_as_a_run_says_so(tmp_path):
         Run.open(tmp_path / "nowhere")
 
 
-def test_resuming_removes_the_temporary_files_of_killed_writes(tmp_path):
-    """A write killed half-way (kill -9) left a hidden temporary file as large as a checkpoint, for good."""
+def test_resuming_removes_the_temporary_files_of_killed_writes_and_not_those_of_live_ones(tmp_path):
+    """A write killed half-way (kill -9) left a hidden temporary file as large as a checkpoint, for good. And a
+    second resume removed the live temporary file of a run being trained (or evaluated) by another process, which
+    then failed; only files whose writer has ended are leftovers."""
     run = Run.create(tmp_path, "r")
-    leftovers = [run.path / ".metrics.csv.k2j3_x.tmp", run.path / "checkpoints" / ".last.pt.a8b9c0.tmp",
-                 run.path / "checkpoints" / ".stage_best.pt.4242.link",
-                 run.path / "export" / ".best.int8.onnx.4242.partial.onnx",
-                 run.path / "eval" / "chest_xray-test" / ".metrics.json.zz91.tmp"]
+    dead, live = _dead_pid(), os.getpid()
+    leftovers = [run.path / f".metrics.csv.{dead}.k2j3_x.tmp", run.path / "checkpoints" / f".last.pt.{dead}.a8b.tmp",
+                 run.path / "checkpoints" / f".stage_best.pt.{dead}.link",
+                 run.path / "export" / f".best.int8.onnx.{dead}.partial.onnx",
+                 run.path / "eval" / "chest_xray-test" / ".metrics.json.zz91.tmp",  # an earlier cxrkit's: no pid
+                 run.path / "checkpoints" / ".best.pt.12345678.tmp"]
     kept = [run.path / "checkpoints" / "last.pt", run.path / ".notes", run.path / "export" / "best.onnx",
-            run.path / "my.tmp"]
+            run.path / "my.tmp", run.path / ".train.lock", run.path / "checkpoints" / f".last.pt.{live}.x1_y.tmp",
+            run.path / "eval" / "chest_xray-test" / f".pr.png.{live}.k9.tmp",
+            run.path / "export" / f".best.onnx.{live}.partial.onnx", run.path / "checkpoints" / f".best.pt.{live}.link"]
     for path in leftovers + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert run.remove_leftovers() == 5
+    assert run.remove_leftovers() == 6
     assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
     assert run.remove_leftovers() == 0
+
+
+def test_an_atomic_writes_temporary_file_names_its_process(tmp_path):
+    seen = []
+    atomic_write(tmp_path / "a.json", lambda fh: seen.extend(p.name for p in tmp_path.iterdir()))
+    assert len(seen) == 1 and seen[0].startswith(f".a.json.{os.getpid()}.") and seen[0].endswith(".tmp")
+
+
+def test_a_temporary_file_removed_by_another_process_is_named_in_the_error(tmp_path):
+    def removed_meanwhile(fh):
+        for p in tmp_path.glob(".*.tmp"):
+            p.unlink()
+
+    with pytest.raises(CxrError, match=r"a\.json: cannot write \(its temporary file \.a\.json\.\d+\.\w+\.tmp was "
+                                       r"removed while it was written, by another process\)"):
+        atomic_write(tmp_path / "a.json", removed_meanwhile)
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

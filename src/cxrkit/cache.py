@@ -28,7 +28,8 @@ from cxrkit.runs import folder_unwritable, process_alive, remove_dead_writes
 
 KINDS = ("decoded", "features")
 _DATA_SUFFIX = {"decoded": ".u8", "features": ".bin"}
-_PID_TMP = re.compile(r"\.(\d+)\.tmp$")  # <key>.<suffix>.<pid>.tmp; an atomic write's own is .<name>.<random>.tmp
+_PID_TMP = re.compile(r"\.(\d+)\.tmp$")  # <key>.<suffix>.<pid>.tmp
+_ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")  # an atomic write's own: .<name>.<pid>.<random>.tmp
 _ATOMIC_TMP_AGE = 600  # seconds after which an atomic write's own temporary file (no pid) is a leftover
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _AGES = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -102,11 +103,12 @@ def scan(root: Path) -> list[Entry]:
             entry.files.append(path)
             entry.size += stat.st_size
             entry.last_used = max(entry.last_used, stat.st_mtime)
-            pid = None if path.name.startswith(".") else _PID_TMP.search(path.name)
+            hidden = path.name.startswith(".")
+            pid = (_ATOMIC_TMP.match if hidden else _PID_TMP.search)(path.name)
             if pid and process_alive(int(pid.group(1))):
                 entry.busy = f"process {pid.group(1)}"
-            elif path.name.startswith(".") and path.name.endswith(".tmp") and now - stat.st_mtime < _ATOMIC_TMP_AGE:
-                entry.busy = entry.busy or "a write in progress"
+            elif not pid and hidden and path.name.endswith(".tmp") and now - stat.st_mtime < _ATOMIC_TMP_AGE:
+                entry.busy = entry.busy or "a write in progress"  # an earlier cxrkit's, whose names had no pid
             elif path.name == f"{key}.json":
                 try:
                     entry.meta = json.loads(path.read_text())

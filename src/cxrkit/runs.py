@@ -90,7 +90,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         raise CxrError(f"{path}: cannot write here (is a directory)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     except OSError as err:  # a parent that is a file, a folder without write permission, a read-only disk
         raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err
     try:
@@ -103,6 +103,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, FileNotFoundError) and path.parent.is_dir():
+            raise CxrError(f"{path}: cannot write (its temporary file {Path(tmp).name} was removed while it was "
+                           "written, by another process)") from err
         if isinstance(err, OSError):  # e.g. the disk filled up
             raise CxrError(f"{path}: cannot write ({err.strerror or first_line(err)})") from err
         raise
@@ -269,16 +272,17 @@ class Run:
 
     def remove_leftovers(self) -> int:
         """Remove the hidden temporary files that writes killed half-way left in the run, its checkpoints, exports
-        and evaluations (``.X.*.tmp`` of
-        :func:`atomic_write`, ``.X.<pid>.partial.*`` of :func:`staged`, ``.X.<pid>.link``): the real files were never
-        touched, but a killed checkpoint write leaves one as large as a checkpoint. For a run no process is writing,
-        such as one being resumed. Returns how many were removed."""
-        pattern = re.compile(r"^\..+\.(tmp|link)$|^\..+\.\d+\.partial(\.[^.]+)?$")
+        and evaluations (``.X.<pid>.*.tmp`` of :func:`atomic_write`, ``.X.<pid>.partial.*`` of :func:`staged`,
+        ``.X.<pid>.link``) when the process that wrote them has ended: the real files were never touched, but a
+        killed checkpoint write leaves one as large as a checkpoint. Another command writing into the run (an
+        evaluation, an export) keeps its files. Returns how many were removed."""
+        pattern = re.compile(r"^\..+?(?:\.(\d+))?(?:\.[^.]+\.tmp|\.link|\.partial(?:\.[^.]+)?)$")
         removed = 0
         evaluations = sorted(p for p in (self.path / "eval").glob("*") if p.is_dir())
         for folder in (self.path, self.path / "checkpoints", self.path / "export", *evaluations):
             for entry in folder.iterdir() if folder.is_dir() else []:
-                if pattern.match(entry.name) and entry.is_file():
+                match = pattern.match(entry.name)
+                if match and entry.is_file() and not (match.group(1) and process_alive(int(match.group(1)))):
                     entry.unlink(missing_ok=True)
                     removed += 1
         return removed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from cxrkit import pipeline
 from cxrkit.config import DataConfig
 from cxrkit.data.base import LabelledImages
 from cxrkit.errors import CxrError
+from cxrkit.locks import exclusive
 from cxrkit.runs import atomic_write_json, atomic_write_text, check_writable, csv_text
 from cxrkit.serve.predictor import Predictor
 
@@ -128,15 +130,28 @@ def evaluate_run(
                    "stages": [dataclasses.asdict(s)["trainable"] for s in predictor.recipe.stages]},
     })
     out = predictor.run.eval_dir(name)
-    # an earlier evaluation under this name goes as a whole (its figures, its report), so that a folder never mixes
-    # two; metrics.json, written last, marks it complete, and an interrupted one is redone
-    for old in sorted(out.iterdir(), key=lambda f: f.name != "metrics.json"):
-        if old.is_file():
-            old.unlink()
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
-    atomic_write_text(out / "predictions.csv", csv_text(rows))
-    from cxrkit.eval.plots import write_eval_figures
+    with evaluation_lock(out, console):
+        # an earlier evaluation under this name goes as a whole (its figures, its report), so that a folder never
+        # mixes two; metrics.json, written last, marks it complete, and an interrupted one is redone
+        for old in sorted(out.iterdir(), key=lambda f: f.name != "metrics.json"):
+            if old.is_file():
+                old.unlink(missing_ok=True)
+        atomic_write_text(out / "predictions.csv", csv_text(rows))
+        from cxrkit.eval.plots import write_eval_figures
 
-    write_eval_figures(out, task, labels, targets, probs, metrics, reliability)
-    atomic_write_json(out / "metrics.json", metrics)
+        write_eval_figures(out, task, labels, targets, probs, metrics, reliability)
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics, out
+
+
+def evaluation_lock(out: Path, console: Any = None) -> contextlib.AbstractContextManager[None]:
+    """Held while an evaluation writes ``out`` (``RUN/eval/<name>``): a second evaluation under the same name waits
+    for it (saying so on ``console``), rather than removing its files half-way as an earlier evaluation's."""
+    from cxrkit.console import notes_console
+
+    def busy(pid: int | None) -> str:
+        return f"waiting for {f'process {pid}' if pid else 'another process'}, which is writing {out}"
+
+    return exclusive(out.parent / f".{out.name}.lock", busy,
+                     lambda note: (console or notes_console()).print(note, highlight=False))

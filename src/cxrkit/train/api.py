@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from rich.console import Console
 
 from cxrkit.config import Recipe, expand_path, load_recipe
 from cxrkit.console import notes_console
 from cxrkit.errors import CxrError
+from cxrkit.locks import exclusive
 from cxrkit.runs import Run
 from cxrkit.train.fit import Trainer, seed_everything
 from cxrkit.train.runtime import Runtime, setup_runtime, shutdown
@@ -67,24 +71,45 @@ def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, consol
         The run directory.
     """
     console = console or notes_console()
-    last = None
-    if resume is not None:
-        run = resume
-        if removed := run.remove_leftovers():
-            console.print(f"removed {removed} temporary file(s) that the interrupted run left", highlight=False)
-        recipe = load_recipe(run.file("recipe.yaml"))
-        last = run.load_checkpoint("last") if run.has_checkpoint("last") else None
-    assert recipe is not None
-    if resume is None:
-        from cxrkit.pipeline import anchor_paths
+    with contextlib.ExitStack() as held:
+        if resume is not None:
+            run = resume
+            if not _is_other_rank():  # under torchrun, rank 0 holds it for all
+                held.enter_context(training_lock(run))
+            if removed := run.remove_leftovers():
+                console.print(f"removed {removed} temporary file(s) that the interrupted run left", highlight=False)
+            recipe = load_recipe(run.file("recipe.yaml"))
+        assert recipe is not None
+        if resume is None:
+            from cxrkit.pipeline import anchor_paths
 
-        recipe = anchor_paths(recipe)  # the saved recipe must not depend on the directory it was started from
+            recipe = anchor_paths(recipe)  # the saved recipe must not depend on the directory it was started from
+        return _train(recipe, run, resume is not None, console, held)
+
+
+def training_lock(run: Run) -> contextlib.AbstractContextManager[None]:
+    """Held while ``run`` trains, so that a second ``cxr train --resume`` of it is refused instead of training it
+    twice at once (and removing the first one's temporary files as leftovers)."""
+    return exclusive(run.path / ".train.lock",
+                     lambda pid: f"run {run.path} is being trained by {f'process {pid}' if pid else 'another process'}"
+                                 "; wait for it to finish, or stop it before resuming")
+
+
+def _is_other_rank() -> bool:
+    """A process of a ``torchrun`` launch other than rank 0 (whose runtime is not set up yet)."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
+def _train(recipe: Recipe, run: Run | None, resuming: bool, console: Console, held: contextlib.ExitStack) -> Run:
+    last = run.load_checkpoint("last") if resuming and run is not None and run.has_checkpoint("last") else None
     rt = recipe.runtime
     runtime = setup_runtime(rt.device, rt.precision, rt.channels_last, rt.threads, rt.workers)
     created = None
     try:
         if run is None:
             run = created = _create_run(expand_path(recipe.out, "out"), recipe.name, runtime)
+        if runtime.is_main and not resuming:  # a resumed run's lock was taken before its leftovers were removed
+            held.enter_context(training_lock(run))
         if last is not None and last["stage"] >= len(recipe.stages):
             if not _calibration_interrupted(run):
                 console.print(f"run {run.path} is already complete")
