@@ -351,3 +351,35 @@ def test_a_run_is_named_after_the_backbone_that_replaced_the_recipe_s(tmp_path):
                                            ["model.backbone=resnet18"]), main).name == "pneumonia-resnet18"
     named = load_recipe(recipe, ["model.backbone=googlenet", "name=mine"])
     assert _named_for_backbone(named, base).name == "mine"  # a name of the user's own stays
+
+
+def test_images_without_patient_ids_are_noted_at_splitting_and_the_report_says_so(tmp_path):
+    """A CSV without its Patient ID column made each image its own patient without a word, while the report said
+    the split was grouped by patient: 17 of 52 NIH patients had images in two splits."""
+    csv_path = nih_csv(tmp_path / "nih")
+    rows = list(csv.DictReader(csv_path.open()))
+    rows[3]["Patient ID"] = " "  # a blank cell: that image alone has no id
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    args = ["train", "--out", str(tmp_path / "runs"), *TINY, "--data", str(csv_path), "--task", "multilabel"]
+    blank = CliRunner().invoke(app, args)
+    assert blank.exit_code == 0, blank.output
+    assert f"note: 1 of 40 images have no patient id (the first: {tmp_path / 'nih' / 'images'}" in blank.stderr
+    for row in rows:
+        del row["Patient ID"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "note: 40 of 40 images have no patient id" in " ".join(result.stderr.split())
+    run = Path(result.stdout.strip().splitlines()[-1])
+    assert json.loads((run / "data.json").read_text())["without_patient_id"] == 40
+    report = CliRunner().invoke(app, ["report", str(run)])
+    assert report.exit_code == 0, report.output
+    html = Path(report.stdout.strip().splitlines()[-1]).read_text()
+    assert "Split grouped by patient, but 40 images have no patient id" in html
+    assert "all images of a patient are in the same split" not in html

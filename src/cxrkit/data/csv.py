@@ -112,7 +112,7 @@ def _load_nih(
             skipped.append((str(file), why))
             continue
         target = tuple(1.0 if lab.lower() in findings else 0.0 for lab in chosen)
-        patient = row.get("Patient ID") or str(file)
+        patient = (row.get("Patient ID") or "").strip() or str(file)  # no id: its own patient (noted at splitting)
         items.append(Item(str(file), patient, target, splits.get(image)))
     spec = DatasetSpec("chestxray14", "multilabel", tuple(chosen))
     return LabelledImages(spec, items, read_item, skipped)
@@ -203,7 +203,7 @@ def _resolve(base: Path, value: str) -> Path:
 
 def _row_meta(path: Path, line: int, row: dict[str, str], cols: tuple[str | None, ...], file: Path) -> tuple:
     patient_col, split_col = cols
-    patient = (row.get(patient_col) if patient_col else None) or str(file)
+    patient = ((row.get(patient_col) or "").strip() if patient_col else "") or str(file)
     split_value = (row.get(split_col) or "").lower() if split_col else ""
     if split_value and split_value not in SPLIT_NAMES:
         raise CxrError(f"{path}:{line}: split {split_value!r} is not one of train/val/test")

@@ -60,8 +60,9 @@ class ImageDataset(Dataset):
 
 
 def label_mapping(
-    source_labels: Sequence[str], target_labels: Sequence[str], mapping: Mapping[str, str] | None = None
-) -> list[int]:
+    source_labels: Sequence[str], target_labels: Sequence[str], mapping: Mapping[str, str] | None = None,
+    unmapped_ok: bool = False,
+) -> list[int | None]:
     """Map a dataset's labels onto a model's labels by name, for external validation.
 
     Args:
@@ -69,9 +70,11 @@ def label_mapping(
         target_labels: the model's label names.
         mapping: explicit ``{source name: target name}`` pairs, e.g. ``{"COVID": "PNEUMONIA"}``; other labels are
             matched by name. All matching is case-insensitive.
+        unmapped_ok: a source label without a counterpart maps to None instead of being an error (multi-label
+            data, whose other labels the model does not predict).
 
     Returns:
-        For each source label, the index of its target label.
+        For each source label, the index of its target label (None: none, with ``unmapped_ok``).
 
     Raises:
         CxrError: a source label (or a mapping's key or value) has no counterpart; the message lists both sets.
@@ -89,9 +92,8 @@ def label_mapping(
         idx = find_label(explicit.get(label_key(label), label), target_labels)
         if idx is None:
             unmapped.append(label)
-        else:
-            out.append(idx)
-    if unmapped:
+        out.append(idx)
+    if unmapped and not unmapped_ok:
         raise CxrError(
             f"cannot map dataset labels {unmapped} onto the model's labels: dataset labels {list(source_labels)}, "
             f"model labels {list(target_labels)}; say which model label each one means, e.g. "

@@ -57,17 +57,32 @@ def select_data(predictor: Predictor, data: str | None, split: str) -> tuple[Lab
 
 
 def mapped_targets(ds: LabelledImages, model_labels: list[str], label_map: dict[str, str] | None) -> np.ndarray:
-    """The dataset's targets expressed in the model's labels (by name)."""
+    """The dataset's targets expressed in the model's labels (by name).
+
+    Multi-label: a model label is positive when any dataset label mapped onto it is, negative when all are known
+    negatives, else unknown (NaN, as is a model label no dataset label maps onto); dataset labels the model does not
+    have are left out, with a note."""
     from cxrkit.data.dataset import label_mapping
 
-    index = label_mapping(list(ds.spec.labels), model_labels, label_map)
+    multilabel = ds.spec.task == "multilabel"
+    index = label_mapping(list(ds.spec.labels), model_labels, label_map, unmapped_ok=multilabel)
+    if all(col is None for col in index):  # no label in common: the error says which labels each side has
+        label_mapping(list(ds.spec.labels), model_labels, label_map)
     targets = ds.targets()
-    if ds.spec.task == "multilabel":
-        out = np.full((len(ds), len(model_labels)), np.nan, dtype=np.float32)
-        for source_col, model_col in enumerate(index):
-            out[:, model_col] = targets[:, source_col]
-        return out
-    return np.asarray(index, dtype=np.int64)[targets]
+    if not multilabel:
+        return np.asarray(index, dtype=np.int64)[targets]
+    if left := [label for label, col in zip(ds.spec.labels, index) if col is None]:
+        from cxrkit.console import notes_console
+
+        notes_console().print(f"note: {len(left)} of the dataset's labels are not the model's and are left out: "
+                              + ", ".join(left), highlight=False)
+    out = np.full((len(ds), len(model_labels)), np.nan, dtype=np.float32)
+    for model_col in range(len(model_labels)):
+        sources = targets[:, [i for i, col in enumerate(index) if col == model_col]]
+        if sources.shape[1]:
+            known = np.where(np.isnan(sources).any(axis=1), np.nan, 0.0)
+            out[:, model_col] = np.where((sources == 1).any(axis=1), 1.0, known)
+    return out
 
 
 def _prediction_rows(ds: LabelledImages, labels: list[str], targets: np.ndarray, probs: np.ndarray,
@@ -76,7 +91,7 @@ def _prediction_rows(ds: LabelledImages, labels: list[str], targets: np.ndarray,
     for item, t, p, label in zip(ds.items, targets, probs, decided):
         true = "|".join(n for n, v in zip(labels, t) if v == 1) if task == "multilabel" else labels[int(t)]
         row = {"source": item.source, "patient": item.patient, "true": true, "predicted": label}
-        row.update({f"p_{n}": round(float(q), 6) for n, q in zip(labels, p)})
+        row.update({f"p_{n}": float(q) for n, q in zip(labels, p)})  # unrounded: metrics.json recomputes from it
         rows.append(row)
     return rows
 

@@ -330,8 +330,14 @@ def _data(recipe: dict, data: dict) -> str:
     rows = [[split, s.get("images"), s.get("patients"), *((s.get("per_label") or {}).get(n, 0) for n in names)]
             for split, s in splits.items()]
     grouped = ((recipe.get("data") or {}).get("split") or {}).get("group_by_patient")
-    note = ('<p class="note">Split grouped by patient: all images of a patient are in the same split.</p>'
-            if grouped else '<p class="warn">Split NOT grouped by patient: a patient may appear in several splits.</p>')
+    anonymous = data.get("without_patient_id") or 0
+    if not grouped:
+        note = '<p class="warn">Split NOT grouped by patient: a patient may appear in several splits.</p>'
+    elif anonymous:
+        note = (f'<p class="warn">Split grouped by patient, but {anonymous} images have no patient id: each counts '
+                "as its own patient, so images of one patient may be in several splits.</p>")
+    else:
+        note = '<p class="note">Split grouped by patient: all images of a patient are in the same split.</p>'
     skipped = data.get("skipped") or []
     skipped_html = f"<p>Skipped files: {len(skipped)}</p>"
     if skipped:

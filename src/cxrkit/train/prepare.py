@@ -14,7 +14,7 @@ from cxrkit import __version__, pipeline
 from cxrkit.config import Recipe
 from cxrkit.data.base import DatasetSpec, LabelledImages
 from cxrkit.data.transforms import Preprocessing, build_transform
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, printable
 from cxrkit.runs import Run
 from cxrkit.train.runtime import Runtime
 
@@ -57,6 +57,12 @@ def patients_in_several_splits(ds: LabelledImages, splits: dict[str, np.ndarray]
             if first.setdefault(patient, name) != name:
                 found[patient] = None
     return list(found)
+
+
+def without_patient_id(ds: LabelledImages) -> int:
+    """How many images have no patient id: loaders give them their own source as patient (a CSV without a patient
+    column or with a blank cell, MedMNIST), so carved splits cannot keep a patient's images together."""
+    return sum(it.patient == it.source for it in ds.items)
 
 
 def split_notes(ds: LabelledImages, splits: dict[str, np.ndarray], ratios: Any, carved: bool = True) -> list[str]:
@@ -132,9 +138,16 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
         console.print(f"note: the dataset's own splits put {len(shared)} patient(s) in more than one split (the "
                       f"first: {shared[0]}), so held-out numbers may be optimistic; data.split.use_own=false makes "
                       "patient-grouped splits", highlight=False)
+    own = recipe.data.split.use_own and any(it.split in ("val", "test") for it in ds.items)  # kept as given
+    anonymous = without_patient_id(ds) if recipe.data.split.group_by_patient and not own else 0
     if console is not None and runtime.is_main and not resumed:
-        own = recipe.data.split.use_own and any(it.split in ("val", "test") for it in ds.items)  # kept as given
-        for note in split_notes(ds, splits, recipe.data.split.ratios, carved=not own):
+        notes = split_notes(ds, splits, recipe.data.split.ratios, carved=not own)
+        if anonymous:
+            first = next(it.source for it in ds.items if it.patient == it.source)
+            notes.insert(0, f"note: {anonymous} of {len(ds)} images have no patient id (the first: "
+                            f"{printable(first)}), so each counts as its own patient and the split cannot keep a "
+                            "patient's images together; give the data a patient column (an NIH file's 'Patient ID')")
+        for note in notes:
             console.print(note, highlight=False)
     augment = pipeline.augmentation(recipe.augment)
     resized = cached is not None
@@ -145,7 +158,7 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
         run.write_text("recipe.yaml", recipe.to_yaml())
         run.write_json("labels.json", _labels_json(ds.spec))
         run.write_json("data.json", {
-            "dataset": ds.spec.to_dict(), "splits": split_counts(ds, splits),
+            "dataset": ds.spec.to_dict(), "splits": split_counts(ds, splits), "without_patient_id": anonymous,
             "skipped": [{"source": s, "reason": r} for s, r in ds.skipped],
             "preprocessing": pre.to_dict(), "augment": None if augment is None else recipe.to_dict()["augment"],
         })

@@ -1,0 +1,37 @@
+"""A dataset's labels expressed in a model's labels, for evaluating a run on other data (``--map``)."""
+
+import numpy as np
+import pytest
+from data.helpers import save_gray
+
+from cxrkit.data.csv import load_csv
+from cxrkit.errors import CxrError
+from cxrkit.eval.evaluate import mapped_targets
+
+ROWS = {"0.png": "1,0,0,0", "1.png": "0,0,1,0", "2.png": "0,0,0,0", "3.png": ",0,0,1", "4.png": "0,1,0,0",
+        "5.png": "0,,0,0"}
+
+
+@pytest.fixture
+def findings(tmp_path):
+    for i, name in enumerate(ROWS):
+        save_gray(tmp_path / name, (8, 8), i)
+    (tmp_path / "f.csv").write_text("path,Effusion,Edema,Hernia,Pneumonia\n"
+                                    + "".join(f"{name},{row}\n" for name, row in ROWS.items()))
+    return load_csv(tmp_path / "f.csv")
+
+
+def test_multilabel_labels_mapped_onto_one_are_combined_and_labels_the_model_lacks_are_left_out(findings, capsys):
+    """Each mapped label replaced the one before it (Effusion's support came out as Hernia's), and a dataset label
+    the model does not have could not be left out, so a run on a subset of labels could not be evaluated."""
+    targets = mapped_targets(findings, ["Effusion", "Other", "Atelectasis"], {"Edema": "Other", "hernia": "OTHER"})
+    np.testing.assert_array_equal(targets[:, 0], [1, 0, 0, np.nan, 0, 0])
+    # positive where either is, negative where both are known negatives, unknown where one is unknown and none is 1
+    np.testing.assert_array_equal(targets[:, 1], [0, 1, 0, 0, 1, np.nan])
+    assert np.isnan(targets[:, 2]).all()  # no dataset label means it: unknown, not negative
+    assert "note: 1 of the dataset's labels are not the model's and are left out: Pneumonia" in capsys.readouterr().err
+
+
+def test_no_label_in_common_is_still_an_error(findings):
+    with pytest.raises(CxrError, match=r"cannot map dataset labels \['Effusion', 'Edema', 'Hernia', 'Pneumonia'\]"):
+        mapped_targets(findings, ["NORMAL", "PNEUMONIA_X"], None)
