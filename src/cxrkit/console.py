@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import sys
+import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -22,6 +25,35 @@ def quiet_logger(name: str | None = None) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+class _MutedForThread(io.TextIOBase):
+    """A stream that drops what one thread writes and passes on what the others write."""
+
+    def __init__(self, stream: TextIO, thread: threading.Thread):
+        self.stream, self.thread = stream, thread
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.current_thread() is self.thread else self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno... as the real stream's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def muted(name: str) -> Iterator[None]:
+    """Drop what this thread prints on ``sys.stdout`` or ``sys.stderr`` (``name``) while the block runs, such as a
+    library's progress lines, while other threads' output still gets through (``contextlib.redirect_stdout`` would
+    swallow theirs too: the stream is the process's)."""
+    stream = getattr(sys, name)
+    setattr(sys, name, _MutedForThread(stream, threading.current_thread()))
+    try:
+        yield
+    finally:
+        setattr(sys, name, stream)
 
 
 def notes_console() -> Console:

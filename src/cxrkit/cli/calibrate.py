@@ -27,19 +27,16 @@ def calibrate(
 
     from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
-    from cxrkit.eval.calibrate import calibrate_run, calibration_notes
+    from cxrkit.eval.calibrate import calibrate_run, calibration_notes, check_threshold_options
     from cxrkit.serve.predictor import CALIBRATING, Predictor
 
     threshold_options = [name for name, value in (("--method", method), ("--target-sensitivity", target_sensitivity))
                          if value is not None]
     if method is None:
         method = "youden" if target_sensitivity is None else "sensitivity"
-    if method not in ("youden", "sensitivity"):
-        raise CxrError(f"--method {method!r} is not youden or sensitivity")
+    check_threshold_options(method, target_sensitivity, ("--method", "--target-sensitivity"))
     if method == "youden" and target_sensitivity is not None:
         raise CxrError("--method youden picks its own threshold; --target-sensitivity is for --method sensitivity")
-    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
-        raise CxrError(f"--target-sensitivity {target_sensitivity} is not in (0, 1]")
     console = notes_console()
     predictor = Predictor(run, checkpoint=checkpoint, check_calibration=False)
     if predictor.task != "binary" and threshold_options:

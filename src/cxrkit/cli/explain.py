@@ -38,7 +38,7 @@ def explain(
     from cxrkit.cli.evaluate import parse_label_map
     from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
-    from cxrkit.explain.api import ExplainOptions
+    from cxrkit.explain.api import ExplainOptions, option_problem
     from cxrkit.explain.gradcam import method_info
 
     if bool(inputs) == grid:
@@ -50,12 +50,10 @@ def explain(
         raise CxrError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for "
                        f"{'images, not --grid' if grid else '--grid'}")
     method_info(method)
-    for wrong, rule in ((not 0 < remove < 100, f"--remove {remove:g} must be above 0 and below 100 (percent)"),
-                        (not 0 <= opacity <= 1, f"--opacity {opacity:g} must be from 0 to 1"),
-                        (batch_size < 1, f"--batch-size {batch_size} must be at least 1"),
-                        (random_maps < 1, f"--random-maps {random_maps} must be at least 1")):
-        if wrong:
-            raise CxrError(rule)
+    if why := option_problem({"percent": remove, "opacity": opacity, "batch_size": batch_size, "n_random": random_maps},
+                             {"percent": "--remove", "opacity": "--opacity", "batch_size": "--batch-size",
+                              "n_random": "--random-maps"}):
+        raise CxrError(why)
     options = ExplainOptions(method, layer, tuple(target), check, remove, random_maps, opacity, batch_size, seed)
     console = notes_console()
     from cxrkit.serve.predictor import Predictor

@@ -39,6 +39,16 @@ def calibrate_run(
     return info
 
 
+def check_threshold_options(method: str, target_sensitivity: float | None,
+                            names: tuple[str, str] = ("method", "target_sensitivity")) -> None:
+    """Refuse a threshold method or target sensitivity that cannot be used, before any prediction; ``names`` are
+    how the caller spells the two (``--method``, ``--target-sensitivity`` on the command line)."""
+    if method not in ("youden", "sensitivity"):
+        raise CxrError(f"{names[0]} {method!r} is not youden or sensitivity")
+    if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
+        raise CxrError(f"{names[1]} {target_sensitivity:g} is not in (0, 1]")
+
+
 def fit_calibration(
     predictor: Predictor, method: str = "youden", target_sensitivity: float | None = None,
     temperature: bool = True, console: Any = None, strict_threshold: bool = True,
@@ -50,6 +60,7 @@ def fit_calibration(
     from cxrkit.eval.evaluate import mapped_targets, select_data
     from cxrkit.eval.metrics import choose_threshold
 
+    check_threshold_options(method, target_sensitivity)
     if target_sensitivity is not None:
         method = "sensitivity"
     if method == "sensitivity" and target_sensitivity is None:

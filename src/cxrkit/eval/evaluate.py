@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def _prediction_rows(ds: LabelledImages, labels: list[str], targets: np.ndarray,
 
 
 def evaluate_run(
-    predictor: Predictor, data: str | None = None, split: str = "test", name: str | None = None,
+    predictor: Predictor | str | os.PathLike, data: str | None = None, split: str = "test", name: str | None = None,
     label_map: dict[str, str] | None = None, batch_size: int = 64, console: Any = None,
 ) -> tuple[dict[str, Any], Path]:
     """Predict a split with the run's calibrated probabilities and threshold; write ``eval/<name>/`` (default
@@ -106,9 +107,14 @@ def evaluate_run(
     Besides :func:`~cxrkit.eval.metrics.compute_metrics`, ``metrics.json`` holds ``ci95`` (percentile bootstrap over
     patients, seeded), ``ece`` (after the run's temperature scaling), ``temperature`` and the ``reliability`` curve.
 
+    Args:
+        predictor: The run, loaded (or its directory, loaded with the defaults: checkpoint ``best``, PyTorch).
+
     Returns:
         The metrics and the folder holding ``metrics.json``, ``predictions.csv`` and the figures.
     """
+    if not isinstance(predictor, Predictor):
+        predictor = Predictor(predictor)
     from cxrkit.eval.bootstrap import bootstrap_ci
     from cxrkit.eval.calibration import expected_calibration_error, reliability_curve
     from cxrkit.eval.metrics import compute_metrics

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 
 from cxrkit.errors import CxrError
 from cxrkit.explain.faithfulness import VERDICTS
-from cxrkit.explain.gradcam import Explainer, choose_targets
+from cxrkit.explain.gradcam import Explainer, choose_targets, method_info
 from cxrkit.explain.plots import Explained, plot_overlay
 from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name, unique_safe_names
 from cxrkit.serve.predictor import Predictor
@@ -57,6 +57,30 @@ class ExplainOptions:
     opacity: float = 0.45
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):  # one class name, not its letters
+            self.targets = (self.targets,)
+        method_info(self.method)
+        if why := option_problem(vars(self)):
+            raise CxrError(why)
+
+
+OPTION_RULES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+    ("percent", lambda v: 0 < v < 100, "must be above 0 and below 100 (percent)"),
+    ("opacity", lambda v: 0 <= v <= 1, "must be from 0 to 1"),
+    ("batch_size", lambda v: v >= 1, "must be at least 1"),
+    ("n_random", lambda v: v >= 1, "must be at least 1"),
+)
+
+
+def option_problem(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str | None:
+    """What is wrong with the numeric options in ``values`` (by :class:`ExplainOptions` field), or None; ``names``
+    spells the fields as the caller does (``{"percent": "--remove"}`` on the command line)."""
+    for key, ok, rule in OPTION_RULES:
+        if not ok(values[key]):
+            return f"{(names or {}).get(key, key)} {values[key]:g} {rule}"
+    return None
 
 
 @dataclass

@@ -12,7 +12,6 @@ is open), so no ``.grad`` buffers are allocated for the model and the run's weig
 from __future__ import annotations
 
 import contextlib
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxrkit.console import muted
+from cxrkit.data.labels import find_label
 from cxrkit.errors import CxrError
 from cxrkit.explain.layers import resolve_layer
 
@@ -163,7 +164,7 @@ class Explainer:
 @contextlib.contextmanager
 def _quiet_progress_bars() -> Any:
     """Score-CAM prints a tqdm bar per image to stderr; keep it out of the user's terminal."""
-    with contextlib.redirect_stderr(io.StringIO()):
+    with muted("stderr"):
         yield
 
 
@@ -178,11 +179,10 @@ def choose_targets(task: str, labels: Sequence[str], probs: np.ndarray, threshol
     if requested:
         if list(requested) == ["all"]:
             return [list(range(len(labels))) for _ in probs]
-        unknown = [r for r in requested if r not in labels]
-        if unknown:
+        found = [find_label(r, labels) for r in requested]  # by name, without case, as everywhere
+        if unknown := [r for r, i in zip(requested, found) if i is None]:
             raise CxrError(f"unknown target {', '.join(unknown)}; the run's labels are {', '.join(labels)} (or all)")
-        indices = [labels.index(r) for r in requested]
-        return [list(indices) for _ in probs]
+        return [[i for i in found if i is not None] for _ in probs]
     cut = 0.5 if threshold is None else threshold
     if task == "binary":
         return [[int(p[1] >= cut)] for p in probs]

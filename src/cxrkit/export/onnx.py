@@ -11,8 +11,6 @@ with a dynamic batch dimension.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cxrkit.console import muted
 from cxrkit.errors import CxrError, first_line
 from cxrkit.export import fp32_copy
 from cxrkit.runs import atomic_write_bytes
@@ -58,9 +57,8 @@ def export_graph(module: nn.Module, size: int, output: str, name: str | Path) ->
     example = torch.zeros(2, 3, size, size)
     with tempfile.TemporaryDirectory(prefix="cxrkit-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
-        log = io.StringIO()
         try:
-            with contextlib.redirect_stdout(log), torch.no_grad():
+            with muted("stdout"), torch.no_grad():  # the exporter's progress lines must not reach a piped result
                 torch.onnx.export(module, (example,), str(raw), input_names=[INPUT], output_names=[output],
                                   dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
                                   external_data=False, verbose=False)

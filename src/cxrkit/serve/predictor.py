@@ -161,12 +161,12 @@ class Predictor:
         self.task: str = self.labels_info["task"]
         self.preprocessing = Preprocessing.from_dict(self.run.read_json("data.json")["preprocessing"])
         self.transform = build_transform(self.preprocessing, None)
-        settings = self.recipe.runtime
+        settings = self.recipe.runtime  # but not its threads: a training setting, and the caller's to set
         if engine != "torch":  # ONNX Runtime runs on the CPU; the torch side only feeds it fp32 batches
-            runtime = runtime or setup_runtime("cpu", "fp32", False, settings.threads)
-        self.runtime = runtime or setup_runtime(settings.device, settings.precision, settings.channels_last,
-                                                settings.threads)
-        model = pipeline.build_model(self.recipe.model, len(self.labels), weights="none")
+            runtime = runtime or setup_runtime("cpu", "fp32", False)
+        self.runtime = runtime or setup_runtime(settings.device, settings.precision, settings.channels_last)
+        with torch.random.fork_rng(devices=[]):  # the random weights it starts with leave the caller's RNG alone
+            model = pipeline.build_model(self.recipe.model, len(self.labels), weights="none")
         model.load_state_dict(self.run.load_checkpoint(checkpoint)["model"])
         self.checkpoint = checkpoint
         self.engine = engine

@@ -12,7 +12,7 @@ from cxrkit.console import notes_console
 from cxrkit.errors import CxrError
 from cxrkit.locks import exclusive
 from cxrkit.runs import Run
-from cxrkit.train.fit import Trainer, seed_everything
+from cxrkit.train.fit import Trainer, callers_random_state, seed_everything
 from cxrkit.train.runtime import Runtime, setup_runtime, shutdown
 
 
@@ -63,15 +63,29 @@ def calibrate_after_training(run: Run, runtime: Runtime, console: Console) -> No
         console.print(note, highlight=False)
 
 
-def train_recipe(recipe: Recipe | None = None, resume: Run | None = None, console: Console | None = None,
-                 run: Run | None = None) -> Run:
+def train_recipe(recipe: Recipe | str | os.PathLike | None = None, resume: Run | str | os.PathLike | None = None,
+                 console: Console | None = None, run: Run | None = None) -> Run:
     """Train ``recipe`` into a new run directory (or into ``run``), or continue the interrupted run ``resume``.
+
+    The caller's random generators and PyTorch thread count are as they were when it returns.
+
+    Args:
+        recipe: A :class:`~cxrkit.config.Recipe` or a recipe file.
+        resume: A run (or its directory) to continue, instead of a recipe.
+        console: Where progress and notes go (``Console(quiet=True)`` for none); stderr by default.
+        run: An existing, empty run directory to train into.
 
     Returns:
         The run directory.
     """
+    if (recipe is None) == (resume is None):
+        raise CxrError("train_recipe needs a recipe or a run to resume, not " + ("both" if recipe else "neither"))
+    if not isinstance(recipe, Recipe | None):
+        recipe = load_recipe(recipe)
+    if not isinstance(resume, Run | None):
+        resume = Run.open(resume)
     console = console or notes_console()
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as held, callers_random_state():
         if resume is not None:
             run = resume
             if not _is_other_rank():  # under torchrun, rank 0 holds it for all

@@ -10,9 +10,11 @@ DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def callers_random_state() -> Iterator[None]:
+    """Python's, NumPy's and torch's random generators as they were before the block: training seeds them (two
+    trainings of one recipe, and a resumed one, draw the same numbers), and the caller's draws must not change."""
+    py, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 def make_optimizer(stage: StageConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

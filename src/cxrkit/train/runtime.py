@@ -4,8 +4,9 @@ None of this changes what a recipe means. bf16 autocast is on by default where t
 (AVX512-BF16 / AMX CPUs, bf16 GPUs); master weights stay fp32. channels_last is on by default everywhere: with
 oneDNN it is faster in fp32 as well (measured by ``bench/inference.py`` on an AVX2 CPU: 1.15-1.73x at batch 32).
 
-Threads: ``runtime.threads`` when set; otherwise PyTorch's own choice, which follows ``OMP_NUM_THREADS``, an earlier
-``torch.set_num_threads`` and the CPU affinity (one thread per usable core).
+Threads: ``runtime.threads`` when set, while the run trains (:func:`shutdown` restores the count); otherwise, and
+for prediction, PyTorch's own choice, which follows ``OMP_NUM_THREADS``, an earlier ``torch.set_num_threads`` and the
+CPU affinity (one thread per usable core).
 
 Under ``torchrun`` the process group is initialised from the environment (gloo on CPU, NCCL on GPU) and rank 0
 alone writes files.
@@ -53,6 +54,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     workers: int = 0
+    threads_before: int | None = None  # PyTorch's thread count before this runtime set its own; shutdown restores it
 
     @property
     def is_main(self) -> bool:
@@ -128,17 +130,23 @@ def setup_runtime(
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     elif world_size > 1 and resolved.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    else:
+        threads_before = None
     amp = _resolve_amp(precision, resolved)
     layout = True if channels_last is None else channels_last
     cpu_ddp = world_size > 1 and resolved.type == "cpu"
     n_workers = workers if workers is not None else (0 if cpu_ddp else default_workers())
-    return Runtime(resolved, amp, layout, rank, world_size, n_workers)
+    return Runtime(resolved, amp, layout, rank, world_size, n_workers, threads_before)
 
 
 def shutdown(runtime: Runtime) -> None:
+    """Leave the process group, and give PyTorch back the thread count it had before :func:`setup_runtime`."""
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+    if runtime.threads_before is not None:
+        torch.set_num_threads(runtime.threads_before)

@@ -1,0 +1,133 @@
+"""cxrkit as a Python library: calls leave the caller's process as they found it, take paths where a user would
+give them, and refuse mistakes with one CxrError before any work."""
+
+import random
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from synth import kermany_folder
+
+from cxrkit.config import load_recipe
+from cxrkit.errors import CxrError
+
+TINY = [("model.backbone", "mobilenet_v3_small"), ("model.weights", "none"), ("model.image_size", 32),
+        ("runtime.batch_size", 8), ("runtime.workers", 0), ("runtime.threads", 1), ("stages.0.epochs", 1),
+        ("stages.1.trainable", "head"), ("stages.1.epochs", 1)]
+
+
+def _state():
+    return random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state(), torch.get_num_threads()
+
+
+def _same(a, b):
+    return a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2]) and a[3] == b[3]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained by ``train_recipe`` from a recipe file, with the caller's state before and after."""
+    from cxrkit.train.api import train_recipe
+
+    root = tmp_path_factory.mktemp("library")
+    recipe = load_recipe(None, [("data.root", str(kermany_folder(root / "xray", per_class=8, size=32))),
+                                ("out", str(root / "runs")), *TINY])
+    (root / "tiny.yaml").write_text(recipe.to_yaml())
+    torch.set_num_threads(2)
+    random.seed(42), np.random.seed(42), torch.manual_seed(42)
+    before = _state()
+    run = train_recipe(str(root / "tiny.yaml"))
+    return run, before, _state()
+
+
+def test_training_leaves_the_callers_random_generators_and_thread_count_alone(trained):
+    """It seeded Python's, NumPy's and torch's generators with the recipe's seed and left them so, and left
+    PyTorch on the recipe's thread count."""
+    _, before, after = trained
+    assert before[3] == 2 and _same(before, after)
+
+
+def test_a_predictor_leaves_the_callers_random_generator_and_thread_count_alone(trained):
+    """Building the model drew its random initial weights from the caller's generator, and the run's training
+    thread count became the process's."""
+    from cxrkit.serve.predictor import Predictor
+
+    run, _, _ = trained
+    torch.set_num_threads(2)
+    torch.manual_seed(7)
+    before = _state()
+    Predictor(run.path)
+    assert _same(before, _state())
+
+
+def test_runs_and_recipes_may_be_given_as_paths(trained, tmp_path):
+    from cxrkit.eval.evaluate import evaluate_run
+    from cxrkit.train.api import train_recipe
+
+    run, _, _ = trained
+    assert train_recipe(resume=str(run.path)).path == run.path  # complete: nothing to do
+    metrics, folder = evaluate_run(str(run.path), name="given-as-a-path")
+    assert folder == run.path / "eval" / "given-as-a-path" and metrics["n"] > 0
+    with pytest.raises(CxrError, match="train_recipe needs a recipe or a run to resume, not neither"):
+        train_recipe()
+    with pytest.raises(CxrError, match="nowhere does not exist"):
+        train_recipe(resume=tmp_path / "nowhere")
+
+
+def test_calibration_options_are_refused_before_the_validation_split_is_predicted(trained, monkeypatch):
+    from cxrkit.eval.calibrate import fit_calibration
+    from cxrkit.serve.predictor import Predictor
+
+    predictor = Predictor(trained[0].path)
+    monkeypatch.setattr(predictor, "predict_dataset", lambda *a, **k: pytest.fail("predicted before refusing"))
+    with pytest.raises(CxrError, match=r"^method 'bogus' is not youden or sensitivity$"):
+        fit_calibration(predictor, method="bogus")
+    with pytest.raises(CxrError, match=r"^target_sensitivity 1.5 is not in \(0, 1\]$"):
+        fit_calibration(predictor, target_sensitivity=1.5)
+
+
+def test_explain_options_take_one_target_as_a_name_and_refuse_bad_numbers():
+    from cxrkit.explain.api import ExplainOptions
+
+    assert ExplainOptions(targets="all").targets == ("all",)  # it was read letter by letter: "unknown target a, l"
+    with pytest.raises(CxrError, match=r"^percent 150 must be above 0 and below 100 \(percent\)$"):
+        ExplainOptions(percent=150)
+    with pytest.raises(CxrError, match=r"^batch_size 0 must be at least 1$"):
+        ExplainOptions(batch_size=0)
+    with pytest.raises(CxrError, match="unknown CAM method 'gradcan'"):
+        ExplainOptions(method="gradcan")
+
+
+def test_explain_targets_are_matched_without_case():
+    from cxrkit.explain.gradcam import choose_targets
+
+    probs = np.array([[0.2, 0.9, 0.1]])
+    assert choose_targets("multilabel", ["Edema", "Effusion", "Hernia"], probs, None, ["effusion", "EDEMA"]) == [[1, 0]]
+    with pytest.raises(CxrError, match="unknown target edemaa"):
+        choose_targets("multilabel", ["Edema", "Effusion", "Hernia"], probs, None, ["edemaa"])
+
+
+def test_muting_a_library_s_output_keeps_other_threads_output(capsys):
+    """ONNX export swapped sys.stdout for the whole process: another thread lost 597 of its 616 lines."""
+    from cxrkit.console import muted
+
+    def other():
+        for i in range(20):
+            print(f"other {i}")
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=other)
+    with muted("stdout"):
+        thread.start()
+        for _ in range(20):
+            print("library progress")
+            time.sleep(0.005)
+        thread.join()
+    print("after", file=sys.stdout)
+    out = capsys.readouterr().out
+    assert "library progress" not in out
+    assert [line for line in out.splitlines() if line.startswith("other")] == [f"other {i}" for i in range(20)]
+    assert out.endswith("after\n")
