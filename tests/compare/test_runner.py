@@ -18,6 +18,7 @@ from cxrkit.compare import plan_comparison, run_comparison
 from cxrkit.compare.leaderboard import evaluation_scores, format_duration
 from cxrkit.compare.render import Column
 from cxrkit.errors import CxrError
+from cxrkit.runs import Run
 
 from .helpers import write_spec
 
@@ -87,12 +88,19 @@ def test_leaderboard_files_one_row_per_cell(compared):
     rows = list(csv.DictReader(compared["leaderboard"].open()))
     assert sorted(r["cell"] for r in rows) == CELLS
     for column in ("cell", "status", "backbone", "weights", "strategy", "seed", "first_epoch_train_loss",
-                   "first_epoch_val_accuracy", "best_val_accuracy", "test_accuracy", "test_f1_macro", "test_auc",
+                   "first_epoch_val_accuracy", "checkpoint_epoch", "checkpoint_val_accuracy", "checkpoint_val_auc",
+                   "test_accuracy", "test_f1_macro", "test_auc",
                    "training_seconds", "training_time", "trainable_params", "total_params"):
         assert column in rows[0], column
     assert {r["status"] for r in rows} == {"done"} and {r["backbone"] for r in rows} == {"mobilenet_v3_small"}
     aucs = [float(r["test_auc"]) for r in rows]
     assert aucs == sorted(aucs, reverse=True)
+    for row in rows:  # the val numbers are those of the epoch best.pt holds
+        run = Run(root / "cells" / row["cell"])
+        epoch = run.load_checkpoint("best")["epoch"]
+        recorded = next(r for r in run.read_metrics() if int(r["epoch"]) == epoch)
+        assert int(row["checkpoint_epoch"]) == epoch
+        assert float(row["checkpoint_val_accuracy"]) == pytest.approx(float(recorded["val_accuracy"]))
     by_cell = {r["cell"]: r for r in rows}
     assert int(by_cell["head-only-s0"]["trainable_params"]) < int(by_cell["two-stage-s0"]["trainable_params"])
     assert by_cell["head-only-s0"]["total_params"] == by_cell["two-stage-s0"]["total_params"]

@@ -62,6 +62,7 @@ def test_shorthands_dotted_axes_and_mapping_merges(tmp_path):
         ({"matrix": {"backbone": ["resnet18", "notanet"]}}, "cell notanet: unknown backbone 'notanet'"),
         ({"matrix": {"data.split.ratios": [[0.5, 0.6, 0.2]]}}, "recipe key data.split.ratios: .*summing to 1"),
         ({"sort": "speed"}, "sort 'speed' is not one of"),
+        ({"sort": "best_val_accuracy"}, "sort 'best_val_accuracy' is now 'checkpoint_val_accuracy'"),
         # it listed the recipe's top-level keys, without the shorthand meant
         ({"matrix": {"backbonee": ["resnet18"]}}, r"matrix axis 'backbonee' is not a shorthand \(backbone, weights, "
                                                  r"seed, image_size\) or a recipe key; did you mean backbone\?$"),

@@ -116,11 +116,57 @@ def test_roc_one_curve_per_class_plus_macro_and_chance(task, curves, tmp_path):
     _assert_png(plots.plot_roc(task, labels, y, p, tmp_path / "roc.png"))
 
 
-def test_roc_leaves_out_a_class_that_is_absent():
+def test_roc_lists_a_class_that_is_absent_without_a_curve():
     labels, y, p = _task_data("multiclass")
     keep = y != 2
     ax = plots.roc_figure("multiclass", labels, y[keep], p[keep]).axes[0]
-    assert not any(t.get_text().startswith("VIRUS") for t in ax.get_legend().get_texts())
+    assert [t.get_text() for t in ax.get_legend().get_texts()][2] == "VIRUS (no positives, AUC n/a)"
+    assert len([line for line in ax.lines if len(line.get_xdata())]) == 2 + 2  # two classes, macro, chance
+
+
+NIH14 = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+         "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def _nih14_without_hernia(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Fourteen labels, as in NIH ChestX-ray14; the split has no Hernia positive (the last label)."""
+    rng = np.random.default_rng(1)
+    y = (rng.random((n, len(NIH14))) < 0.2).astype(float)
+    y[:, -1] = 0
+    y[rng.random(y.shape) < 0.05] = np.nan
+    return y, 1 / (1 + np.exp(-(2 * np.nan_to_num(y) - 1 + rng.normal(size=y.shape))))
+
+
+def _curves(ax) -> list:
+    return [line for line in ax.lines if len(line.get_xdata()) and line.get_label() != "chance"]
+
+
+@pytest.mark.parametrize(("build", "score"), [(plots.roc_figure, "AUC"), (plots.precision_recall_figure, "AP")])
+def test_fourteen_labels_all_listed_in_distinct_colours_beside_the_axes(build, score):
+    y, p = _nih14_without_hernia()
+    fig = build("multilabel", NIH14, y, p)
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [text.split(" (")[0] for text in legend if text != "chance"] == NIH14  # every label, in order
+    assert legend[NIH14.index("Hernia")] == f"Hernia (no positives, {score} n/a)"
+    curves = _curves(ax)
+    assert [c.get_label().split(" (")[0] for c in curves] == NIH14[:-1]
+    assert len({to_rgba(c.get_color()) for c in curves}) == len(curves)  # the default cycle repeats after ten
+    fig.canvas.draw()
+    box, legend_box = ax.get_window_extent(), ax.get_legend().get_window_extent()
+    assert legend_box.x0 >= box.x1 and legend_box.x1 <= fig.bbox.x1  # beside the curves, inside the figure
+
+
+def test_roc_and_pr_give_a_label_the_same_colour():
+    y, p = _nih14_without_hernia()
+    roc, pr = (build("multilabel", NIH14, y, p).axes[0] for build in (plots.roc_figure, plots.precision_recall_figure))
+    assert [to_rgba(c.get_color()) for c in _curves(roc)] == [to_rgba(c.get_color()) for c in _curves(pr)]
+
+
+def test_curve_styles_stay_distinct_past_twenty():
+    styles = plots.curve_styles(30)
+    assert len({(to_rgba(s["color"]), s["linestyle"]) for s in styles}) == 30
+    assert [s["color"] for s in plots.curve_styles(3)] == ["C0", "C1", "C2"]  # few curves: the default cycle
 
 
 @pytest.mark.parametrize(("task", "curves"), [("binary", 1), ("multiclass", 3), ("multilabel", 3)])

@@ -1,10 +1,15 @@
 """The leaderboard of a comparison, rebuilt from the cells' files: one row per cell, like the studies' tables.
 
-Columns: cell, status, backbone, weights, the other axes that vary, first-epoch train loss and val accuracy, best
-val accuracy, accuracy / F1 (macro) / AUC on the evaluated split (with their 95% intervals when ``metrics.json``
-has ``ci95``), training time (train + validation seconds of every epoch) and trainable / total parameters of the
-last stage. Written as ``leaderboard.csv`` (raw numbers), ``leaderboard.md`` and ``leaderboard.html``, with the
-training curves of every cell in ``curves.png``.
+Columns: cell, status, backbone, weights, the other axes that vary, first-epoch train loss and val accuracy, the
+epoch of the evaluated checkpoint (``best.pt`` unless the spec evaluates ``last``) with its val accuracy and val AUC
+(from ``metrics.csv``), accuracy / F1 (macro) / AUC on the evaluated split (with their 95% intervals when
+``metrics.json`` has ``ci95``), training time (train + validation seconds of every epoch) and trainable / total
+parameters of the last stage. Written as ``leaderboard.csv`` (raw numbers), ``leaderboard.md`` and
+``leaderboard.html``, with the training curves of every cell in ``curves.png``.
+
+The val numbers are those of the checkpoint's epoch, not the best of each column over the epochs: ``best.pt`` is the
+epoch with the best ``runtime.checkpoint_monitor`` (``val_auc`` in the multi-label recipes), and on a multi-label
+split the highest element-wise accuracy, which the negatives dominate, can belong to another epoch entirely.
 """
 
 from __future__ import annotations
@@ -49,17 +54,38 @@ def confidence_interval(metrics: dict[str, Any], key: str) -> tuple[float, float
     return None if low is None or high is None else (low, high)
 
 
-def training_scores(rows: list[dict[str, str]]) -> dict[str, Any]:
-    """First-epoch train loss and val accuracy, best val accuracy, epochs and seconds from ``metrics.csv`` rows."""
+def checkpoint_epoch(run: Run, checkpoint: str) -> int | None:
+    """The epoch whose weights the run's ``checkpoint`` (``best`` or ``last``) holds, as the checkpoint records it;
+    None when the run has no such checkpoint."""
+    if not run.has_checkpoint(checkpoint):
+        return None
+    epoch = run.load_checkpoint(checkpoint).get("epoch")
+    return None if epoch is None else int(epoch)
+
+
+def training_scores(rows: list[dict[str, str]], epoch: int | None = None) -> dict[str, Any]:
+    """Scores, epochs and seconds from ``metrics.csv`` rows.
+
+    Args:
+        rows: the run's ``metrics.csv`` rows.
+        epoch: the epoch of the evaluated checkpoint (:func:`checkpoint_epoch`); its row gives
+            ``checkpoint_val_accuracy`` and ``checkpoint_val_auc`` (None when no row has that epoch).
+
+    Returns:
+        ``epochs``, ``first_epoch_train_loss``, ``first_epoch_val_accuracy``, ``checkpoint_epoch``,
+        ``checkpoint_val_accuracy``, ``checkpoint_val_auc`` and ``training_seconds``.
+    """
     if not rows:
         return {}
-    accuracies = [a for a in (_number(r.get("val_accuracy")) for r in rows) if a is not None]
+    chosen = next((r for r in rows if epoch is not None and _number(r.get("epoch")) == epoch), {})
     seconds = sum((_number(r.get("train_seconds")) or 0.0) + (_number(r.get("val_seconds")) or 0.0) for r in rows)
     return {
         "epochs": len(rows),
         "first_epoch_train_loss": _number(rows[0].get("train_loss")),
         "first_epoch_val_accuracy": _number(rows[0].get("val_accuracy")),
-        "best_val_accuracy": max(accuracies) if accuracies else None,
+        "checkpoint_epoch": epoch if chosen else None,
+        "checkpoint_val_accuracy": _number(chosen.get("val_accuracy")),
+        "checkpoint_val_auc": _number(chosen.get("val_auc")),
         "training_seconds": round(seconds, 1),
     }
 
@@ -106,15 +132,17 @@ def cell_row(plan: Plan, cell: Cell, varying: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"cell": cell.id, "status": cell_status(plan, cell),
                            "backbone": cell.recipe.model.backbone, "weights": cell.recipe.model.weights}
     row.update({axis: cell.labels[axis] for axis in varying})
-    row.update(training_scores(run.read_metrics()))
+    status = row["status"]
+    epoch = checkpoint_epoch(run, plan.spec.evaluate.checkpoint) if status == "done" else None
+    row.update(training_scores(run.read_metrics(), epoch))
     metrics_path = run.path / "eval" / plan.eval_name / "metrics.json"
     if metrics_path.is_file():
         row.update(evaluation_scores(json.loads(metrics_path.read_text()), split))
     row["training_time"] = format_duration(row.get("training_seconds"))
-    params = _parameters(run, info) if row["status"] == "done" else info.get("params")
+    params = _parameters(run, info) if status == "done" else info.get("params")
     row["trainable_params"] = params.get("trainable") if params else None
     row["total_params"] = params.get("total") if params else None
-    row["error"] = info.get("error") if row["status"] == "failed" else None
+    row["error"] = info.get("error") if status == "failed" else None
     return row
 
 
@@ -180,7 +208,8 @@ def write_leaderboard(plan: Plan, console: Console | None = None) -> Path:
         The path of ``leaderboard.csv``.
     """
     rows = leaderboard_rows(plan)
-    columns: list[Column] = columns_for(rows, varying_axes(plan), plan.spec.evaluate.split)
+    columns: list[Column] = columns_for(rows, varying_axes(plan), plan.spec.evaluate.split,
+                                        plan.spec.evaluate.checkpoint)
     csv_columns = ["cell", "status", *ALWAYS, *varying_axes(plan)]
     csv_columns += [k for r in rows for k in r if k not in csv_columns]
     csv_columns = list(dict.fromkeys(csv_columns))
@@ -221,6 +250,7 @@ def _print_table(console: Console, plan: Plan, rows: list[dict[str, Any]], colum
 
 
 ERROR_WIDTH = 48
+LEAST_NEEDED = ("training_time", "checkpoint_epoch", "checkpoint_val_accuracy")  # the first to go after the axes
 
 
 def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
@@ -229,9 +259,9 @@ def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
     error column may take (its text is cut with an ellipsis).
 
     Rich squeezes a table that is too wide until its numbers vanish (an 80-column pipe or CI log). The first to go
-    are intervals, then parameter counts, the axis columns (the cell id already names the axes), training time and
-    best val accuracy, then the other scores from the right; the cell, its status and error, and the sort column
-    stay."""
+    are intervals, then parameter counts, the axis columns (the cell id already names the axes), training time, the
+    checkpoint's epoch and its val accuracy, then the other scores from the right; the cell, its status and error,
+    and the sort column stay."""
 
     def natural(column: Column, error_width: int = ERROR_WIDTH) -> int:
         cap = error_width if column.key == "error" else width
@@ -240,8 +270,8 @@ def fit_columns(columns: list[Column], rows: list[dict[str, Any]], width: int,
     kept = list(columns)
     order = ([c for c in kept if c.kind == "ci"] + [c for c in kept if c.kind == "params"]
              + [c for c in kept if c.kind == "text" and c.key not in ("cell", "status", "error", "training_time")]
-             + [c for c in kept if c.key in ("training_time", "best_val_accuracy")]
-             + [c for c in reversed(kept) if c.kind == "score" and c.key not in (sort, "best_val_accuracy")])
+             + [c for c in kept if c.key in LEAST_NEEDED and c.key != sort]
+             + [c for c in reversed(kept) if c.kind == "score" and c.key not in (sort, *LEAST_NEEDED)])
     least = 12  # the error column gives way down to this before other columns go
     for column in order:
         if sum(natural(c, least) for c in kept) + 1 <= width:

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Column:
-    """A displayed column: ``kind`` is text, score (4 decimals), ci (``low-high`` of ``key`` + ``_ci95_low`` /
-    ``_high``), or params (``trainable / total``)."""
+    """A displayed column: ``kind`` is text, score (4 decimals), count (a whole number, such as an epoch), ci
+    (``low-high`` of ``key`` + ``_ci95_low`` / ``_high``), or params (``trainable / total``)."""
 
     key: str
     header: str
@@ -40,6 +40,8 @@ class Column:
         value = row.get(self.key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
+        if self.kind == "count":
+            return str(int(value))
         return f"{value:.4f}" if self.kind == "score" else str(value)
 
 
@@ -55,15 +57,20 @@ def _shown(path: object) -> str | None:
     except ValueError:
         return str(path)
 
-def columns_for(rows: list[dict[str, Any]], varying: list[str], split: str) -> list[Column]:
-    """The displayed columns; status and error only when some cell is not done, intervals only when present."""
+def columns_for(rows: list[dict[str, Any]], varying: list[str], split: str, checkpoint: str = "best") -> list[Column]:
+    """The displayed columns; status and error only when some cell is not done, intervals only when present, the
+    val AUC only when some run recorded one. The val columns of the evaluated ``checkpoint`` name it: ``val AUC at
+    best.pt``."""
     unfinished = any(r["status"] != "done" for r in rows)
     columns = [Column("cell", "cell")]
     columns += [Column("status", "status")] if unfinished else []
     columns += [Column(axis, axis) for axis in ("backbone", "weights", *varying)]
     columns += [Column("first_epoch_train_loss", "1st-epoch train loss", "score"),
                 Column("first_epoch_val_accuracy", "1st-epoch val acc", "score"),
-                Column("best_val_accuracy", "best val acc", "score")]
+                Column("checkpoint_epoch", f"{checkpoint}.pt epoch", "count"),
+                Column("checkpoint_val_accuracy", f"val acc at {checkpoint}.pt", "score")]
+    if any(r.get("checkpoint_val_auc") is not None for r in rows):
+        columns.append(Column("checkpoint_val_auc", f"val AUC at {checkpoint}.pt", "score"))
     for key, header in (("accuracy", "acc"), ("f1_macro", "F1 (macro)"), ("auc", "AUC")):
         columns.append(Column(f"{split}_{key}", f"{split} {header}", "score"))
         if key != "f1_macro" and any(r.get(f"{split}_{key}_ci95_low") is not None for r in rows):

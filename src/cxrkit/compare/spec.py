@@ -15,7 +15,7 @@ A spec is YAML::
       seed: [0, 1]                                      # shorthand for seed (not data.split.seed: the split stays)
       stages.1.trainable: [from:features.denseblock4, from:features.denseblock3]   # any dotted recipe key
     evaluate: {split: test, checkpoint: best, batch_size: 64}
-    sort: test_auc                       # leaderboard order, best first (see cxrkit.compare.leaderboard.SORT_KEYS)
+    sort: test_auc                       # leaderboard order, best first (one of SORT_KEYS)
     out: runs/compare                    # default output directory (``cxr compare --out`` wins)
 
 An axis given as a list sets one recipe key per value: the shorthands ``backbone``, ``weights``, ``seed`` and
@@ -62,7 +62,10 @@ SHORTHANDS = {"backbone": "model.backbone", "weights": "model.weights", "seed": 
               "image_size": "model.image_size"}
 SPEC_KEYS = ("name", "description", "recipe", "set", "matrix", "evaluate", "sort", "out")
 EVALUATE_KEYS = ("split", "checkpoint", "batch_size")
-SORT_KEYS = ("test_auc", "test_accuracy", "test_f1_macro", "best_val_accuracy", "first_epoch_val_accuracy")
+SORT_KEYS = ("test_auc", "test_accuracy", "test_f1_macro", "checkpoint_val_auc", "checkpoint_val_accuracy",
+             "first_epoch_val_accuracy")
+# sort keys that were renamed: best_val_accuracy was the highest val accuracy of any epoch, not the evaluated one's
+RENAMED_SORT_KEYS = {"best_val_accuracy": "checkpoint_val_accuracy"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 
 Pairs = list[tuple[str, Any]]
@@ -256,6 +259,9 @@ def comparison_from_dict(data: dict[str, Any], path: Path | None = None, overrid
         raise CxrError(f"{where}: matrix must be a mapping of axis names to values, got {matrix!r}")
     recipe = resolve_recipe_path(str(data["recipe"]), path) if data.get("recipe") else None
     sort = str(data.get("sort", "test_auc"))
+    if sort in RENAMED_SORT_KEYS:
+        raise CxrError(f"{where}: sort {sort!r} is now {RENAMED_SORT_KEYS[sort]!r}: the val score of the epoch whose "
+                       "checkpoint is evaluated (the best of any epoch was another epoch's)")
     if sort not in SORT_KEYS:
         raise CxrError(f"{where}: sort {sort!r} is not one of {', '.join(SORT_KEYS)}")
     return ComparisonSpec(

@@ -138,26 +138,70 @@ def _no_curves(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"{what} undefined: a class is missing", transform=ax.transAxes, ha="center", color="0.4")
 
 
+MANY_CURVES = 10  # more than the default colour cycle (tab10) tells apart
+
+
+def curve_styles(n: int) -> list[dict[str, Any]]:
+    """A colour and line style for each of ``n`` curves, no two alike.
+
+    Up to :data:`MANY_CURVES`, matplotlib's default cycle (``C0``...``C9``, solid). Beyond, the qualitative ``tab20``
+    map, its ten strong colours first and then their ten light ones, so that the first ten curves keep the colours of
+    the default cycle; past 20 curves the line style changes too.
+    """
+    if n <= MANY_CURVES:
+        return [{"color": f"C{i}", "linestyle": "-"} for i in range(n)]
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    colours, line_styles = tab20[0::2] + tab20[1::2], ("-", "--", "-.", ":")
+    return [{"color": colours[i % len(colours)], "linestyle": line_styles[i // len(colours) % len(line_styles)]}
+            for i in range(n)]
+
+
+def _styled_curves(task: str, labels: Sequence[str], y_true: np.ndarray,
+                   probs: np.ndarray) -> tuple[list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]], bool]:
+    """:func:`_one_vs_rest` with each curve's style, and whether there are more curves than :data:`MANY_CURVES`."""
+    curves = list(_one_vs_rest(task, labels, y_true, probs))
+    styles = curve_styles(len(curves))
+    return [(*curve, style) for curve, style in zip(curves, styles)], len(curves) > MANY_CURVES
+
+
+def _missing_class(positive: np.ndarray) -> str:
+    """Why a label has no curve: which class its known entries lack."""
+    if not positive.size:
+        return "no known entries"
+    return "no negatives" if positive.all() else "no positives"
+
+
+def _undrawn(ax: Axes, text: str) -> None:
+    """A legend entry without a curve (and without a line in the legend), so that every label is listed."""
+    ax.plot([], [], linestyle="none", label=text)
+
+
 @styled
 def roc_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> Figure:
     """ROC curves with the AUC in the legend and the chance diagonal.
 
     Binary: the positive class (``labels[1]``); multiclass: one-vs-rest per class plus the macro average (mean of
     the interpolated curves; its AUC is the mean of the per-class AUCs, as in ``metrics.json``); multilabel: one
-    curve per label over its known entries. Labels with a single class present are left out.
+    curve per label over its known entries. A label with a single class present has no curve; the legend lists it
+    with what it lacks (``Hernia (no positives, AUC n/a)``). With more than :data:`MANY_CURVES` curves the colours
+    come from :func:`curve_styles` and the legend stands beside the axes.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fig = new_figure(1, panel=(5.4, 4.6))
+    curves, many = _styled_curves(task, labels, y_true, probs)
+    fig = new_figure(1, panel=(7.6 if many else 5.4, 4.6))
     ax = fig.axes[0]
     grid, tprs, aucs = np.linspace(0, 1, 201), [], []
-    for label, positive, scores in _one_vs_rest(task, labels, y_true, probs):
+    for label, positive, scores, style in curves:
         if positive.all() or not positive.any():  # AUC undefined
+            _undrawn(ax, f"{label} ({_missing_class(positive)}, AUC n/a)")
             continue
         fpr, tpr, _ = roc_curve(positive, scores)
         aucs.append(roc_auc_score(positive, scores))
         tprs.append(np.interp(grid, fpr, tpr))
-        ax.plot(fpr, tpr, linewidth=1.6, label=f"{label} (AUC {aucs[-1]:.3f})")
+        ax.plot(fpr, tpr, linewidth=1.6, label=f"{label} (AUC {aucs[-1]:.3f})", **style)
     if task == "multiclass" and len(aucs) > 1:
         ax.plot(grid, np.mean(tprs, axis=0), color="black", linestyle="--", linewidth=2,
                 label=f"macro (AUC {np.mean(aucs):.3f})")
@@ -165,6 +209,7 @@ def roc_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.n
         _no_curves(ax, "ROC")
     ax.plot([0, 1], [0, 1], **CHANCE_LINE)
     _square(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)", "ROC")
+    _legend(ax, "lower right", beside=many)
     return fig
 
 
@@ -175,7 +220,15 @@ def _square(ax: Axes, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(loc="lower right" if title == "ROC" else "lower left")
+
+
+def _legend(ax: Axes, loc: str, beside: bool) -> None:
+    """The legend in a corner of the axes, or beside them in a smaller font (``beside``), where a long list of
+    labels would otherwise cover the curves."""
+    if beside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+    else:
+        ax.legend(loc=loc)
 
 
 def plot_roc(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray, path: str | Path) -> Path:
@@ -187,25 +240,29 @@ def plot_roc(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.nda
 def precision_recall_figure(task: str, labels: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> Figure:
     """Precision-recall curves with the average precision (AP) in the legend.
 
-    Same curves as :func:`roc_figure`; the binary plot adds the prevalence line (the precision of chance).
+    Same curves, colours and legend as :func:`roc_figure`; a label without positives is listed as ``(no positives,
+    AP n/a)``. The binary plot adds the prevalence line (the precision of chance).
     """
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    fig = new_figure(1, panel=(5.4, 4.6))
+    curves, many = _styled_curves(task, labels, y_true, probs)
+    fig = new_figure(1, panel=(7.6 if many else 5.4, 4.6))
     ax = fig.axes[0]
     drawn = 0
-    for label, positive, scores in _one_vs_rest(task, labels, y_true, probs):
+    for label, positive, scores, style in curves:
         if not positive.any():
+            _undrawn(ax, f"{label} ({_missing_class(positive)}, AP n/a)")
             continue
         precision, recall, _ = precision_recall_curve(positive, scores)
         ap = average_precision_score(positive, scores)
-        ax.step(recall, precision, where="post", linewidth=1.6, label=f"{label} (AP {ap:.3f})")
+        ax.step(recall, precision, where="post", linewidth=1.6, label=f"{label} (AP {ap:.3f})", **style)
         drawn += 1
         if task == "binary":
             ax.axhline(positive.mean(), **{**CHANCE_LINE, "label": f"chance (prevalence {positive.mean():.2f})"})
     if not drawn:
         _no_curves(ax, "precision-recall")
     _square(ax, "recall (sensitivity)", "precision (PPV)", "Precision-recall")
+    _legend(ax, "lower left", beside=many)
     return fig
 
 
