@@ -232,14 +232,15 @@ class Predictor:
             self._use_int8_calibration(path, found, console)
 
     def export_metadata(self) -> dict[str, Any]:
-        """What an exported file carries so it can be used without cxrkit."""
+        """What an exported file carries so it can be used without cxrkit; its ``threshold`` is the one decisions use
+        (:attr:`operating_threshold`: 0.5 per label for a multi-label run, whose ``labels.json`` holds none)."""
         from cxrkit import __version__
 
         return {
             "run": self.run.name, "backbone": self.recipe.model.backbone, "checkpoint": self.checkpoint,
             "weights_sha256": self.weights_sha256, "labels": self.labels, "task": self.task,
             "positive": self.labels_info.get("positive"), "preprocessing": self.preprocessing.to_dict(),
-            "threshold": self.threshold, "temperature": self.temperature, "cxrkit_version": __version__,
+            "threshold": self.operating_threshold, "temperature": self.temperature, "cxrkit_version": __version__,
             **{key: self.labels_info.get(key) for key in CALIBRATION_KEYS[2:]},
         }
 
@@ -380,9 +381,12 @@ class Predictor:
                                       strict_threshold=False)
                 own.setdefault("threshold", follows["threshold"])  # only a binary threshold is fitted
             own["follows"] = follows
-            _update_if_writable(path, found, {**found, "threshold": own["threshold"], "temperature": own["temperature"],
-                                              "quantization": {**quantization, "calibration": own}})
         self.labels_info = {**self.labels_info, **{key: value for key, value in own.items() if key != "follows"}}
+        # the threshold decisions use (a multi-label run's 0.5 too), also in a file written before that was so
+        wanted = {**found, "threshold": self.operating_threshold, "temperature": own["temperature"],
+                  "quantization": {**quantization, "calibration": own}}
+        if wanted != found:
+            _update_if_writable(path, found, wanted)
 
     def _calibration_batches(self, images: int, console: Any) -> tuple[Iterator[np.ndarray], int]:
         """Preprocessed float batches of ``images`` training images drawn at random (seed 0), shown as progress,

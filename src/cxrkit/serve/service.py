@@ -179,14 +179,15 @@ class Service:
         from cxrkit import __version__
 
         p = self.predictor
-        served = {"checkpoint": p.checkpoint, "engine": p.engine, "threshold": p.threshold,
+        # the threshold decisions use: for a multi-label run 0.5 per label, which labels.json leaves unsaid
+        served = {"checkpoint": p.checkpoint, "engine": p.engine, "threshold": p.operating_threshold,
                   "temperature": p.temperature}
         evaluations = {path.parent.name: _evaluation_summary(path, served)
                        for path in sorted((p.run.path / "eval").glob("*/metrics.json"))}
         size = p.preprocessing.size
         return {
             "model": p.model_id, "labels": p.labels, "task": p.task, "positive": p.labels_info.get("positive"),
-            "input_size": [3, size, size], "preprocessing": p.preprocessing.to_dict(), "threshold": p.threshold,
+            "input_size": [3, size, size], "preprocessing": p.preprocessing.to_dict(), "threshold": served["threshold"],
             "threshold_method": p.labels_info.get("threshold_method"), "temperature": p.temperature,
             "metrics": evaluations, "heatmaps": self.settings.heatmaps, "cxrkit_version": __version__,
             "limits": {"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels,
