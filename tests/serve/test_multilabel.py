@@ -1,4 +1,5 @@
-"""The service on a multi-label run (ChestX-ray14's 14 findings)."""
+"""The service on a multi-label run (ChestX-ray14's 14 findings): which label a heatmap explains, ``?target=``,
+and the threshold ``/v1/model`` states."""
 
 import io
 import json
@@ -29,6 +30,37 @@ def _image() -> dict:
     buffer = io.BytesIO()
     xray(np.random.default_rng(1), 64, True).save(buffer, format="PNG")
     return {"file": ("chest.png", buffer.getvalue(), "image/png")}
+
+
+def test_the_heatmap_explains_the_most_probable_decided_label(client):
+    body = client.post("/v1/predict?heatmap=true", files=_image()).json()
+    labels = client.get("/v1/model").json()["labels"]
+    p = body["probabilities"]
+    assert labels.index("Atelectasis") < labels.index("Edema")  # the old rule took the first one over 0.5
+    assert p["Atelectasis"] == pytest.approx(0.55, abs=0.02) and p["Edema"] == pytest.approx(0.90, abs=0.02)
+    assert body["label"] == "|".join(n for n in labels if n in DECIDED)  # decided, in label order
+    assert body["heatmap"]["class"] == max(p, key=p.get) == "Edema"
+
+
+def test_a_target_chooses_the_heatmap_s_label_without_case(client):
+    for asked, explained in (("atelectasis", "Atelectasis"), (" CARDIOMEGALY ", "Cardiomegaly")):
+        response = client.post("/v1/predict", params={"heatmap": "true", "target": asked}, files=_image())
+        assert response.status_code == 200, response.text
+        assert response.json()["heatmap"]["class"] == explained
+    batch = client.post("/v1/predict/batch", params={"heatmap": "true", "target": "effusion"},
+                        files=[("files", _image()["file"]), ("files", _image()["file"])])
+    assert [r["heatmap"]["class"] for r in batch.json()["results"]] == ["Effusion", "Effusion"]
+
+
+def test_an_unknown_target_or_one_without_a_heatmap_is_refused(client):
+    response = client.post("/v1/predict", params={"heatmap": "true", "target": "Fracture"}, files=_image())
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("target 'Fracture' is not one of the model's labels: Atelectasis, ")
+    response = client.post("/v1/predict/batch", params={"heatmap": "true", "target": "none"},
+                           files=[("files", _image()["file"])])
+    assert response.status_code == 400 and "not one of the model's labels" in response.json()["error"]
+    response = client.post("/v1/predict", params={"target": "Edema"}, files=_image())
+    assert response.status_code == 400 and "add heatmap=true" in response.json()["error"]
 
 
 def test_the_model_states_the_threshold_each_label_is_decided_at(client, decided_run):
