@@ -194,6 +194,20 @@ def multilabel(tiny_multilabel_run, tmp_path_factory):
     return decided, nothing, image
 
 
+def test_no_decided_label_is_an_empty_label_in_json_csv_and_the_table(multilabel):
+    """It was written "none", which a label may be called and which reads like ChestX-ray14's "No Finding"."""
+    _, nothing, image = multilabel
+    (row,) = json.loads(CliRunner().invoke(app, ["predict", str(nothing), str(image), "-f", "json"]).stdout)
+    assert max(row["probabilities"].values()) < 0.5 and row["threshold"] == 0.5
+    assert row["label"] == "" and row["exceeded"] is False and row["error"] is None
+    result = CliRunner().invoke(app, ["predict", str(nothing), str(image), "-f", "csv"])
+    (flat,) = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert flat["label"] == "" and flat["exceeded"] == "0"
+    assert float(flat["p_Cardiomegaly"]) == pytest.approx(0.2689, abs=1e-3)
+    _, decided, most_probable = _table_columns(_predict_table(nothing, image))
+    assert decided == "" and most_probable.splitlines()[0] == "Cardiomegaly 0.2689"
+
+
 def _predict_table(run, *args: str, columns: int = 80) -> str:
     result = CliRunner().invoke(app, ["predict", str(run), *map(str, args)], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output

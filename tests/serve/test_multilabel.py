@@ -1,5 +1,5 @@
 """The service on a multi-label run (ChestX-ray14's 14 findings): which label a heatmap explains, ``?target=``,
-and the threshold ``/v1/model`` states."""
+the threshold ``/v1/model`` states, and how an image with no decided label is answered."""
 
 import io
 import json
@@ -68,3 +68,12 @@ def test_the_model_states_the_threshold_each_label_is_decided_at(client, decided
     info = client.get("/v1/model").json()
     assert info["task"] == "multilabel" and len(info["labels"]) == 14
     assert info["threshold"] == 0.5 == client.post("/v1/predict", files=_image()).json()["threshold"]
+
+
+def test_no_decided_label_is_an_empty_label_and_the_heatmap_shows_the_most_probable(tiny_multilabel_run, tmp_path):
+    run = with_logits(tiny_multilabel_run, tmp_path / "run", {"Cardiomegaly": -1.0})  # p 0.27, the others 0.0025
+    with TestClient(create_app(ServeSettings(str(run), engine="torch"))) as c:
+        body = c.post("/v1/predict?heatmap=true", files=_image()).json()
+    assert max(body["probabilities"].values()) < 0.5
+    assert body["label"] == "" and body["exceeded"] is False
+    assert body["heatmap"]["class"] == "Cardiomegaly"

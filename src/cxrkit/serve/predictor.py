@@ -33,7 +33,8 @@ class Prediction:
     Attributes:
         source: the file (or upload) name.
         label: the decision: the positive class at the threshold (binary), the most probable class (multi-class),
-            the labels over the threshold joined by ``|`` (multi-label); None when the image could not be read.
+            the labels at or over the threshold joined by ``|`` (multi-label; ``""`` when none is, which no label can
+            be called); None when the image could not be read.
         probabilities: calibrated probability per label.
         threshold: the run's operating threshold (binary and multi-label; None for multi-class).
         exceeded: whether the positive class (binary) or any label (multi-label) reached the threshold.
@@ -447,12 +448,13 @@ class Predictor:
 
     def decide(self, probs: np.ndarray) -> list[str]:
         """Labels from probabilities: the positive class at the run's threshold (binary), the most probable class
-        (multi-class) or every label over its threshold joined by ``|`` (multi-label)."""
+        (multi-class) or every label at or over its threshold joined by ``|`` (multi-label), ``""`` when none is:
+        an empty name cannot be mistaken for a label (``"none"`` could be one, or read like ``No Finding``)."""
         threshold = self.operating_threshold
         if self.task == "binary":
             return [self.labels[int(p[1] >= threshold)] for p in probs]
         if self.task == "multilabel":
-            return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) or "none" for p in probs]
+            return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) for p in probs]
         return [self.labels[int(i)] for i in probs.argmax(1)]
 
     def predict_dataset(self, ds: LabelledImages, batch_size: int = 64, console: Any = None,
