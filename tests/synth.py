@@ -73,3 +73,29 @@ def patch_folder(root: Path, per_class: int = 60, size: int = 128, side: int = 3
                 boxes[str(path)] = box
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode="L").save(path)
     return boxes
+
+
+def with_logits(run: Path, dest: Path, logits: dict[str, float], others: float = -6.0) -> Path:
+    """A copy of ``run`` at ``dest`` whose model answers every image with (nearly) the given logits after the run's
+    temperature, so its calibrated probabilities are known: the last head layer's weights are scaled by 1e-4 (kept,
+    so that Grad-CAM still has gradients to follow) and its bias set; labels not in ``logits`` get ``others``."""
+    import json
+    import shutil
+
+    import torch
+
+    from cxrkit.runs import Run
+
+    shutil.copytree(run, dest)
+    info = json.loads((dest / "labels.json").read_text())
+    temperature = float(info.get("temperature") or 1.0)
+    copy = Run.open(dest)
+    for name in ("best", "last"):
+        state = copy.load_checkpoint(name)
+        weights = state["model"]
+        last = [key for key in weights if key.startswith("head.") and key.endswith(".weight")][-1]
+        weights[last] = weights[last] * 1e-4
+        weights[last.removesuffix("weight") + "bias"] = torch.tensor(
+            [temperature * logits.get(label, others) for label in info["labels"]])
+        copy.save_checkpoint(name, state)
+    return dest

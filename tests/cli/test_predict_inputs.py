@@ -178,3 +178,62 @@ def test_a_progress_bar_is_drawn_on_a_terminal_only(tiny_run, cases, tmp_path, m
         assert "predict" in result.stderr and "3/3" in result.stderr and "img/s" in result.stderr
     else:
         assert result.stderr == ""
+
+
+@pytest.fixture(scope="module")
+def multilabel(tiny_multilabel_run, tmp_path_factory):
+    """Two copies of the 14-label run, one answering Atelectasis 0.55, Effusion 0.73 and Edema 0.90 (the rest
+    0.0025), one deciding no label (Cardiomegaly 0.27 the most probable), and an image to predict."""
+    from synth import with_logits, xray
+
+    root = tmp_path_factory.mktemp("ml-predict")
+    decided = with_logits(tiny_multilabel_run, root / "decided", {"Atelectasis": 0.2, "Edema": 2.2, "Effusion": 1.0})
+    nothing = with_logits(tiny_multilabel_run, root / "nothing", {"Cardiomegaly": -1.0})
+    image = root / "chest.png"
+    xray(np.random.default_rng(1), 64, True).save(image)
+    return decided, nothing, image
+
+
+def test_no_decided_label_is_an_empty_label_in_json_csv_and_the_table(multilabel):
+    """It was written "none", which a label may be called and which reads like ChestX-ray14's "No Finding"."""
+    _, nothing, image = multilabel
+    (row,) = json.loads(CliRunner().invoke(app, ["predict", str(nothing), str(image), "-f", "json"]).stdout)
+    assert max(row["probabilities"].values()) < 0.5 and row["threshold"] == 0.5
+    assert row["label"] == "" and row["exceeded"] is False and row["error"] is None
+    result = CliRunner().invoke(app, ["predict", str(nothing), str(image), "-f", "csv"])
+    (flat,) = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert flat["label"] == "" and flat["exceeded"] == "0"
+    assert float(flat["p_Cardiomegaly"]) == pytest.approx(0.2689, abs=1e-3)
+    _, decided, most_probable = _table_columns(_predict_table(nothing, image))
+    assert decided == "" and most_probable.splitlines()[0] == "Cardiomegaly 0.2689"
+
+
+def _predict_table(run, *args: str, columns: int = 80) -> str:
+    result = CliRunner().invoke(app, ["predict", str(run), *map(str, args)], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _table_columns(table: str) -> list[str]:
+    """The cells of a one-row rich table, each with its lines joined by newlines."""
+    lines = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    return ["\n".join(part.strip() for part in column).strip() for column in zip(*lines)]
+
+
+def test_the_default_table_is_readable_with_fourteen_labels(multilabel, tiny_run, cases):
+    """With a column per label, 14 findings at 80 columns showed every probability as `0…`."""
+    run, _, image = multilabel
+    (row,) = json.loads(CliRunner().invoke(app, ["predict", str(run), str(image), "-f", "json"]).stdout)
+    p = row["probabilities"]
+    table = _predict_table(run, image)
+    assert "…" not in table and max(len(line) for line in table.splitlines()) <= 80
+    header = next(line for line in table.splitlines() if line.startswith("┃"))
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["image", "labels at p >= 0.5", "most probable"]
+    _, decided, most_probable = _table_columns(table)
+    assert decided.splitlines() == row["label"].split("|") == [n for n in p if p[n] >= 0.5]
+    assert most_probable.splitlines() == [f"{n} {p[n]:.4f}" for n in sorted(p, key=p.get, reverse=True)[:3]]
+    # a binary run's labels fit: one column each, as before
+    (binary,) = json.loads(CliRunner().invoke(app, ["predict", str(tiny_run), str(cases["rgba-png"]), "-f",
+                                                    "json"]).stdout)
+    cells = _table_columns(_predict_table(tiny_run, cases["rgba-png"]))
+    assert cells[1:] == [binary["label"], *(f"{q:.4f}" for q in binary["probabilities"].values())]

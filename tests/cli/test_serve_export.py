@@ -49,6 +49,25 @@ def test_export_writes_the_model_with_its_metadata(tiny_run, tmp_path, format_):
     assert meta["preprocessing"]["mean"] == pre["mean"] and meta["preprocessing"]["size"] == 48
 
 
+def test_a_multilabel_export_states_the_threshold_each_label_is_decided_at(tiny_multilabel_run, tmp_path):
+    """A multi-label run's labels.json holds no threshold (each label is decided at 0.5): the file said null, so
+    whoever used it without cxrkit could not know the rule. A file exported before says so once it is next used."""
+    from cxrkit.export.onnx import update_metadata
+
+    run = shutil.copytree(tiny_multilabel_run, tmp_path / "run")
+    assert json.loads((run / "labels.json").read_text())["threshold"] is None
+    out = tmp_path / "ml.onnx"
+    result = CliRunner().invoke(app, ["export", str(run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)
+    assert meta["task"] == "multilabel" and len(meta["labels"]) == 14 and meta["threshold"] == 0.5
+
+    Predictor(run, engine="onnx")  # exports RUN/export/best.onnx
+    own = run / "export" / "best.onnx"
+    update_metadata(own, {**read_metadata(own), "threshold": None})  # as written before
+    assert Predictor(run, engine="onnx").engine == "onnx" and read_metadata(own)["threshold"] == 0.5
+
+
 def test_export_refuses_an_unknown_format(tiny_run):
     result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", "tflite"])
     assert result.exit_code != 0 and "not one of onnx, onnx-int8, torchscript" in str(result.exception)

@@ -130,7 +130,7 @@ def _export_int8(predictor: Predictor, partial: Path, path: Path, images: int, f
         if share < LOW_AGREEMENT:
             note += (f". That is under {LOW_AGREEMENT:.0%}: keeping the first convolutions in fp32 (--fp32-convs, "
                      f"now {fp32_convs}) brings int8 closer to fp32 at some cost in speed; see docs/performance.md")
-    threshold = "none" if predictor.threshold is None else f"{predictor.threshold:.4f}"
+    threshold = "none" if predictor.operating_threshold is None else f"{predictor.operating_threshold:.4f}"
     size = predictor.preprocessing.size
     typer.echo(f"onnx-int8: {partial.stat().st_size / 1e6:.1f} MB, {len(predictor.labels)} outputs, input "
                f"3x{size}x{size}, temperature {predictor.temperature:.3f}, threshold {threshold}; {note}", err=True)

@@ -39,7 +39,7 @@ def predict(
     results = _predict_with_progress(predictor, paths, batch_size)
     failed = [r for r in results if r.error]
     if format_ == "table" and output is None:
-        _print_table(results, predictor.labels)
+        _print_table(results, predictor.labels, predictor.task, predictor.operating_threshold)
     else:
         text = _render(results, predictor.labels, format_)
         if output is not None:
@@ -107,19 +107,42 @@ def _render(results: list, labels: list[str], format_: str) -> str:
     return csv_text([r.to_row(labels) for r in results])
 
 
-def _print_table(results: list, labels: list[str]) -> None:
+# What a table keeps for the image and label columns when it shows one column per label.
+WIDE_RESERVE = 40
+TOP_SHOWN = 3
+
+
+def _print_table(results: list, labels: list[str], task: str, threshold: float | None) -> None:
+    """The readable table: one column per label where they all fit the width of the terminal (80 columns in a
+    pipe); otherwise (ChestX-ray14's 14 findings) the decided labels and the most probable ones with their
+    probabilities, as many as are decided and at least three. A multi-label image with no label at or over the
+    threshold has an empty label cell, as in JSON and CSV."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from cxrkit.errors import printable
 
+    console = Console()
+    wide = WIDE_RESERVE + sum(max(len(name), 6) + 3 for name in labels) <= console.width
     table = Table()
-    table.add_column("image")
-    table.add_column("label")
-    for name in labels:
-        table.add_column(name, justify="right")
+    table.add_column("image", overflow="fold")
+    decided = f"labels at p >= {threshold:g}" if task == "multilabel" and threshold is not None else "label"
+    table.add_column(decided, overflow="fold")
+    if wide:
+        for name in labels:
+            table.add_column(Text(name), justify="right")
+    else:
+        table.add_column("most probable", overflow="fold")
     for r in results:
         if r.error:
             continue
-        table.add_row(printable(r.source), r.label, *[f"{r.probabilities[n]:.4f}" for n in labels])
-    Console().print(table)
+        row = [Text(printable(r.source)), Text("\n".join(r.label.split("|")) if task == "multilabel" else r.label)]
+        if wide:
+            row += [f"{r.probabilities[n]:.4f}" for n in labels]
+        else:
+            ranked = sorted(labels, key=lambda n: -r.probabilities[n])
+            shown = max(TOP_SHOWN, len([n for n in r.label.split("|") if n]))
+            row.append(Text("\n".join(f"{n} {r.probabilities[n]:.4f}" for n in ranked[:shown])))
+        table.add_row(*row)
+    console.print(table)

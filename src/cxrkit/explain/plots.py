@@ -92,7 +92,7 @@ def overlay_figure(item: Explained, method: str, layer: str, opacity: float = 0.
     shown = _draw(ax, item, opacity, DISPLAY_SIDE)
     fig.colorbar(_opaque(shown), ax=ax, fraction=0.046, pad=0.02, label=f"{method} relevance (0-1)")
     lines = [item.title,
-             f"{item.label} p={item.probability:.3f} (predicted {item.predicted}) · {method} at {layer}"]
+             f"{item.label} p={item.probability:.3f} (predicted {item.predicted or 'no label'}) · {method} at {layer}"]
     if item.faithfulness:
         lines.append(item.faithfulness)
     ax.set_title("\n".join(lines), fontsize=9)

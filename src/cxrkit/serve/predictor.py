@@ -33,7 +33,8 @@ class Prediction:
     Attributes:
         source: the file (or upload) name.
         label: the decision: the positive class at the threshold (binary), the most probable class (multi-class),
-            the labels over the threshold joined by ``|`` (multi-label); None when the image could not be read.
+            the labels at or over the threshold joined by ``|`` (multi-label; ``""`` when none is, which no label can
+            be called); None when the image could not be read.
         probabilities: calibrated probability per label.
         threshold: the run's operating threshold (binary and multi-label; None for multi-class).
         exceeded: whether the positive class (binary) or any label (multi-label) reached the threshold.
@@ -232,14 +233,15 @@ class Predictor:
             self._use_int8_calibration(path, found, console)
 
     def export_metadata(self) -> dict[str, Any]:
-        """What an exported file carries so it can be used without cxrkit."""
+        """What an exported file carries so it can be used without cxrkit; its ``threshold`` is the one decisions use
+        (:attr:`operating_threshold`: 0.5 per label for a multi-label run, whose ``labels.json`` holds none)."""
         from cxrkit import __version__
 
         return {
             "run": self.run.name, "backbone": self.recipe.model.backbone, "checkpoint": self.checkpoint,
             "weights_sha256": self.weights_sha256, "labels": self.labels, "task": self.task,
             "positive": self.labels_info.get("positive"), "preprocessing": self.preprocessing.to_dict(),
-            "threshold": self.threshold, "temperature": self.temperature, "cxrkit_version": __version__,
+            "threshold": self.operating_threshold, "temperature": self.temperature, "cxrkit_version": __version__,
             **{key: self.labels_info.get(key) for key in CALIBRATION_KEYS[2:]},
         }
 
@@ -380,9 +382,12 @@ class Predictor:
                                       strict_threshold=False)
                 own.setdefault("threshold", follows["threshold"])  # only a binary threshold is fitted
             own["follows"] = follows
-            _update_if_writable(path, found, {**found, "threshold": own["threshold"], "temperature": own["temperature"],
-                                              "quantization": {**quantization, "calibration": own}})
         self.labels_info = {**self.labels_info, **{key: value for key, value in own.items() if key != "follows"}}
+        # the threshold decisions use (a multi-label run's 0.5 too), also in a file written before that was so
+        wanted = {**found, "threshold": self.operating_threshold, "temperature": own["temperature"],
+                  "quantization": {**quantization, "calibration": own}}
+        if wanted != found:
+            _update_if_writable(path, found, wanted)
 
     def _calibration_batches(self, images: int, console: Any) -> tuple[Iterator[np.ndarray], int]:
         """Preprocessed float batches of ``images`` training images drawn at random (seed 0), shown as progress,
@@ -443,12 +448,13 @@ class Predictor:
 
     def decide(self, probs: np.ndarray) -> list[str]:
         """Labels from probabilities: the positive class at the run's threshold (binary), the most probable class
-        (multi-class) or every label over its threshold joined by ``|`` (multi-label)."""
+        (multi-class) or every label at or over its threshold joined by ``|`` (multi-label), ``""`` when none is:
+        an empty name cannot be mistaken for a label (``"none"`` could be one, or read like ``No Finding``)."""
         threshold = self.operating_threshold
         if self.task == "binary":
             return [self.labels[int(p[1] >= threshold)] for p in probs]
         if self.task == "multilabel":
-            return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) or "none" for p in probs]
+            return ["|".join(n for n, q in zip(self.labels, p) if q >= threshold) for p in probs]
         return [self.labels[int(i)] for i in probs.argmax(1)]
 
     def predict_dataset(self, ds: LabelledImages, batch_size: int = 64, console: Any = None,

@@ -115,23 +115,42 @@ class Service:
             decode_ms = (time.perf_counter() - start) * 1000
         return image, x, await self.batcher.submit((name, x, decode_ms))
 
-    async def predict(self, name: str | None, data: bytes, heatmap: bool = False) -> dict[str, Any]:
-        """One upload's answer (raises :class:`RequestError` or :class:`CxrError` for a bad image)."""
-        start = time.perf_counter()
-        return await self._answer(await self._predict(client_name(name), data), heatmap, start)
+    def heatmap_target(self, name: str | None) -> int | None:
+        """The index of the label a heatmap is asked to explain (``?target=``), matched like class names elsewhere
+        (no case, no spaces at either end); None when none is asked for; 400 for a name the run does not have."""
+        from cxrkit.data.labels import find_label
 
-    async def _answer(self, predicted: tuple[Any, Any, Prediction], heatmap: bool, start: float) -> dict[str, Any]:
-        """The answer for one predicted upload: its fields, the heatmap when asked for, the time since ``start``."""
+        if name is None:
+            return None
+        labels = self.predictor.labels
+        index = find_label(name, labels)
+        if index is None:
+            raise RequestError(400, f"target {client_name(name)!r} is not one of the model's labels: "
+                                    f"{', '.join(labels)}")
+        return index
+
+    async def predict(self, name: str | None, data: bytes, heatmap: bool = False,
+                      target: int | None = None) -> dict[str, Any]:
+        """One upload's answer (raises :class:`RequestError` or :class:`CxrError` for a bad image); ``target`` is
+        the label index the heatmap explains (default: :func:`heatmap_label`'s)."""
+        start = time.perf_counter()
+        return await self._answer(await self._predict(client_name(name), data), heatmap, start, target)
+
+    async def _answer(self, predicted: tuple[Any, Any, Prediction], heatmap: bool, start: float,
+                      target: int | None = None) -> dict[str, Any]:
+        """The answer for one predicted upload: its fields, the heatmap (of ``target``) when asked for, the time
+        since ``start``."""
         image, x, prediction = predicted
         result = prediction.to_dict()
         if heatmap:
-            result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction)
+            result["heatmap"] = await self.batcher.call(self._heatmap, image, x, prediction, target)
         result["timing_ms"]["request"] = round((time.perf_counter() - start) * 1000, 2)
         return result
 
     async def predict_many(self, uploads: list[tuple[str | None, bytes]], heatmap: bool,
-                           client_gone: Callable[[], bool]) -> list[dict[str, Any]]:
-        """Answers for several uploads, in order; a bad image is answered as ``{"source", "error", "status"}``.
+                           client_gone: Callable[[], bool], target: int | None = None) -> list[dict[str, Any]]:
+        """Answers for several uploads, in order; a bad image is answered as ``{"source", "error", "status"}``;
+        ``target`` as for :meth:`predict`.
 
         The predictions share model calls. Heatmaps follow one model-thread call each, so other requests get the
         model in between, and stop (499) once ``client_gone()`` says the client has left; a time-out cancels the
@@ -146,7 +165,7 @@ class Service:
                 continue
             if heatmap and client_gone():
                 raise RequestError(499, "the client closed the connection")
-            results.append(await self._answer(answer, heatmap, start))
+            results.append(await self._answer(answer, heatmap, start, target))
         return results
 
     async def _predict_or_error(self, name: str, data: bytes) -> tuple[Any, Any, Prediction] | dict[str, Any]:
@@ -158,16 +177,15 @@ class Service:
         except CxrError as err:
             return {"source": name, "error": str(err), "status": 422}
 
-    def _heatmap(self, image: Any, x: Any, prediction: Prediction) -> dict[str, Any]:
-        """Grad-CAM of the predicted class on the fp32 PyTorch model, for the decoded ``image`` and its model input
-        ``x`` (runs in the model thread)."""
+    def _heatmap(self, image: Any, x: Any, prediction: Prediction, target: int | None = None) -> dict[str, Any]:
+        """Grad-CAM on the fp32 PyTorch model, for the decoded ``image`` and its model input ``x``, of the label
+        index ``target``, by default :func:`heatmap_label`'s (runs in the model thread)."""
         from cxrkit.data.transforms import input_box
-        from cxrkit.explain.gradcam import Explainer, choose_targets
+        from cxrkit.explain.gradcam import Explainer
         from cxrkit.serve.heatmap import as_base64, heatmap_layers
 
         p, cam = self.predictor, self.cam_predictor
-        probs = np.array([[prediction.probabilities[label] for label in p.labels]])
-        index = choose_targets(p.task, p.labels, probs, p.threshold)[0][0]
+        index = heatmap_label(p, prediction) if target is None else target
         with Explainer(cam.model, p.task, "gradcam", None, p.temperature) as explainer:
             heat = explainer.heatmaps(cam.runtime.to_device(x[None]), [index])[0]
             method, layer = explainer.method_name, explainer.layer_name
@@ -179,19 +197,32 @@ class Service:
         from cxrkit import __version__
 
         p = self.predictor
-        served = {"checkpoint": p.checkpoint, "engine": p.engine, "threshold": p.threshold,
+        # the threshold decisions use: for a multi-label run 0.5 per label, which labels.json leaves unsaid
+        served = {"checkpoint": p.checkpoint, "engine": p.engine, "threshold": p.operating_threshold,
                   "temperature": p.temperature}
         evaluations = {path.parent.name: _evaluation_summary(path, served)
                        for path in sorted((p.run.path / "eval").glob("*/metrics.json"))}
         size = p.preprocessing.size
         return {
             "model": p.model_id, "labels": p.labels, "task": p.task, "positive": p.labels_info.get("positive"),
-            "input_size": [3, size, size], "preprocessing": p.preprocessing.to_dict(), "threshold": p.threshold,
+            "input_size": [3, size, size], "preprocessing": p.preprocessing.to_dict(), "threshold": served["threshold"],
             "threshold_method": p.labels_info.get("threshold_method"), "temperature": p.temperature,
             "metrics": evaluations, "heatmaps": self.settings.heatmaps, "cxrkit_version": __version__,
             "limits": {"max_upload_mb": self.settings.max_upload_mb, "max_pixels": self.settings.max_pixels,
                        "max_files": self.settings.max_files, "timeout_s": self.settings.timeout_s},
         }
+
+
+def heatmap_label(predictor: Predictor, prediction: Prediction) -> int:
+    """The label a heatmap explains by default: the decided class (binary: at the run's threshold; multi-class: the
+    most probable), and for a multi-label image the most probable of its decided labels, or the most probable label
+    when none is decided (not the first decided one in label order)."""
+    from cxrkit.explain.gradcam import choose_targets
+
+    p = predictor
+    probs = np.array([[prediction.probabilities[label] for label in p.labels]])
+    decided = choose_targets(p.task, p.labels, probs, p.operating_threshold)[0]
+    return max(decided, key=lambda i: probs[0, i])
 
 
 def _evaluation_summary(path: Path, served: dict[str, Any]) -> dict[str, Any]:

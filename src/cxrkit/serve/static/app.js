@@ -56,9 +56,14 @@ function bar(name, p, threshold, top) {
   return row;
 }
 
+// A multi-label image with no label at or over the threshold has the label "" (no label is called that).
+function labelText(result) {
+  return result.label === "" ? `no label at p \u2265 ${result.threshold}` : result.label.replaceAll("|", ", ");
+}
+
 function show(result) {
-  $("label").textContent = result.label;
   const t = result.threshold;
+  $("label").textContent = labelText(result);
   $("threshold-line").textContent = t === null ? "most probable class" :
     `operating threshold ${t.toFixed(3)}: ${result.exceeded ? "exceeded" : "not exceeded"}`;
   const bars = $("bars");
@@ -94,7 +99,7 @@ async function predict(file) {
       return;
     }
     show(result);
-    setStatus(`${file.name}: ${result.label}`);
+    setStatus(`${file.name}: ${labelText(result)}`);
   } catch (err) {
     setStatus(`the server could not be reached (${err})`, true);
   }
