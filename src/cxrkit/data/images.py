@@ -196,6 +196,41 @@ def refuse_blank(image: Image.Image, name: str) -> Image.Image:
     raise CxrError(f"{name}: blank image (every pixel is {level} of 255): nothing to classify")
 
 
+def as_image(image: Any, name: str) -> Image.Image:
+    """An image given in memory or by its path, made what :func:`read_image` makes of a file: mode ``L``, a high bit
+    depth scaled by its own range, a blank image refused (:func:`refuse_blank`).
+
+    Args:
+        image: A PIL image; a NumPy array ``HxW`` (any number type: 16-bit and float arrays are scaled by their own
+            range, as 16-bit PNGs and float TIFFs are) or ``HxWx3`` / ``HxWx4`` of ``uint8``; or a file path.
+        name: What errors call it (such as ``"image 3"``).
+    """
+    if isinstance(image, str | os.PathLike):
+        return refuse_blank(read_image(image), os.fspath(image))
+    if isinstance(image, np.ndarray):
+        image = _from_array(image, name)
+    if not isinstance(image, Image.Image):
+        raise CxrError(f"{name}: not an image but a {type(image).__name__}; give a PIL image, a NumPy array or a "
+                       "file path")
+    return refuse_blank(to_grayscale(image), name)
+
+
+def _from_array(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        if arr.dtype != np.uint8:
+            raise CxrError(f"{name}: a colour array must be uint8 (0..255), not {arr.dtype}")
+        return Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[2] == 3 else "RGBA")
+    if arr.ndim != 2:
+        raise CxrError(f"{name}: an array of shape {arr.shape} is not an image (HxW, or HxWx3 / HxWx4 uint8)")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise CxrError(f"{name}: an array of {arr.dtype} is not an image")
+    if arr.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(arr), "L")
+    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        return Image.fromarray(arr.astype(np.int32), "I")  # scaled by its own range, as a 16-bit file is
+    return Image.fromarray(arr.astype(np.float32), "F")
+
+
 def sniff_format(head: bytes) -> str | None:
     """Name the image format from a file's first bytes (at least 132 for DICOM), or None if unrecognised."""
     if is_dicom_bytes(head):

@@ -251,14 +251,17 @@ def folder_rows(out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def explain_files(predictor: Predictor, paths: Sequence[str], out_dir: str | Path, options: ExplainOptions,
-                  overwrite: bool = False, progress: Any = None) -> FilesResult:
-    """Overlays, raw maps and the faithfulness check for image files (PNG, JPEG, DICOM, ...).
+def explain_files(predictor: Predictor, paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | Path,
+                  options: ExplainOptions | None = None, overwrite: bool = False, progress: Any = None) -> FilesResult:
+    """Overlays, raw maps and the faithfulness check for image files (PNG, JPEG, DICOM, ...): one path or several
+    (folders and patterns through :func:`~cxrkit.serve.predictor.expand_inputs` first).
 
     Unreadable files are listed in the result and the others still explained. ``progress`` is a rich Progress.
     """
     from cxrkit.data.transforms import input_box
 
+    paths = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
+    options = options or ExplainOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = FilesResult()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -469,9 +469,16 @@ class Predictor:
                 _, probs, _, _ = predict(self.model, loader, self.runtime, self.task, progress, "predict")
         return self.calibrate(probs) if calibrated else probs
 
-    def predict_images(self, images: list[Any]) -> np.ndarray:
-        """Probabilities for decoded PIL images (one batch)."""
-        return self.predict_inputs(torch.stack([self.transform(im) for im in images]))
+    def predict_images(self, images: Sequence[Any]) -> np.ndarray:
+        """Probabilities ``[n, labels]`` for images in memory (one batch): PIL images, NumPy arrays or file paths,
+        each made what a file of it would be (:func:`~cxrkit.data.images.as_image`: grey, 16-bit and float arrays
+        scaled by their own range, blank images refused), so that they get the probabilities the file would."""
+        from cxrkit.data.images import as_image
+
+        if not len(images):
+            return np.zeros((0, len(self.labels)))
+        return self.predict_inputs(torch.stack([self.transform(as_image(im, f"image {i}"))
+                                                for i, im in enumerate(images)]))
 
     @property
     def model_id(self) -> dict[str, str]:
@@ -511,14 +518,15 @@ class Predictor:
             for (source, _, d), p, label, over in zip(items, probs, self.decide(probs), self.exceeded(probs))
         ]
 
-    def predict_files(self, paths: Iterable[str], batch_size: int = 32) -> Iterator[Prediction]:
-        """Predict files in batches, in the order given; an unreadable file yields a :class:`Prediction` with
-        ``error`` set."""
+    def predict_files(self, paths: str | os.PathLike | Iterable[str | os.PathLike],
+                      batch_size: int = 32) -> Iterator[Prediction]:
+        """Predict files (one path, or several) in batches, in the order given; an unreadable file yields a
+        :class:`Prediction` with ``error`` set. Folders and patterns go through :func:`expand_inputs` first."""
         from cxrkit.data.images import read_image, refuse_blank
 
         pending: list[Prediction | tuple[str, Any, float]] = []  # in input order: failures and decoded images
         decoded = 0
-        for path in paths:
+        for path in map(os.fspath, [paths] if isinstance(paths, str | os.PathLike) else paths):
             start = time.perf_counter()
             try:
                 pending.append((path, refuse_blank(read_image(path), path), (time.perf_counter() - start) * 1000))

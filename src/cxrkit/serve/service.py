@@ -71,7 +71,7 @@ class Service:
         from PIL import Image
 
         size = self.predictor.preprocessing.size
-        self.predictor.predict_images([Image.new("L", (size, size))])
+        self.predictor.predict_inputs(self.predictor.transform(Image.new("L", (size, size)))[None])
 
     async def __aenter__(self) -> Service:
         await self.batcher.__aenter__()
