@@ -171,3 +171,15 @@ def test_images_in_memory_get_the_probabilities_their_files_get(trained, tmp_pat
         predictor.predict_images([np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(CxrError, match=r"^image 0: not an image but a dict"):
         predictor.predict_images([{}])
+
+
+def test_a_run_exports_from_python_with_the_commands_checks(trained, tmp_path):
+    """The checked export lived in the command only: called from Python it failed on typer's defaults."""
+    from cxrkit.export.onnx import read_metadata
+    from cxrkit.export.run import export_run
+
+    run, _, _ = trained
+    path = export_run(str(run.path), output=tmp_path / "model.onnx")
+    assert path == tmp_path / "model.onnx" and read_metadata(path)["labels"] == ["NORMAL", "PNEUMONIA"]
+    with pytest.raises(CxrError, match=r"^format 'onnx16' is not one of onnx, onnx-int8, torchscript$"):
+        export_run(run, "onnx16")

@@ -250,9 +250,9 @@ def test_quantize_int8_can_keep_every_convolution_in_fp32(run, tmp_path):
 @pytest.mark.parametrize("low, hinted", [(1.01, True), (0.0, False)])
 def test_cxr_export_suggests_fp32_convolutions_only_when_int8_disagrees_too_often(run, tmp_path, monkeypatch, low,
                                                                                    hinted):
-    import cxrkit.cli.export
+    import cxrkit.export.run
 
-    monkeypatch.setattr(cxrkit.cli.export, "LOW_AGREEMENT", low)  # 1.01: any agreement is too low; 0: none is
+    monkeypatch.setattr(cxrkit.export.run, "LOW_AGREEMENT", low)  # 1.01: any agreement is too low; 0: none is
     result = CliRunner().invoke(app, ["export", str(run), "-f", "onnx-int8", "-o", str(tmp_path / "m.int8.onnx"),
                                       "--calibration-images", "4"])
     assert result.exit_code == 0, result.output
