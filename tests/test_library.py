@@ -16,7 +16,7 @@ from cxrkit.errors import CxrError
 
 TINY = [("model.backbone", "mobilenet_v3_small"), ("model.weights", "none"), ("model.image_size", 32),
         ("runtime.batch_size", 8), ("runtime.workers", 0), ("runtime.threads", 1), ("stages.0.epochs", 1),
-        ("stages.1.trainable", "head"), ("stages.1.epochs", 1)]
+        ("stages.1.trainable", "head"), ("stages.1.epochs", 1), ("data.split.ratios", [0.5, 0.25, 0.25])]
 
 
 def _state():
@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     from cxrkit.train.api import train_recipe
 
     root = tmp_path_factory.mktemp("library")
-    recipe = load_recipe(None, [("data.root", str(kermany_folder(root / "xray", per_class=8, size=32))),
+    recipe = load_recipe(None, [("data.root", str(kermany_folder(root / "xray", per_class=12, size=32))),
                                 ("out", str(root / "runs")), *TINY])
     (root / "tiny.yaml").write_text(recipe.to_yaml())
     torch.set_num_threads(2)
@@ -183,3 +183,18 @@ def test_a_run_exports_from_python_with_the_commands_checks(trained, tmp_path):
     assert path == tmp_path / "model.onnx" and read_metadata(path)["labels"] == ["NORMAL", "PNEUMONIA"]
     with pytest.raises(CxrError, match=r"^format 'onnx16' is not one of onnx, onnx-int8, torchscript$"):
         export_run(run, "onnx16")
+
+
+def test_recalibrating_from_python_brings_the_runs_exports_up_to_date(trained, tmp_path):
+    """calibrate_run alone rewrites labels.json; the files in RUN/export kept the old threshold unseen."""
+    import shutil
+
+    from cxrkit.eval.calibrate import recalibrate
+    from cxrkit.export.onnx import read_metadata
+    from cxrkit.export.run import export_run
+
+    run = shutil.copytree(trained[0].path, tmp_path / "run")
+    exported = export_run(run)
+    info = recalibrate(str(run), target_sensitivity=1.0)
+    assert info["threshold_method"] == "sensitivity>=1"
+    assert read_metadata(exported)["threshold"] == info["threshold"]

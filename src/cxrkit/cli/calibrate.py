@@ -27,8 +27,8 @@ def calibrate(
 
     from cxrkit.console import notes_console
     from cxrkit.errors import CxrError
-    from cxrkit.eval.calibrate import calibrate_run, calibration_notes, check_threshold_options
-    from cxrkit.serve.predictor import CALIBRATING, Predictor
+    from cxrkit.eval.calibrate import check_threshold_options, recalibrate
+    from cxrkit.serve.predictor import Predictor
 
     threshold_options = [name for name, value in (("--method", method), ("--target-sensitivity", target_sensitivity))
                          if value is not None]
@@ -44,28 +44,7 @@ def calibrate(
         verb = "chooses" if len(threshold_options) == 1 else "choose"
         raise CxrError(f"{' and '.join(threshold_options)} {verb} a binary run's threshold; this {predictor.task} "
                        f"run decides by {rule}. Without them, cxr calibrate fits its temperature")
-    before = {key: predictor.labels_info.get(key) for key in ("temperature", "threshold", "threshold_method")}
-    predictor.begin_calibration()
-    try:
-        info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
-    except CxrError:  # nothing was written (say, no validation split): nothing for the next command to finish
-        (predictor.run.path / "export" / CALIBRATING).unlink(missing_ok=True)
-        raise
-    for note in calibration_notes(info):
-        console.print(note, highlight=False)
-    refreshed, unreadable = predictor.refresh_exports(console)
-    if refreshed:
-        console.print("brought the calibration of " + ", ".join(str(path) for path in refreshed) + " up to date",
-                      highlight=False)
-    if unreadable:
-        one = len(unreadable) == 1
-        console.print("note: " + ", ".join(str(path) for path in unreadable) + f" cannot be read, so "
-                      f"{'it keeps' if one else 'they keep'} the old calibration; `cxr export` writes "
-                      f"{'it' if one else 'them'} again (and --engine does on its next use)", highlight=False)
-    if any(info.get(key) != value for key, value in before.items()):
-        console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported "
-                      "with (their threshold and temperature show which); export them again",
-                      highlight=False)
+    info = recalibrate(predictor, method, target_sensitivity, temperature, console)
     keys = ("task", "labels", "temperature", "threshold", "threshold_method", "val_ece_before", "val_ece_after",
             "calibrated_checkpoint")
     print(json.dumps({k: info.get(k) for k in keys}, indent=2))

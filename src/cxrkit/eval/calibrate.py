@@ -7,6 +7,7 @@ probabilities and the same decision rule.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from cxrkit.errors import CxrError
@@ -47,6 +48,53 @@ def check_threshold_options(method: str, target_sensitivity: float | None,
         raise CxrError(f"{names[0]} {method!r} is not youden or sensitivity")
     if target_sensitivity is not None and not 0 < target_sensitivity <= 1:
         raise CxrError(f"{names[1]} {target_sensitivity:g} is not in (0, 1]")
+
+
+def recalibrate(
+    predictor: Predictor | str | os.PathLike, method: str = "youden", target_sensitivity: float | None = None,
+    temperature: bool = True, console: Any = None,
+) -> dict[str, Any]:
+    """What ``cxr calibrate`` does: :func:`calibrate_run`, then the files in ``RUN/export/`` brought up to date (a
+    calibration stopped in between is finished by the next command that loads the run), with notes on ``console``
+    (stderr by default) about the exports.
+
+    Args:
+        predictor: The run, loaded (``check_calibration=False`` is right here), or its directory.
+        method, target_sensitivity, temperature: As for :func:`calibrate_run`.
+        console: Where notes go.
+
+    Returns:
+        The updated ``labels.json`` content.
+    """
+    from cxrkit.console import notes_console
+    from cxrkit.serve.predictor import CALIBRATING
+
+    if not isinstance(predictor, Predictor):
+        predictor = Predictor(predictor, check_calibration=False)
+    console = console or notes_console()
+    before = {key: predictor.labels_info.get(key) for key in ("temperature", "threshold", "threshold_method")}
+    predictor.begin_calibration()
+    try:
+        info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
+    except CxrError:  # nothing was written (say, no validation split): nothing for the next command to finish
+        (predictor.run.path / "export" / CALIBRATING).unlink(missing_ok=True)
+        raise
+    for note in calibration_notes(info):
+        console.print(note, highlight=False)
+    refreshed, unreadable = predictor.refresh_exports(console)
+    if refreshed:
+        console.print("brought the calibration of " + ", ".join(str(path) for path in refreshed) + " up to date",
+                      highlight=False)
+    if unreadable:
+        one = len(unreadable) == 1
+        console.print("note: " + ", ".join(str(path) for path in unreadable) + f" cannot be read, so "
+                      f"{'it keeps' if one else 'they keep'} the old calibration; `cxr export` writes "
+                      f"{'it' if one else 'them'} again (and --engine does on its next use)", highlight=False)
+    if any(info.get(key) != value for key, value in before.items()):
+        console.print("note: files exported elsewhere (cxr export -o) keep the calibration they were exported "
+                      "with (their threshold and temperature show which); export them again",
+                      highlight=False)
+    return info
 
 
 def fit_calibration(
