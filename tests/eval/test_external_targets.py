@@ -35,3 +35,24 @@ def test_multilabel_labels_mapped_onto_one_are_combined_and_labels_the_model_lac
 def test_no_label_in_common_is_still_an_error(findings):
     with pytest.raises(CxrError, match=r"cannot map dataset labels \['Effusion', 'Edema', 'Hernia', 'Pneumonia'\]"):
         mapped_targets(findings, ["NORMAL", "PNEUMONIA_X"], None)
+
+
+def test_an_image_with_no_label_decided_has_an_empty_cell_as_its_truth_does(tiny_multilabel_run, tmp_path):
+    """predictions.csv wrote a truth with no label as "" and a decision with none as "none", which a label could be
+    called; and its probabilities were rounded to 6 decimals, so metrics.json could not be recomputed from it."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+    from synth import with_logits
+
+    from cxrkit.eval.evaluate import evaluate_run
+
+    run = with_logits(tiny_multilabel_run, tmp_path / "run", {}, others=-3.0)  # every label well under 0.5
+    metrics, folder = evaluate_run(str(run))
+    rows = list(csv.DictReader((folder / "predictions.csv").open()))
+    assert {row["predicted"] for row in rows} == {""}
+    assert "" in {row["true"] for row in rows}  # the synthetic set's "No Finding" rows
+    truth = np.array([[label in row["true"].split("|") for label in metrics["labels"]] for row in rows])
+    effusion = metrics["labels"].index("Effusion")
+    scores = [float(row["p_Effusion"]) for row in rows]
+    assert roc_auc_score(truth[:, effusion], scores) == metrics["auc_per_label"]["Effusion"]
