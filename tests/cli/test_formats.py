@@ -126,7 +126,7 @@ def test_external_validation_maps_labels_by_name(tmp_path):
     noted = CliRunner().invoke(app, ["evaluate", run, "--data", str(tmp_path / "covid"), "--map", "COVID=PNEUMONIA",
                                      "--name", "adult-broken"])
     assert noted.exit_code == 0, noted.output
-    assert f"skipped 1 file(s) that are not usable images in {tmp_path / 'covid'}; the first: {broken}" in " ".join(
+    assert f"skipped 1 image(s) that cannot be used in {tmp_path / 'covid'}; the first: {broken}" in " ".join(
         noted.stderr.split())
 
 
@@ -147,7 +147,7 @@ def test_truncated_and_non_images_are_reported_and_skipped_by_the_scan(tmp_path)
     assert result.exit_code == 0, result.output
     data = json.loads((Path(result.stdout.strip().splitlines()[-1]) / "data.json").read_text())
     reasons = {Path(s["source"]).name: s["reason"] for s in data["skipped"]}
-    assert "skipped 2 file(s) that are not usable images (the run's data.json lists them all)" in result.stderr
+    assert "skipped 2 image(s) that cannot be used (the run's data.json lists them all)" in result.stderr
     assert "truncated" in reasons["IM-9999-0001.jpeg"]
     assert "not an image" in reasons["person999_virus_1.jpeg"]
     assert sum(s["images"] for s in data["splits"].values()) == 12  # 6 per class, the bad two left out
@@ -189,7 +189,7 @@ def test_an_image_that_fails_to_decode_is_left_out_by_the_decoded_image_cache(tm
     assert data["skipped"][0]["reason"].startswith("corrupt or truncated image")
     assert sum(s["images"] for s in data["splits"].values()) == 11
     assert str(broken) not in (run / "splits.csv").read_text()
-    assert f"skipped 1 file(s) that are not usable images (the run's data.json lists them all); the first: {broken}" \
+    assert f"skipped 1 image(s) that cannot be used (the run's data.json lists them all); the first: {broken}" \
         in " ".join(result.stderr.split())
     resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])  # the cache leaves it out again
     assert resumed.exit_code == 0, resumed.output
@@ -319,8 +319,8 @@ def test_a_csv_whose_every_path_is_wrong_says_why_it_has_no_images(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\nnowhere/a.png,x\nnowhere/b.png,y\n")
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "labels.csv"), "--out", str(tmp_path), *TINY])
     assert result.exit_code != 0
-    assert str(result.exception) == (f"dataset {tmp_path / 'labels.csv'} has no images; skipped 2 file(s) that are "
-                                     f"not usable images; the first: {tmp_path / 'nowhere' / 'a.png'}: image file "
+    assert str(result.exception) == (f"dataset {tmp_path / 'labels.csv'} has no images; skipped 2 image(s) that "
+                                     f"cannot be used; the first: {tmp_path / 'nowhere' / 'a.png'}: image file "
                                      "not found")
 
 

@@ -38,22 +38,24 @@ def test_nih_format_is_detected_and_multilabel(tmp_path):
     assert sum(t["00000002_000.png"]) == 0  # No Finding: all zeros
     assert t["00000003_000.png"][lab("Pleural_Thickening")] == 1
     assert [it.patient for it in ds.items] == ["1", "1", "2", "3"]
-    assert ds.skipped == [("00000004_000.png", "image file not found")]
+    assert ds.skipped == [("00000004_000.png", "image file not found (Data_Entry_2017_v2020.csv line 6)")]
     assert ds.read(0).mode == "L"
 
 
 def test_nih_rows_with_unknown_or_no_findings_or_listed_again_are_skipped_with_their_line(tmp_path):
     """A misspelt finding, or a blank Finding Labels, used to read as "no finding" (every label negative), and an
-    image listed twice became two items."""
+    image listed twice became two items. "No Finding" with a finding was read as that finding, without a word."""
     path = _nih(tmp_path)
-    for name in ("00000005_000.png", "00000006_000.png"):
+    for name in ("00000005_000.png", "00000006_000.png", "00000007_000.png"):
         save_gray(tmp_path / "images" / name, (8, 8))
     path.write_text(path.read_text() + "00000005_000.png,Pneumonai|Nodule,0,5,50,M,PA\n"
-                    "00000006_000.png,,0,6,50,M,PA\n" "00000001_000.png,Hernia,0,1,50,M,PA\n")
+                    "00000006_000.png,,0,6,50,M,PA\n" "00000001_000.png,Hernia,0,1,50,M,PA\n"
+                    "00000007_000.png,No Finding|Effusion,0,7,50,M,PA\n")
     ds = load_csv(path)
     assert len(ds) == 4
     reasons = {source.rsplit("/", 1)[-1]: reason for source, reason in ds.skipped}
-    assert reasons["00000005_000.png"] == f"unknown finding 'pneumonai' ({path.name} line 7)"
+    assert reasons["00000005_000.png"] == f"unknown finding 'Pneumonai' ({path.name} line 7)"  # as the file spells it
+    assert reasons["00000007_000.png"] == f"'No Finding' together with findings ({path.name} line 10)"
     assert reasons["00000006_000.png"] == f"no Finding Labels ({path.name} line 8)"
     assert reasons["00000001_000.png"] == f"listed again ({path.name} line 9; first on line 2)"
 

@@ -96,7 +96,7 @@ class LabelledImages:
         if not self.skipped:
             return None
         source, reason = self.skipped[0]
-        return (f"skipped {len(self.skipped)} file(s) that are not usable images{where}; the first: "
+        return (f"skipped {len(self.skipped)} image(s) that cannot be used{where}; the first: "
                 f"{printable(source)}: {reason}")
 
     def subset(self, indices: Sequence[int]) -> LabelledImages:

@@ -98,16 +98,19 @@ def _load_nih(
         image = row.get("Image Index", "")
         file = index.get(image)
         if file is None:
-            skipped.append((image or f"{path} line {line}", "image file not found" if image else
-                            f"no Image Index ({path.name} line {line})"))
+            skipped.append((image or f"{path} line {line}", f"image file not found ({path.name} line {line})" if image
+                            else f"no Image Index ({path.name} line {line})"))
             continue
         why = _row_problem(path, line, image, file, seen)
-        findings = {f.strip().lower() for f in row.get("Finding Labels", "").split("|") if f.strip()}
-        unknown = sorted(findings - names)
+        written = [f.strip() for f in row.get("Finding Labels", "").split("|") if f.strip()]
+        findings = {f.lower() for f in written}
+        unknown = [f for f in written if f.lower() not in names]  # as the file spells them
         if why is None and not findings:  # "No Finding" is how the file says none; blank says nothing
             why = f"no Finding Labels ({path.name} line {line})"
         if why is None and unknown:  # a typo would otherwise read as a negative for every finding
             why = f"unknown finding {unknown[0]!r} ({path.name} line {line})"
+        if why is None and NIH_NO_FINDING.lower() in findings and len(findings) > 1:  # both cannot be true
+            why = f"'{NIH_NO_FINDING}' together with findings ({path.name} line {line})"
         if why:
             skipped.append((str(file), why))
             continue
