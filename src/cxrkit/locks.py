@@ -1,23 +1,22 @@
 """Locks that keep two cxrkit processes from writing the same files at once: two trainings of one run (``cxr train
 --resume`` twice), two evaluations into one ``eval/<name>/``.
 
-A lock is ``flock`` on a hidden file that records its holder's process id, so the system releases it when the
-holder ends, however it ends (``kill -9`` included), and the message names the process. POSIX only, like the rest
-of cxrkit's process handling.
+A lock is a POSIX record lock (``lockf``) on a hidden file that records its holder's process id. It belongs to the
+process, not to the open file, so processes the holder forks (DataLoader workers) do not hold it, and the system
+releases it the moment the holder ends, however it ends (``kill -9`` included). The message names the process. POSIX
+only, like the rest of cxrkit's process handling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cxrkit.errors import CxrError
-
-ORPHAN_WAIT = 30.0  # seconds to wait for a lock whose holder has exited: its forked DataLoader workers still hold it
 
 
 @contextlib.contextmanager
@@ -39,25 +38,24 @@ def exclusive(path: str | Path, busy: Callable[[int | None], str], note: Callabl
     try:
         if not _try_lock(fd):
             holder = _holder(fd)
-            if holder is not None and not _alive(holder):
-                _wait_for_orphans(fd, path)
-            elif note is None:
+            if note is None:
                 raise CxrError(busy(holder))
-            else:
-                note(busy(holder))
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            note(busy(holder))
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock (a record lock goes with the process's first close of the file)
 
 
 def _try_lock(fd: int) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EACCES, errno.EAGAIN):  # held by another process
+            return False
+        raise
     return True
 
 
@@ -65,20 +63,3 @@ def _holder(fd: int) -> int | None:
     """The process id the lock's holder wrote, or None (not written yet, or not a number)."""
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None
-
-
-def _alive(pid: int) -> bool:
-    from cxrkit.runs import process_alive
-
-    return process_alive(pid)
-
-
-def _wait_for_orphans(fd: int, path: Path) -> None:
-    """The holder has exited but processes it forked (DataLoader workers, which stop within seconds of their parent)
-    still hold the lock: wait for them."""
-    deadline = time.monotonic() + ORPHAN_WAIT
-    while not _try_lock(fd):
-        if time.monotonic() > deadline:
-            raise CxrError(f"{path}: still locked {ORPHAN_WAIT:g} s after its process exited (its child processes "
-                           "still run); stop them, or remove the file")
-        time.sleep(0.2)
