@@ -171,6 +171,14 @@ def test_images_in_memory_get_the_probabilities_their_files_get(trained, tmp_pat
         predictor.predict_images([np.zeros((8, 8, 3), np.float32)])
     with pytest.raises(CxrError, match=r"^image 0: not an image but a dict"):
         predictor.predict_images([{}])
+    with pytest.raises(CxrError, match=r"^image 0: image has zero size \(10x0\)"):
+        predictor.predict_images([np.zeros((0, 10), np.uint8)])
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    Image.fromarray(mask).save(tmp_path / "mask.png")  # a 1-bit PNG
+    from_file = next(iter(predictor.predict_files(tmp_path / "mask.png"))).probabilities
+    np.testing.assert_allclose(predictor.predict_images([mask]), [[from_file[n] for n in predictor.labels]],
+                               atol=1e-5)
 
 
 def test_a_run_exports_from_python_with_the_commands_checks(trained, tmp_path):

@@ -212,6 +212,8 @@ def as_image(image: Any, name: str) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise CxrError(f"{name}: not an image but a {type(image).__name__}; give a PIL image, a NumPy array or a "
                        "file path")
+    if not image.width or not image.height:
+        raise CxrError(f"{name}: image has zero size ({image.width}x{image.height})")
     return refuse_blank(to_grayscale(image), name)
 
 
@@ -224,9 +226,11 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         raise CxrError(f"{name}: an array of shape {arr.shape} is not an image (HxW, or HxWx3 / HxWx4 uint8)")
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise CxrError(f"{name}: an array of {arr.dtype} is not an image")
+    if arr.dtype == np.bool_:  # a mask: black and white, as a 1-bit image file is read
+        arr = arr.astype(np.uint8) * 255
     if arr.dtype == np.uint8:
         return Image.fromarray(np.ascontiguousarray(arr), "L")
-    if np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+    if np.issubdtype(arr.dtype, np.integer):
         return Image.fromarray(arr.astype(np.int32), "I")  # scaled by its own range, as a 16-bit file is
     return Image.fromarray(arr.astype(np.float32), "F")
 

@@ -145,9 +145,10 @@ def calibration_notes(info: dict[str, Any]) -> list[str]:
     t, n = float(info.get("temperature") or 1.0), info.get("calibration_images")
     low, high = TEMPERATURE_BOUNDS
     if t <= low * 1.001:
-        notes.append(f"note: the temperature stopped at its lower bound {low:g}: the {n} validation images are "
-                     "separated (nearly) perfectly, so sharper is always better there and the probabilities are as "
-                     "sharp as allowed; more validation images give a meaningful fit")
+        notes.append(f"note: the temperature stopped at its lower bound {low:g}: on the {n} validation images, "
+                     "sharper probabilities always fitted better (the images are separated nearly perfectly, or "
+                     "nearly all belong to the class the model favours), so they are as sharp as allowed; more "
+                     "validation images give a meaningful fit")
     elif t >= high * 0.999:
         notes.append(f"note: the temperature stopped at its upper bound {high:g}: on the {n} validation images the "
                      "model does no better than chance, so its probabilities are flattened as far as allowed")

@@ -146,7 +146,8 @@ def prepare_data(recipe: Recipe, run: Run | None, runtime: Runtime, console: Any
             first = next(it.source for it in ds.items if it.patient == it.source)
             notes.insert(0, f"note: {anonymous} of {len(ds)} images have no patient id (the first: "
                             f"{printable(first)}), so each counts as its own patient and the split cannot keep a "
-                            "patient's images together; give the data a patient column (an NIH file's 'Patient ID')")
+                            "patient's images together; give every image its patient's id (an NIH file's 'Patient "
+                            "ID')")
         for note in notes:
             console.print(note, highlight=False)
     augment = pipeline.augmentation(recipe.augment)
