@@ -347,8 +347,9 @@ class Run:
             tmp.unlink(missing_ok=True)
             raise
 
-    def load_checkpoint(self, name: str) -> dict[str, Any]:
-        """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``)."""
+    def load_checkpoint(self, name: str, lazy: bool = False) -> dict[str, Any]:
+        """Load a checkpoint without unpickling arbitrary objects (``weights_only=True``); ``lazy`` maps its tensors
+        from the file instead of reading them, for a look at its numbers (``epoch``, ``stage``)."""
         import torch
 
         path = self.checkpoint_path(name)
@@ -357,7 +358,7 @@ class Run:
         try:
             with warnings.catch_warnings():  # e.g. "looks like a TorchScript archive": the error below says it
                 warnings.simplefilter("ignore")
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
         except Exception as err:  # noqa: BLE001 - any failure to read is reported with the file name
             why = first_line(err)
             if "TorchScript" in why:

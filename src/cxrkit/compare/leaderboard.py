@@ -59,7 +59,7 @@ def checkpoint_epoch(run: Run, checkpoint: str) -> int | None:
     None when the run has no such checkpoint."""
     if not run.has_checkpoint(checkpoint):
         return None
-    epoch = run.load_checkpoint(checkpoint).get("epoch")
+    epoch = run.load_checkpoint(checkpoint, lazy=True).get("epoch")  # not its weights and optimizer state (GBs)
     return None if epoch is None else int(epoch)
 
 
