@@ -34,21 +34,21 @@ def _holder(path, *child_sleep: str) -> subprocess.Popen:
     return proc
 
 
-def _busy(pid):
-    return f"busy with {pid}"
+def _busy(who):
+    return f"busy with {who}"
 
 
 def test_a_lock_held_by_a_running_process_is_refused_naming_it_or_waited_for(tmp_path):
     lock = tmp_path / ".x.lock"
     holder = _holder(lock)
     try:
-        with pytest.raises(CxrError, match=f"^busy with {holder.pid}$"), exclusive(lock, _busy):
+        with pytest.raises(CxrError, match=f"^busy with process {holder.pid}$"), exclusive(lock, _busy):
             pass
         notes = []
         with exclusive(lock, _busy, lambda note: (notes.append(note), (tmp_path / "release").touch())):
             assert holder.wait(timeout=30) == 0  # it had to let go first
             assert lock.read_text() == f"{os.getpid()}\n"
-        assert notes == [f"busy with {holder.pid}"]
+        assert notes == [f"busy with process {holder.pid}"]
     finally:
         (tmp_path / "release").touch()
         holder.wait(timeout=30)

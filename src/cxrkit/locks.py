@@ -20,15 +20,15 @@ from cxrkit.errors import CxrError
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path, busy: Callable[[int | None], str], note: Callable[[str], None] | None = None
+def exclusive(path: str | Path, busy: Callable[[str], str], note: Callable[[str], None] | None = None
               ) -> Iterator[None]:
     """Hold the lock file ``path`` for the block.
 
     Args:
         path: The lock file, made if missing (its folder must exist).
-        busy: The message for a lock held by a running process, given its id (None when unknown).
-        note: Where a lock held by a running process is waited for, told ``busy(pid)`` once before waiting; without
-            it such a lock is refused with ``CxrError(busy(pid))``.
+        busy: The message for a lock held by another process, given who holds it (``"process 1234"``).
+        note: Where a lock held by another process is waited for, told ``busy(who)`` once before waiting; without
+            it such a lock is refused with ``CxrError(busy(who))``.
     """
     path = Path(path)
     try:
@@ -38,9 +38,10 @@ def exclusive(path: str | Path, busy: Callable[[int | None], str], note: Callabl
     try:
         if not _try_lock(fd):
             holder = _holder(fd)
+            who = "another process" if holder is None else f"process {holder}"
             if note is None:
-                raise CxrError(busy(holder))
-            note(busy(holder))
+                raise CxrError(busy(who))
+            note(busy(who))
             fcntl.lockf(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -171,8 +171,5 @@ def evaluation_lock(out: Path, console: Any = None) -> contextlib.AbstractContex
     for it (saying so on ``console``), rather than removing its files half-way as an earlier evaluation's."""
     from cxrkit.console import notes_console
 
-    def busy(pid: int | None) -> str:
-        return f"waiting for {f'process {pid}' if pid else 'another process'}, which is writing {out}"
-
-    return exclusive(out.parent / f".{out.name}.lock", busy,
+    return exclusive(out.parent / f".{out.name}.lock", lambda who: f"waiting for {who}, which is writing {out}",
                      lambda note: (console or notes_console()).print(note, highlight=False))

@@ -522,14 +522,14 @@ class Predictor:
                       batch_size: int = 32) -> Iterator[Prediction]:
         """Predict files (one path, or several) in batches, in the order given; an unreadable file yields a
         :class:`Prediction` with ``error`` set. Folders and patterns go through :func:`expand_inputs` first."""
-        from cxrkit.data.images import read_image, refuse_blank
+        from cxrkit.data.images import as_image
 
         pending: list[Prediction | tuple[str, Any, float]] = []  # in input order: failures and decoded images
         decoded = 0
         for path in map(os.fspath, [paths] if isinstance(paths, str | os.PathLike) else paths):
             start = time.perf_counter()
             try:
-                pending.append((path, refuse_blank(read_image(path), path), (time.perf_counter() - start) * 1000))
+                pending.append((path, as_image(path, path), (time.perf_counter() - start) * 1000))
                 decoded += 1
             except CxrError as err:
                 pending.append(Prediction(path, model=self.model_id, error=str(err)))

@@ -105,8 +105,8 @@ def training_lock(run: Run) -> contextlib.AbstractContextManager[None]:
     """Held while ``run`` trains, so that a second ``cxr train --resume`` of it is refused instead of training it
     twice at once (and removing the first one's temporary files as leftovers)."""
     return exclusive(run.path / ".train.lock",
-                     lambda pid: f"run {run.path} is being trained by {f'process {pid}' if pid else 'another process'}"
-                                 "; wait for it to finish, or stop it before resuming")
+                     lambda who: f"run {run.path} is being trained by {who}; wait for it to finish, or stop it before "
+                                 "resuming")
 
 
 def _is_other_rank() -> bool:
