@@ -425,6 +425,33 @@ def test_cached_features_are_reused_by_the_next_run_and_not_by_a_changed_one(dat
     assert "reused cached" not in runs["other-seed"][0]
 
 
+def test_a_run_resumed_inside_a_top_n_stage_reuses_the_cached_boundary_input(data, tmp_path, monkeypatch):
+    """The layers above the boundary have trained when a top-N stage is resumed; the input of the boundary has not
+    changed, so its cache entry is found again rather than computed and stored a second time."""
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["train", "--data", str(data), *TINY, "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=2",
+            "--set", "stages.1.trainable=top:2:blocks", "--set", "runtime.precision=fp32", "--out", str(tmp_path)]
+    save_checkpoint = Run.save_checkpoint
+
+    def interrupted(run, name, state):
+        if name == "last" and state["stage"] == 1 and state["stage_epoch"] == 2:  # epoch 1 trained the top blocks
+            raise KeyboardInterrupt
+        save_checkpoint(run, name, state)
+
+    monkeypatch.setattr(Run, "save_checkpoint", interrupted)
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 130, first.output
+    monkeypatch.undo()
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
+    entries = sorted((tmp_path / "cache" / "features").glob("*.json"))
+    run = next(tmp_path.glob("*/recipe.yaml")).parent
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming at stage 2, epoch 2" in resumed.stderr
+    assert "reused cached inputs of" in resumed.stderr
+    assert sorted((tmp_path / "cache" / "features").glob("*.json")) == entries
+
+
 def test_reused_features_train_on_this_runs_labels(data, tmp_path, monkeypatch):
     """The feature key covers the images, not their labels: a run whose labels differ (here a renamed class, which
     reorders the label indices) reuses the features but must train and validate on its own labels."""

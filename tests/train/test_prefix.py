@@ -5,7 +5,8 @@ import torch
 
 from cxrkit.models.classifier import build_classifier
 from cxrkit.models.freeze import apply_trainable, set_train_mode
-from cxrkit.train.prefix import boundary_input, candidates, find_boundary, resume_from
+from cxrkit.models.weights import tensors_digest
+from cxrkit.train.prefix import boundary_input, candidates, find_boundary, prefix_tensors, resume_from
 
 
 def _model(name: str, trainable: str) -> tuple[torch.nn.Module, str]:
@@ -32,6 +33,30 @@ def test_the_deepest_boundary_that_reproduces_the_output(name, trainable, bounda
         assert torch.allclose(resumed.net(cached), model(x), atol=1e-5)
     # the cache skips work: what the boundary receives is smaller than the image or deeper than it
     assert cached.shape[-1] < x.shape[-1]
+
+
+def test_the_prefix_weights_are_those_the_boundary_input_comes_from():
+    """The feature cache is keyed by these: training the layers at or above the boundary (a top-N stage, resumed
+    after an epoch) must keep the key, and any change below it must change it."""
+    model, _ = _model("mobilenet_v2", "top:14")
+    boundary = "backbone.features.16.conv"
+    names = [name for name, _ in prefix_tensors(model, boundary)]
+    assert "backbone.features.0.0.weight" in names and "backbone.features.15.conv.3.running_mean" in names
+    assert not any(n.startswith(("backbone.features.16", "backbone.features.17", "head")) for n in names)
+    x = torch.randn(2, 3, 64, 64)
+    before, digest = boundary_input(model, boundary, x), tensors_digest(prefix_tensors(model, boundary))
+    with torch.no_grad():
+        model.backbone.features[17].conv[0][0].weight.add_(1.0)
+        model.backbone.features[16].conv[0][0].weight.add_(1.0)
+        next(model.head.parameters()).add_(1.0)
+    assert torch.equal(boundary_input(model, boundary, x), before)
+    assert tensors_digest(prefix_tensors(model, boundary)) == digest
+    for change in (lambda: model.backbone.features[3].conv[0][0].weight.add_(1e-3),
+                   lambda: model.backbone.features[15].conv[1][1].running_var.mul_(2.0)):
+        with torch.no_grad():
+            change()
+        assert tensors_digest(prefix_tensors(model, boundary)) != digest
+        digest = tensors_digest(prefix_tensors(model, boundary))
 
 
 def test_no_boundary_when_the_forward_pass_transforms_its_input_first():

@@ -17,7 +17,7 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "list_backbones",
     "load_state_dict_file",
     "preprocessing_of",
+    "tensors_digest",
     "weights_digest",
     "weights_search_dirs",
 ]
@@ -319,8 +320,13 @@ def _no_weights_message(
 
 def weights_digest(module: torch.nn.Module) -> str:
     """A hash of every parameter and buffer of ``module`` (names, values)."""
+    return tensors_digest(module.state_dict().items())
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A hash of named tensors (names, values), in the order given."""
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in named:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

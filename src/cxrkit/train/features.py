@@ -60,9 +60,9 @@ class FeatureDataset(Dataset):
 
 
 def features_key(weights: str, images_key: str, boundary: str | None, runtime: Runtime) -> str:
-    """What cached features depend on, hashed: the backbone's :func:`weights_digest`, the images and their
-    preprocessing (``images_key``), where the features are taken, and the numerics (precision, memory format,
-    library version)."""
+    """What cached features depend on, hashed: the weights that compute them (the backbone's, or those below
+    ``boundary``), the images and their preprocessing (``images_key``), where the features are taken, and the
+    numerics (precision, memory format, library version)."""
     text = json.dumps({"weights": weights, "images": images_key, "boundary": boundary, "precision": runtime.precision,
                        "channels_last": runtime.channels_last, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

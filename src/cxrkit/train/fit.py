@@ -28,13 +28,13 @@ from cxrkit import pipeline
 from cxrkit.config import Recipe, StageConfig
 from cxrkit.errors import CxrError
 from cxrkit.models.freeze import apply_trainable, set_train_mode
-from cxrkit.models.weights import weights_digest
+from cxrkit.models.weights import tensors_digest, weights_digest
 from cxrkit.runs import Run, raise_if_interrupted
 from cxrkit.train.features import extract_features, feature_loader, features_key, stored_meta
 from cxrkit.train.loop import make_progress, predict, train_one_epoch
 from cxrkit.train.losses import build_loss, class_weights_for
 from cxrkit.train.onnx_cache import OnnxFrozen, check_engine_setting, choose_engine
-from cxrkit.train.prefix import ResumedModel, find_boundary
+from cxrkit.train.prefix import ResumedModel, find_boundary, prefix_tensors
 from cxrkit.train.prepare import RunData, prepare_data
 from cxrkit.train.runtime import Runtime
 from cxrkit.train.sampling import EpochSampler, WithSeeds, oversampling_weights
@@ -309,7 +309,10 @@ class Trainer:
         net = self.model.backbone if boundary is None else self.model
         train_plain = pipeline.make_loader(self.data.train, self.data.eval_transform, recipe.runtime.eval_batch_size,
                                            runtime)
-        weights = weights_digest(self.model.backbone)
+        # the weights the cached values come from: a resume inside a top-N stage, whose layers above the boundary
+        # have trained, finds the same entry
+        weights = (weights_digest(self.model.backbone) if boundary is None
+                   else tensors_digest(prefix_tensors(self.model, boundary)))
         store = self._feature_store(self.data.train, boundary, weights)
         val_store = self._feature_store(self.data.val, boundary, weights) if self.val_loader is not None else None
         passes = [(self.data.train, store)] + ([(self.data.val, val_store)] if self.val_loader is not None else [])

@@ -77,6 +77,23 @@ def resume_from(model: nn.Module, boundary: str) -> ResumedModel:
     return ResumedModel(boundary, root, copies)
 
 
+def prefix_tensors(model: nn.Module, boundary: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters and persistent buffers that the input of ``boundary`` can depend on: those of the children
+    that run before the path to it (the ones :func:`resume_from` replaces), and, to be safe, the boundary's
+    ancestors' own. Layers at or after the boundary are left out, so training them keeps the cached input valid."""
+    module, path = model, ""
+    for name in boundary.split("."):
+        own = {**module._parameters, **{k: v for k, v in module._buffers.items()
+                                        if k not in module._non_persistent_buffers_set}}
+        yield from ((f"{path}{key}", tensor) for key, tensor in own.items() if tensor is not None)
+        names = list(module._modules)
+        for earlier in names[: names.index(name)]:
+            child = module._modules[earlier]
+            if child is not None:
+                yield from child.state_dict(prefix=f"{path}{earlier}.").items()
+        module, path = module._modules[name], f"{path}{name}."
+
+
 def _shallow(module: nn.Module) -> nn.Module:
     """A copy of ``module`` that shares its parameters, buffers and children but has its own child table."""
     clone = copy.copy(module)
@@ -142,4 +159,4 @@ def find_boundary(model: nn.Module, cut: str, probe: torch.Tensor, atol: float =
         model.train(was_training)
 
 
-__all__ = ["ResumedModel", "boundary_input", "candidates", "find_boundary", "resume_from"]
+__all__ = ["ResumedModel", "boundary_input", "candidates", "find_boundary", "prefix_tensors", "resume_from"]
