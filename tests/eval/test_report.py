@@ -69,6 +69,28 @@ def test_report_has_every_section_and_embeds_its_figures(run):
     assert all(f"<td>{label}</td>" in page for label in labels)  # per class and confusion tables
 
 
+def _summary_facts(page: str) -> dict[str, str]:
+    summary = page.split('<section id="summary"', 1)[1].split("</section>", 1)[0]
+    return dict(re.findall(r"<tr><th>([^<]*)</th><td>([^<]*)</td></tr>", summary))
+
+
+def test_the_summary_gives_the_calibration_the_evaluation_used(run):
+    """A calibration after the evaluation (here one without a temperature) changes labels.json, not the evaluated
+    numbers: the summary gives the temperature and threshold behind them, and the engine and checkpoint."""
+    from cxrkit.cli.main import app
+
+    used = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert used["temperature"] != 1.0
+    result = CliRunner().invoke(app, ["calibrate", str(run), "--no-temperature"])
+    assert result.exit_code == 0, result.output
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["temperature"] == 1.0
+    facts = _summary_facts(build_report(run).read_text())
+    assert float(facts["temperature"]) == pytest.approx(used["temperature"], rel=1e-3)
+    assert float(facts["threshold"]) == pytest.approx(used["threshold"], rel=1e-3)
+    assert facts["evaluated with"] == "engine torch, checkpoint best"
+
+
 def test_report_before_any_evaluation_goes_in_the_run(run):
     shutil.rmtree(run / "eval")
     path = build_report(run)

@@ -140,7 +140,10 @@ def evaluate_run(
     metrics.update({
         "ci95": bootstrap_ci(task, labels, targets, probs, threshold=threshold, groups=patients, seed=0),
         "ece": expected_calibration_error(task, targets, probs), "temperature": predictor.temperature,
-        "threshold_method": predictor.labels_info.get("threshold_method", "default"), "reliability": reliability,
+        # as in labels.json; "default" for the 0.5 of an uncalibrated binary run and of every multi-label one
+        "threshold_method": predictor.labels_info.get("threshold_method") or (None if metrics["threshold"] is None
+                                                                                else "default"),
+        "reliability": reliability,
     })
     metrics.update({
         "run": predictor.run.name, "checkpoint": predictor.checkpoint, "engine": predictor.engine,

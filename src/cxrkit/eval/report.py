@@ -294,13 +294,18 @@ def _summary(run: Run, recipe: dict, labels: dict, metrics: dict, eval_dir: Path
         ["backbone", model.get("backbone")], ["weights", model.get("weights")],
         ["task", labels.get("task")], ["labels", ", ".join(map(str, labels.get("labels") or []))],
     ]
-    calibration = ("positive", "threshold", "threshold_method", "temperature")
-    facts += [[key, labels[key]] for key in calibration if labels.get(key) is not None]
+    # an evaluation's own calibration: an int8 model has its own temperature and threshold, and an earlier
+    # evaluation may predate a new `cxr calibrate`
+    used = {**labels, **{k: metrics[k] for k in ("threshold", "threshold_method", "temperature") if k in metrics}}
+    facts += [[key, used[key]] for key in ("positive", "threshold", "threshold_method", "temperature")
+              if used.get(key) is not None]
     if not eval_dir:
         return _kv_table(facts) + '<p class="note">No evaluation yet: run <code>cxr evaluate RUN</code>.</p>'
     external = " (external validation)" if metrics.get("external") else ""
     facts.append(["evaluated on", f"{metrics.get('dataset')} {metrics.get('split')}{external}: "
                                   f"{metrics.get('n')} images, {metrics.get('patients')} patients"])
+    facts.append(["evaluated with", f"engine {metrics.get('engine', 'torch')}, checkpoint "
+                                    f"{metrics.get('checkpoint', 'best')}"])
     cards = []
     for key, name in KEY_METRICS.items():
         if isinstance(metrics.get(key), (int, float)):
