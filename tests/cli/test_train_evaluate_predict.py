@@ -312,6 +312,29 @@ def test_early_stopping_restores_the_stage_best_and_best_pt_follows_its_monitor(
     assert "best.pt is chosen by" not in log
 
 
+def test_training_ends_by_naming_the_epoch_of_best_pt_and_notes_when_the_later_stage_is_not_in_it(data, tmp_path):
+    """best.pt is what evaluate, predict and export use: a second stage that never beats the first one's val_loss
+    (here an absurd learning rate) is not in it, and the user is told, rather than only that the stage's best
+    weights were restored."""
+    def train(name, *sets):
+        result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / name), *TINY,
+                                          "--set", "runtime.precision=fp32", "--set", "stages.0.epochs=2",
+                                          "--set", "stages.1.trainable=head", "--set", "stages.1.epochs=2",
+                                          *[arg for kv in sets for arg in ("--set", kv)]])
+        assert result.exit_code == 0, result.output
+        run = Path(result.stdout.strip().splitlines()[-1])
+        return Run(run).load_checkpoint("best"), result.stderr
+
+    best, log = train("worse", "stages.1.lr=100", "stages.1.name=finetune")
+    assert best["stage"] == 0
+    assert (f"best.pt: epoch {best['epoch']} of 4 (stage 1, train), val_loss {best['score']:.4f}; evaluate, predict "
+            "and export use it") in log
+    assert "note: no epoch of stage 2 (finetune) did better on val_loss, so best.pt holds none of their training" in log
+    best, log = train("better", "stages.1.lr=1e-3")
+    assert f"best.pt: epoch {best['epoch']} of 4 (stage {best['stage'] + 1}, train)" in log
+    assert ("no epoch of stage" in log) == (best["stage"] == 0)
+
+
 def test_feature_cache_trains_the_head_exactly_as_the_full_model_does(data, tmp_path):
     """A frozen backbone gives the same features every epoch, so training on cached features must match."""
     losses, logs = {}, {}

@@ -196,6 +196,24 @@ class Trainer:
             self.fit_stage(index, resume if resume is not None and index == start_stage else None)
         if self.runtime.is_main and self.run is not None:
             self.run.write_metrics(self.rows)
+            self._say_which_weights()
+
+    def _say_which_weights(self) -> None:
+        """Which epoch ``best.pt`` holds, the weights that evaluation, prediction and export use by default; with
+        several stages, a note when no epoch of the later stages did better, so none of their training is in it."""
+        if self.val_loader is None or not self.run.has_checkpoint("best"):
+            return  # without a validation split best.pt is the last epoch
+        best, stages = self.run.load_checkpoint("best", lazy=True), self.recipe.stages
+        if not isinstance(best.get("score"), float) or not isinstance(best.get("stage"), int):
+            return
+        stage = best["stage"]
+        named = f" (stage {stage + 1}, {stages[stage].name})" if len(stages) > 1 else ""
+        self.log(f"best.pt: epoch {best['epoch']} of {len(self.rows)}{named}, {best['monitor']} {best['score']:.4f}; "
+                 "evaluate, predict and export use it")
+        if stage < len(stages) - 1:
+            later = ", ".join(f"{i + 1} ({s.name})" for i, s in enumerate(stages) if i > stage)
+            self.log(f"note: no epoch of stage {later} did better on {best['monitor']}, so best.pt holds none of "
+                     "their training; --checkpoint last uses the last epoch's weights")
 
     def _epoch_state(self, index: int, stage_epoch: int, optimizer: Any, scheduler: Any, tracker: Tracker) -> dict:
         return {
