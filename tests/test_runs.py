@@ -34,6 +34,30 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]  # no temporary file left behind
 
 
+def test_a_checkpoint_that_does_not_fit_is_a_one_line_error_and_keeps_the_old_one(tmp_path):
+    """torch.save meets the full disk (here a file-size limit, as a quota gives) in its zip writer and raises a
+    RuntimeError ("unexpected pos") over the OSError: the error must still say why, and best.pt stay as it was."""
+    script = f"""
+import resource, torch
+from cxrkit.errors import CxrError
+from cxrkit.runs import Run
+run = Run({str(tmp_path / "run")!r})
+run.save_checkpoint("best", {{"model": {{"w": torch.ones(8)}}}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    run.save_checkpoint("best", {{"model": {{"w": torch.zeros(1 << 20)}}}})
+except CxrError as err:
+    print(err)
+print(run.load_checkpoint("best")["model"]["w"].tolist())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    message, kept = result.stdout.strip().splitlines()
+    assert message == f"{tmp_path / 'run' / 'checkpoints' / 'best.pt'}: cannot write (File too large)"
+    assert kept == str([1.0] * 8)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt"]
+
+
 def test_a_writer_that_fails_halfway_leaves_the_old_file(tmp_path):
     target = tmp_path / "best.pt"
     target.write_bytes(b"old")
