@@ -1,6 +1,7 @@
 import fractions
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from cxrkit.runs import (
     atomic_write_text,
     check_writable,
     csv_text,
+    replaced_files,
     safe_name,
     staged,
     unique_safe_names,
@@ -56,6 +58,29 @@ print(run.load_checkpoint("best")["model"]["w"].tolist())
     assert message == f"{tmp_path / 'run' / 'checkpoints' / 'best.pt'}: cannot write (File too large)"
     assert kept == str([1.0] * 8)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt"]
+
+
+def test_replaced_files_swap_a_folders_files_only_once_the_new_ones_are_written(tmp_path):
+    folder = tmp_path / "eval"
+    (folder / "explain").mkdir(parents=True)
+    for name, text in (("metrics.json", "old"), ("roc.png", "old"), ("report.html", "old")):
+        (folder / name).write_text(text)
+    dead = folder / ".new.999999999.abc.tmp"  # left by a killed writer (no such process)
+    dead.mkdir()
+    (dead / "roc.png").write_text("half")
+    with pytest.raises(CxrError, match=rf"^{re.escape(str(folder / 'pr.png'))}: cannot write here \(is a directory\)$"):
+        with replaced_files(folder, "metrics.json") as new:
+            atomic_write_text(new / "roc.png", "new")
+            (new / "pr.png").mkdir()
+            atomic_write_text(new / "pr.png", "new")
+    assert {p.name: p.read_text() for p in folder.iterdir() if p.is_file()} == {
+        "metrics.json": "old", "roc.png": "old", "report.html": "old"}
+    assert sorted(p.name for p in folder.iterdir()) == ["explain", "metrics.json", "report.html", "roc.png"]
+    with replaced_files(folder, "metrics.json") as new:
+        for name in ("roc.png", "metrics.json"):
+            atomic_write_text(new / name, "new")
+    assert {p.name: p.read_text() for p in folder.iterdir() if p.is_file()} == {"metrics.json": "new", "roc.png": "new"}
+    assert sorted(p.name for p in folder.iterdir()) == ["explain", "metrics.json", "roc.png"]
 
 
 def test_a_writer_that_fails_halfway_leaves_the_old_file(tmp_path):

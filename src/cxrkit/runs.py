@@ -175,12 +175,48 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_dead_writes(path: Path, pattern: str) -> None:
-    """Remove the temporary files that killed writes of ``path`` left beside it: those whose name matches
-    ``pattern`` (a regular expression whose group 1 is the writing process's id) of a process that is gone."""
+    """Remove the temporary files (or folders) that killed writes of ``path`` left beside it: those whose name
+    matches ``pattern`` (a regular expression whose group 1 is the writing process's id) of a process that is gone."""
     for left in path.parent.iterdir() if path.parent.is_dir() else []:
         match = re.fullmatch(pattern, left.name)
         if match and not process_alive(int(match.group(1))):
-            left.unlink(missing_ok=True)
+            if left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_files(folder: str | Path, last: str) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` in which to write its new files; when the ``with`` block ends without an
+    error they replace the earlier ones (the earlier files go, its subfolders stay), with ``last`` put in place
+    last, so that its presence marks a complete folder. When the block raises (a full disk, Ctrl-C), the earlier
+    files are untouched and the new ones removed. Renaming within one folder needs no space."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_writes(folder / last, r"\.new\.(\d+)\..*\.tmp")
+    new = Path(tempfile.mkdtemp(dir=folder, prefix=f".new.{os.getpid()}.", suffix=".tmp"))
+    try:
+        try:
+            yield new
+        except CxrError as err:  # a message about the hidden folder is about the folder being written
+            if str(new) not in str(err):
+                raise
+            raise CxrError(str(err).replace(str(new), str(folder))) from err
+        with _interrupt_after():
+            (folder / last).unlink(missing_ok=True)
+            written = list(new.iterdir())
+            for path in written:
+                if path.name != last:
+                    os.replace(path, folder / path.name)
+            names = {path.name for path in written}
+            for old in folder.iterdir():
+                if old.is_file() and old.name not in names:
+                    old.unlink(missing_ok=True)
+            if (new / last).exists():
+                os.replace(new / last, folder / last)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
 
 
 @contextlib.contextmanager

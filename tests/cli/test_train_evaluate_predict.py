@@ -105,6 +105,32 @@ def test_evaluate_on_a_run_that_cannot_be_written_says_so_before_predicting(trai
     assert not (trained / "eval" / "ro").exists()
 
 
+def test_an_evaluation_that_cannot_be_written_leaves_the_earlier_one_under_its_name(trained, monkeypatch):
+    """Evaluating again under one name removed the earlier files first: when the disk then filled (here after the
+    new predictions.csv) both evaluations were lost."""
+    import errno
+
+    first = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "val", "--name", "kept"])
+    assert first.exit_code == 0, first.output
+    out = trained / "eval" / "kept"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    fsync, synced = os.fsync, []
+
+    def disk_fills(fd):
+        synced.append(fd)
+        if len(synced) == 2:  # the first figure
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_fills)
+    again = CliRunner().invoke(app, ["evaluate", str(trained), "--split", "test", "--name", "kept"])
+    monkeypatch.undo()
+    assert again.exit_code != 0
+    assert re.fullmatch(rf"{re.escape(str(out))}/\w+\.png: cannot write \(No space left on device\)",
+                        str(again.exception)), again.exception
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no file changed, none added
+
+
 def test_predict_formats_and_bad_files(trained, data, tmp_path):
     images = sorted((data / "train" / "PNEUMONIA").glob("*.jpeg"))[:3]
     result = CliRunner().invoke(app, ["predict", str(trained), *map(str, images), "--format", "json"])

@@ -15,7 +15,7 @@ from cxrkit.config import DataConfig
 from cxrkit.data.base import LabelledImages
 from cxrkit.errors import CxrError
 from cxrkit.locks import exclusive
-from cxrkit.runs import atomic_write_json, atomic_write_text, check_writable, csv_text
+from cxrkit.runs import atomic_write_json, atomic_write_text, check_writable, csv_text, replaced_files
 from cxrkit.serve.predictor import Predictor
 
 
@@ -155,17 +155,15 @@ def evaluate_run(
     })
     out = predictor.run.eval_dir(name)
     rows = _prediction_rows(ds, predictor.labels, targets, probs, predictor.decide(probs), predictor.task)
-    with evaluation_lock(out, console):
-        # an earlier evaluation under this name goes as a whole (its figures, its report), so that a folder never
-        # mixes two; metrics.json, written last, marks it complete, and an interrupted one is redone
-        for old in sorted(out.iterdir(), key=lambda f: f.name != "metrics.json"):
-            if old.is_file():
-                old.unlink(missing_ok=True)
-        atomic_write_text(out / "predictions.csv", csv_text(rows))
-        from cxrkit.eval.plots import write_eval_figures
+    from cxrkit.eval.plots import write_eval_figures
 
-        write_eval_figures(out, task, labels, targets, probs, metrics, reliability)
-        atomic_write_json(out / "metrics.json", metrics)
+    # an earlier evaluation under this name is replaced as a whole (its figures, its report go), so that a folder
+    # never mixes two, and only once the new one is written: one that fails (a full disk) leaves the earlier one;
+    # metrics.json, put in place last, marks the folder complete
+    with evaluation_lock(out, console), replaced_files(out, "metrics.json") as new:
+        atomic_write_text(new / "predictions.csv", csv_text(rows))
+        write_eval_figures(new, task, labels, targets, probs, metrics, reliability)
+        atomic_write_json(new / "metrics.json", metrics)
     return metrics, out
 
 
