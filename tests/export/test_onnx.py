@@ -198,6 +198,40 @@ def test_calibrate_changes_nothing_when_the_exports_cannot_be_written(own_run, m
     assert (own_run / "labels.json").read_text() == labels  # it used to be rewritten before the export failed
 
 
+def test_calibrate_on_a_run_that_cannot_be_written_says_so_before_predicting(own_run, monkeypatch):
+    import cxrkit.runs
+    from cxrkit.serve.predictor import Predictor
+
+    monkeypatch.setattr(cxrkit.runs, "folder_unwritable", lambda folder: "Read-only file system")
+    monkeypatch.setattr(Predictor, "predict_dataset", lambda *args, **kwargs: pytest.fail("predicted first"))
+    result = CliRunner().invoke(app, ["calibrate", str(own_run)])
+    assert result.exit_code != 0
+    assert str(result.exception) == f"{own_run / 'labels.json'}: cannot write here (Read-only file system)"
+
+
+def test_calibrate_whose_exports_cannot_be_updated_says_that_labels_json_changed(own_run, data, monkeypatch):
+    """The disk filled between labels.json and the exports: the error said only that best.onnx could not be
+    written, as if nothing had changed."""
+    import cxrkit.export.onnx
+    from cxrkit.errors import CxrError
+
+    def disk_full(path, metadata):
+        raise CxrError(f"{path}: cannot write (No space left on device)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(cxrkit.export.onnx, "update_metadata", disk_full)
+        result = CliRunner().invoke(app, ["calibrate", str(own_run), "--no-temperature"])
+    assert result.exit_code != 0
+    assert str(result.exception) == (
+        f"the calibration is saved in labels.json, but the files in {own_run / 'export'} were not brought up to "
+        f"date: {own_run / 'export' / 'best.onnx'}: cannot write (No space left on device); the next command that "
+        "loads the run finishes it (or run cxr calibrate again)")
+    assert json.loads((own_run / "labels.json").read_text())["temperature"] == 1.0
+    result = CliRunner().invoke(app, ["predict", str(own_run), _images(data)[0]])  # as it says
+    assert result.exit_code == 0, result.output
+    assert _calibration_of(own_run)["temperature"] == 1.0
+
+
 def test_a_renamed_run_on_a_read_only_disk_predicts_with_its_current_exports(own_run, data, monkeypatch):
     """The exports name their run; a renamed copy's differ only in that, and a read-only mount made every
     --engine onnx command fail trying to write it."""

@@ -7,10 +7,12 @@ probabilities and the same decision rule.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 from cxrkit.errors import CxrError
+from cxrkit.runs import check_writable
 from cxrkit.serve.predictor import Predictor
 
 
@@ -73,15 +75,22 @@ def recalibrate(
         predictor = Predictor(predictor, check_calibration=False)
     console = console or notes_console()
     before = {key: predictor.labels_info.get(key) for key in ("temperature", "threshold", "threshold_method")}
+    check_writable(predictor.run.path / "labels.json")  # before the validation split is predicted
     predictor.begin_calibration()
     try:
         info = calibrate_run(predictor, method, target_sensitivity, temperature, console)
     except CxrError:  # nothing was written (say, no validation split): nothing for the next command to finish
-        (predictor.run.path / "export" / CALIBRATING).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses even to remove a file that is not there
+            (predictor.run.path / "export" / CALIBRATING).unlink(missing_ok=True)
         raise
     for note in calibration_notes(info):
         console.print(note, highlight=False)
-    refreshed, unreadable = predictor.refresh_exports(console)
+    try:
+        refreshed, unreadable = predictor.refresh_exports(console)
+    except CxrError as err:
+        raise CxrError(f"the calibration is saved in labels.json, but the files in {predictor.run.path / 'export'} "
+                       f"were not brought up to date: {err}; the next command that loads the run finishes it "
+                       "(or run cxr calibrate again)") from err
     if refreshed:
         console.print("brought the calibration of " + ", ".join(str(path) for path in refreshed) + " up to date",
                       highlight=False)
