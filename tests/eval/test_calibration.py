@@ -237,3 +237,19 @@ def test_apply_temperature_one_is_identity(task: str) -> None:
 def test_apply_temperature_rejects_bad_temperature() -> None:
     with pytest.raises(ValueError, match="temperature"):
         apply_temperature("binary", _binary_probs([0.3]), 0.0)
+
+
+def test_a_temperature_at_its_upper_bound_names_both_causes():
+    """A model confidently wrong on 4 of 10 images (not chance: right on the 6 others) also drives the temperature
+    to its upper bound; the note said only that the model did no better than chance."""
+    from cxrkit.eval.calibrate import calibration_notes
+    from cxrkit.eval.calibration import TEMPERATURE_BOUNDS
+
+    y = np.array([0] * 5 + [1] * 5)
+    right = np.array([True] * 3 + [False] * 2 + [True] * 3 + [False] * 2)
+    p_positive = np.where(right == (y == 1), expit(30.0), expit(-30.0))
+    temperature = fit_temperature("binary", y, _binary_probs(p_positive))
+    assert temperature == pytest.approx(TEMPERATURE_BOUNDS[1], rel=1e-3)
+    notes = calibration_notes({"temperature": temperature, "calibration_images": 10})
+    assert len(notes) == 1 and f"upper bound {TEMPERATURE_BOUNDS[1]:g}: on the 10 validation images" in notes[0]
+    assert "no better than chance, or it is confidently wrong on some images" in notes[0]

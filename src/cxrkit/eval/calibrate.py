@@ -159,8 +159,10 @@ def calibration_notes(info: dict[str, Any]) -> list[str]:
                      "nearly all belong to the class the model favours), so they are as sharp as allowed; more "
                      "validation images give a meaningful fit")
     elif t >= high * 0.999:
-        notes.append(f"note: the temperature stopped at its upper bound {high:g}: on the {n} validation images the "
-                     "model does no better than chance, so its probabilities are flattened as far as allowed")
+        notes.append(f"note: the temperature stopped at its upper bound {high:g}: on the {n} validation images, "
+                     "flatter probabilities always fitted better (the model does no better than chance, or it is "
+                     "confidently wrong on some images), so they are as flat as allowed; more validation images or "
+                     "more training give a meaningful fit")
     before, after = info.get("val_ece_before"), info.get("val_ece_after")
     if before is not None and after is not None and after > before + 1e-9:
         notes.append(f"note: validation ECE rose ({before:.4f} -> {after:.4f}): the temperature minimises the "
