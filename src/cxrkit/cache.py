@@ -14,6 +14,8 @@ never cleared.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -196,6 +198,65 @@ def remove_leftovers(path: Path) -> None:
     remove_dead_writes(path, rf"{re.escape(path.name)}\.(\d+)\.tmp")
 
 
+def create_mapped(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """A new file ``path`` holding ``shape`` values of ``dtype``, memory-mapped for writing (``np.memmap``), with
+    its disk space reserved before the mapping is made.
+
+    A write into a sparse mapping on a full disk ends the process with SIGBUS, without a message, and another
+    process can fill the disk after any check of the free space. So the file's blocks are allocated first
+    (``posix_fallocate``), which fails with an OSError instead (ENOSPC, or EFBIG from a file-size limit). Where the
+    system or the filesystem cannot allocate ahead, the file is left sparse, as if this step did not exist.
+
+    Raises:
+        OSError: ``path`` cannot be created or made this large; it is then removed.
+    """
+    import numpy as np
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            if not _reserve(fd, nbytes):
+                os.ftruncate(fd, nbytes)  # sparse
+        finally:
+            os.close(fd)
+        return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _reserve(fd: int, nbytes: int) -> bool:
+    """Allocate ``nbytes`` of disk space to the open file ``fd``; False where that cannot be done ahead."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except AttributeError:  # not on this system (macOS, Windows)
+        return False
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # a filesystem that cannot, or 0 bytes
+            return False
+        raise
+    return True
+
+
+def write_failure(err: BaseException) -> str:
+    """Why writing a cache entry failed, for a note: the system's reason for an OSError, or that of the OSError
+    behind the CxrError of an atomic write (:func:`~cxrkit.runs.atomic_write`), else that error's message."""
+    cause = err.__cause__ if isinstance(err, CxrError) and isinstance(err.__cause__, OSError) else err
+    if isinstance(cause, OSError):
+        return cause.strerror or str(cause)
+    return str(err)
+
+
+def readable_size(n: int) -> str:
+    """``n`` bytes as a short text: ``"1.2 GiB"``, ``"340.0 KiB"``, ``"812 B"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def touch(path: Path) -> None:
     """Mark a cache entry as used now (its ``.json``); a read-only cache stays as it is."""
     try:
@@ -204,5 +265,5 @@ def touch(path: Path) -> None:
         pass
 
 
-__all__ = ["KINDS", "Entry", "default_weights_dir", "parse_age", "parse_size", "remove", "remove_leftovers", "scan",
-           "select", "touch", "unwritable", "weights_files"]
+__all__ = ["KINDS", "Entry", "create_mapped", "default_weights_dir", "parse_age", "parse_size", "readable_size",
+           "remove", "remove_leftovers", "scan", "select", "touch", "unwritable", "weights_files", "write_failure"]

@@ -1,10 +1,12 @@
 """The decoded-image cache gives the model exactly the input it would get from the files, and is never stale."""
 
+import errno
 import os
 
 import numpy as np
 import pytest
 import torch
+from failedwrites import FAILED_WRITES, can_allocate, fail_writes, failing
 from PIL import Image
 from synth import kermany_folder
 
@@ -133,3 +135,66 @@ def test_an_image_that_cannot_be_decoded_is_left_out_and_named(folder, tmp_path)
         assert notes == (["decoded 12 images once into " + notes[0].split(" into ")[1]] if attempt == "build" else [])
         plain, fast = build_transform(SQUASH), build_transform(SQUASH, resized=True)
         assert torch.equal(fast(cached.read(2)), plain(ds.read(3)))  # the rows after it are the right images
+
+
+@pytest.mark.parametrize("failure", FAILED_WRITES, ids=list(FAILED_WRITES))
+def test_a_cache_that_cannot_be_written_is_turned_off_with_a_note(folder, tmp_path, monkeypatch, failure):
+    """A failed write turns the cache off, as too little free space does: no traceback, nothing left behind. The
+    .json's write raises the CxrError of an atomic write, which is a failed write too."""
+    reason = fail_writes(monkeypatch, failure)
+    ds = load_folder(folder)
+    cached, notes = _build(ds, SQUASH, tmp_path / "cache")
+    decoded = tmp_path / "cache" / "decoded"
+    assert cached is None and notes == [f"decoded-image cache off: cannot write {decoded} ({reason})"]
+    assert not list(decoded.iterdir())  # no .tmp, and no .u8 without its .json
+    monkeypatch.undo()  # the disk has room again: built as if nothing had happened
+    cached, notes = _build(ds, SQUASH, tmp_path / "cache")
+    assert cached is not None and "decoded 12 images once" in notes[0]
+    plain, fast = build_transform(SQUASH), build_transform(SQUASH, resized=True)
+    assert all(torch.equal(fast(cached.read(i)), plain(ds.read(i))) for i in range(len(ds)))
+
+
+def test_an_error_that_is_not_a_failed_write_is_not_turned_into_a_note(folder, tmp_path):
+    ds = load_folder(folder)
+
+    def failing(item):
+        if item is ds.items[3]:
+            raise OSError(errno.EIO, "Input/output error", item.source)
+        return Image.open(item.source).convert("L")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        _build(LabelledImages(ds.spec, ds.items, failing), SQUASH, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / "decoded").iterdir())
+
+
+def test_the_cache_file_has_its_disk_space_before_the_first_image_is_written(folder, tmp_path):
+    """Another process cannot take the space while the images are written: a write into a mapping with no space
+    behind it would end the process with SIGBUS."""
+    if not can_allocate(tmp_path):
+        pytest.skip("this filesystem cannot allocate space ahead")
+    ds = load_folder(folder)
+    seen = []
+
+    def reading(item):
+        if not seen:
+            seen.extend((p.stat().st_size, p.stat().st_blocks * 512) for p in (tmp_path / "cache" / "decoded")
+                        .glob("*.tmp"))
+        return Image.open(item.source).convert("L")
+
+    cached, _ = _build(LabelledImages(ds.spec, ds.items, reading), SQUASH, tmp_path / "cache")
+    assert cached is not None
+    [(size, allocated)] = seen
+    assert size == 12 * 32 * 32 and allocated >= size
+
+
+@pytest.mark.parametrize("unsupported", ["system", "filesystem"])
+def test_the_cache_is_built_where_space_cannot_be_allocated_ahead(folder, tmp_path, monkeypatch, unsupported):
+    if unsupported == "system":
+        monkeypatch.delattr(os, "posix_fallocate")  # macOS
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", failing(errno.EOPNOTSUPP, "Operation not supported"))
+    ds = load_folder(folder)
+    cached, notes = _build(ds, SQUASH, tmp_path / "cache")
+    assert cached is not None and "decoded 12 images once" in notes[0]
+    plain, fast = build_transform(SQUASH), build_transform(SQUASH, resized=True)
+    assert all(torch.equal(fast(cached.read(i)), plain(ds.read(i))) for i in range(len(ds)))

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from failedwrites import FAILED_WRITES, can_allocate, fail_writes
 from torch.utils.data import DataLoader
 
 from cxrkit.train import features
@@ -70,7 +71,7 @@ def test_features_stay_in_memory_when_the_disk_has_no_room(tmp_path, monkeypatch
     notes = []
     kept = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin", log=notes.append)
     assert torch.equal(kept.features, plain.features) and not kept.mapped
-    assert notes == [f"features stay in memory: they need 0 MiB, {tmp_path} has 0 MiB free"]
+    assert notes == [f"features stay in memory: they need 30.6 KiB, {tmp_path} has 1000 B free"]  # not "0 MiB"
     assert not list(tmp_path.iterdir())
 
 
@@ -97,3 +98,39 @@ def test_a_reused_entry_takes_the_labels_of_this_loader(tmp_path):
     reused = extract_features(NET, DataLoader(Images(labels=3), batch_size=4), runtime, store=tmp_path / "f.bin")
     assert torch.equal(reused.features, first.features)
     assert torch.equal(reused.targets, torch.arange(10) % 3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("failure", FAILED_WRITES, ids=list(FAILED_WRITES))
+def test_features_stay_in_memory_when_their_entry_cannot_be_written(tmp_path, monkeypatch, failure, precision):
+    """A failed write keeps the features in memory, as too little free space does: the same numbers, a note, no
+    traceback, and nothing left in the cache folder."""
+    runtime = setup_runtime("cpu", precision, channels_last=False, workers=0)
+    loader = DataLoader(Images(), batch_size=4)
+    plain = extract_features(NET, loader, runtime, boundary="2")
+    reason = fail_writes(monkeypatch, failure)
+    notes = []
+    kept = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin", log=notes.append)
+    assert not kept.mapped and torch.equal(kept.features, plain.features) and torch.equal(kept.targets, plain.targets)
+    assert notes == [f"features stay in memory: cannot write {tmp_path} ({reason})"]
+    assert not list(tmp_path.iterdir())  # no .tmp, and no .bin without its .json
+
+
+def test_the_feature_file_has_its_disk_space_before_features_are_written(tmp_path):
+    """Another process cannot take the space while the features are written: a write into a mapping with no space
+    behind it would end the process with SIGBUS."""
+    if not can_allocate(tmp_path):
+        pytest.skip("this filesystem cannot allocate space ahead")
+    seen = []
+
+    class Watched(Images):
+        def __getitem__(self, i):
+            if i == 4:  # the second batch: the file was made for the first
+                seen.extend((p.stat().st_size, p.stat().st_blocks * 512) for p in tmp_path.glob("*.tmp"))
+            return super().__getitem__(i)
+
+    runtime = setup_runtime("cpu", "fp32", channels_last=False, workers=0)
+    stored = extract_features(NET, DataLoader(Watched(), batch_size=4), runtime, boundary="2", store=tmp_path / "f.bin")
+    assert stored.features.shape == (10, 4, 14, 14)
+    [(size, allocated)] = seen
+    assert size == 10 * 4 * 14 * 14 * 4 and allocated >= size

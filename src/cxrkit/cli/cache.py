@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from cxrkit.cache import readable_size
+
 app = typer.Typer(invoke_without_command=True, no_args_is_help=False)
 
 
@@ -41,13 +43,13 @@ def show(as_json: bool = typer.Option(False, "--json", help="Print the entries a
         console.print(f"{kind}: {_entries(mine)}", highlight=False)
     weights = weights_files()
     if weights:
-        console.print(f"weights: {len(weights)} file(s), {_size(sum(p.stat().st_size for p in weights))} in "
+        console.print(f"weights: {len(weights)} file(s), {readable_size(sum(p.stat().st_size for p in weights))} in "
                       f"{default_weights_dir()} (`cxr cache clear` leaves them)", highlight=False)
     if not entries:
         where = " (a file, not a folder: see $CXR_CACHE_DIR)" if root.exists() and not root.is_dir() else ""
         console.print(f"no cache entries in {root}{where}", highlight=False)
     else:
-        console.print(f"total: {_size(sum(e.size for e in entries))}", highlight=False)
+        console.print(f"total: {readable_size(sum(e.size for e in entries))}", highlight=False)
 
 
 @app.command("clear")
@@ -82,7 +84,7 @@ def clear(
         return
     problems = [line for entry in chosen for line in remove(entry)]
     left = scan(root)
-    console.print(f"removed {_entries(chosen)}; {len(left)} left, {_size(sum(e.size for e in left))}",
+    console.print(f"removed {_entries(chosen)}; {len(left)} left, {readable_size(sum(e.size for e in left))}",
                   highlight=False)
     for entry in busy:
         console.print(f"kept {entry.kind}/{entry.key}: {entry.status}", highlight=False)
@@ -99,8 +101,9 @@ def _print_entries(console, entries: list, title: str) -> None:
     console.print(title, highlight=False)
     for e in entries:
         images = (e.meta or {}).get("images")
-        console.print(f"{e.kind} {e.key[:8]}  {_size(e.size)}" + (f"  {images} images" if images is not None else "")
-                      + f"  {_ago(e.last_used)}" + ("" if e.status == "complete" else f"  {e.status}"),
+        console.print(f"{e.kind} {e.key[:8]}  {readable_size(e.size)}"
+                      + (f"  {images} images" if images is not None else "") + f"  {_ago(e.last_used)}"
+                      + ("" if e.status == "complete" else f"  {e.status}"),
                       highlight=False)
         console.print(f"  {e.describe()}", highlight=False)
 
@@ -118,7 +121,7 @@ def _table(entries: list, title: str):
                          no_wrap=column not in ("what", "status"), overflow="fold")
     for e in entries:
         images = (e.meta or {}).get("images")
-        row = [e.kind, e.key[:8], _size(e.size), "" if images is None else str(images), _ago(e.last_used),
+        row = [e.kind, e.key[:8], readable_size(e.size), "" if images is None else str(images), _ago(e.last_used),
                e.describe(), e.status]
         table.add_row(*row[: len(columns)])
     return table
@@ -126,14 +129,7 @@ def _table(entries: list, title: str):
 
 def _entries(entries: list) -> str:
     """``"3 entries, 1.2 MiB"``."""
-    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_size(sum(e.size for e in entries))}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {readable_size(sum(e.size for e in entries))}"
 
 
 def _ago(when: float) -> str:

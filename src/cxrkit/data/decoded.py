@@ -14,6 +14,7 @@ image turns the cache off for that dataset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrkit.cache import remove_leftovers, touch, unwritable
+from cxrkit.cache import create_mapped, readable_size, remove_leftovers, touch, unwritable, write_failure
 from cxrkit.data.base import Item, LabelledImages
 from cxrkit.data.transforms import Preprocessing
 from cxrkit.errors import CxrError, user_message
@@ -111,12 +112,9 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
     so every use of the cache leaves the same images out).
 
     Returns:
-        The dataset on the cache, or None when it cannot be cached (colour images, no disk space); ``log``
-        gets a one-line reason.
+        The dataset on the cache, or None when it cannot be cached (colour images, no disk space, a write that
+        fails); ``log`` gets a one-line reason.
     """
-    import torch
-    from torch.utils.data import DataLoader
-
     seen: set[str] = set()
     for item in ds.items:
         if item.source in seen:
@@ -127,62 +125,104 @@ def decoded_images(ds: LabelledImages, pre: Preprocessing, workers: int = 0, pro
     key = cache_key(ds.items, pre)
     path, meta_path = folder / f"{key}.u8", folder / f"{key}.json"
     sources = [item.source for item in ds.items]
-    shape = (len(ds), pre.size, pre.size)
-    unreadable = _unreadable(meta_path) if path.is_file() and path.stat().st_size == int(np.prod(shape)) else None
+    size = len(ds) * pre.size * pre.size
+    unreadable = _unreadable(meta_path) if path.is_file() and path.stat().st_size == size else None
     if unreadable is None:
-        unreadable = []
-        why = unwritable(folder)
-        if why is not None:
-            log(f"decoded-image cache off: {folder} is not writable ({why})")
+        unreadable = _build(ds, pre, path, workers, progress, log)
+        if unreadable is None:
             return None
-        free = shutil.disk_usage(folder).free
-        need = int(np.prod(shape))
-        if need > free * 0.9:
-            log(f"decoded-image cache off: it needs {need / 2**20:.0f} MiB, {folder} has {free / 2**20:.0f} MiB free")
-            return None
-        remove_leftovers(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-            # its own generator: iterating a DataLoader draws a seed, and the build must not shift the global
-            # generator (model initialisation would then depend on whether the cache already existed)
-            loader = DataLoader(_Resized(ds, pre), batch_size=64, num_workers=workers, collate_fn=list,
-                                generator=torch.Generator())
-            task = progress.add_task("decoding images once", total=len(loader), rate="") if progress else None
-            for batch in loader:
-                for index, image in batch:
-                    if isinstance(image, str):
-                        unreadable.append((ds.items[index].source, image))  # its row stays zeros, never read
-                        continue
-                    if image is None:
-                        log(f"decoded-image cache off: {ds.items[index].source} is a colour image")
-                        tmp.unlink(missing_ok=True)
-                        return None
-                    array[index] = image[0].numpy()
-                if task is not None:
-                    progress.update(task, advance=1)
-            if task is not None:
-                progress.remove_task(task)
-            array.flush()
-            del array
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        from cxrkit.runs import atomic_write_json
-
-        files = [source.partition("#")[0] for source in sources]  # a MedMNIST image is <npz>#<split>/<row>
-        atomic_write_json(meta_path, {"version": VERSION, "images": len(ds), "size": pre.size,
-                                      "preprocessing": pre.to_dict(), "first": sources[:1],
-                                      "folder": os.path.commonpath(files) if files else None,
-                                      "unreadable": unreadable})
-        log(f"decoded {len(ds) - len(unreadable)} images once into {path} ({need / 2**20:.0f} MiB)")
+        log(f"decoded {len(ds) - len(unreadable)} images once into {path} ({readable_size(size)})")
     else:
         touch(meta_path)  # its last use, for `cxr cache clear --older-than`
     reader = DecodedReader(path, sources, pre.size)
     left_out = {source for source, _ in unreadable}
     return LabelledImages(ds.spec, [item for item in ds.items if item.source not in left_out], reader,
                           list(ds.skipped) + unreadable)
+
+
+def _build(ds: LabelledImages, pre: Preprocessing, path: Path, workers: int, progress: Any,
+           log: Any) -> list[tuple[str, str]] | None:
+    """Write the cache ``path`` of ``ds`` and its ``.json``.
+
+    Returns:
+        The ``(source, reason)`` of the images that could not be decoded, or None when the cache cannot be written
+        (``log`` gets a one-line reason, and nothing is left in the cache folder).
+    """
+    from cxrkit.runs import atomic_write_json
+
+    folder = path.parent
+    why = unwritable(folder)
+    if why is not None:
+        log(f"decoded-image cache off: {folder} is not writable ({why})")
+        return None
+    shape = (len(ds), pre.size, pre.size)
+    need, free = int(np.prod(shape)), shutil.disk_usage(folder).free
+    if need > free * 0.9:
+        log(f"decoded-image cache off: it needs {readable_size(need)}, {folder} has {readable_size(free)} free")
+        return None
+    remove_leftovers(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        try:  # its space reserved now: no other process can take it while the images are written
+            array = create_mapped(tmp, np.uint8, shape)
+        except OSError as err:  # no space after all, a file-size limit or a quota
+            return _cache_off(folder, err, log)
+        unreadable = _decode_into(array, ds, pre, workers, progress, log)
+        if unreadable is None:
+            return None
+        try:
+            array.flush()
+            del array
+            os.replace(tmp, path)
+        except OSError as err:
+            return _cache_off(folder, err, log)
+        sources = [item.source for item in ds.items]
+        files = [source.partition("#")[0] for source in sources]  # a MedMNIST image is <npz>#<split>/<row>
+        try:
+            atomic_write_json(path.with_suffix(".json"), {
+                "version": VERSION, "images": len(ds), "size": pre.size, "preprocessing": pre.to_dict(),
+                "first": sources[:1], "folder": os.path.commonpath(files) if files else None,
+                "unreadable": unreadable})
+        except CxrError as err:
+            with contextlib.suppress(OSError):  # never read without its .json: it would only take space
+                path.unlink(missing_ok=True)
+            return _cache_off(folder, err, log)
+        return unreadable
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_off(folder: Path, err: BaseException, log: Any) -> None:
+    log(f"decoded-image cache off: cannot write {folder} ({write_failure(err)})")
+
+
+def _decode_into(array: np.ndarray, ds: LabelledImages, pre: Preprocessing, workers: int, progress: Any,
+                 log: Any) -> list[tuple[str, str]] | None:
+    """Decode and resize every image of ``ds`` into its row of ``array``: the ``(source, reason)`` of those that
+    cannot be decoded (their rows stay zeros, never read), or None at the first colour image."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    unreadable: list[tuple[str, str]] = []
+    # its own generator: iterating a DataLoader draws a seed, and the build must not shift the global generator
+    # (model initialisation would then depend on whether the cache already existed)
+    loader = DataLoader(_Resized(ds, pre), batch_size=64, num_workers=workers, collate_fn=list,
+                        generator=torch.Generator())
+    task = progress.add_task("decoding images once", total=len(loader), rate="") if progress else None
+    for batch in loader:
+        for index, image in batch:
+            if isinstance(image, str):
+                unreadable.append((ds.items[index].source, image))
+                continue
+            if image is None:
+                log(f"decoded-image cache off: {ds.items[index].source} is a colour image")
+                return None
+            array[index] = image[0].numpy()
+        if task is not None:
+            progress.update(task, advance=1)
+    if task is not None:
+        progress.remove_task(task)
+    return unreadable
 
 
 def _unreadable(meta_path: Path) -> list[tuple[str, str]] | None:

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrkit.cache import remove_leftovers, touch
+from cxrkit.cache import create_mapped, readable_size, remove_leftovers, touch, write_failure
+from cxrkit.errors import CxrError
 from cxrkit.train.onnx_cache import OnnxFrozen
 from cxrkit.train.runtime import Runtime
 
@@ -107,10 +108,39 @@ def _open(path: Path, meta: dict[str, Any], targets: torch.Tensor) -> FeatureDat
     mapped = array.nbytes >= MEMORY_SHARE * _available_memory()
     if not mapped:
         array = np.array(array)
+    return FeatureDataset(_tensor(array, meta), targets, mapped)
+
+
+def _tensor(array: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+    """Stored features as a tensor of their own dtype (bf16 is stored as its raw bits)."""
     features = torch.from_numpy(array)
-    if meta["dtype"] == "bfloat16":
-        features = features.view(torch.bfloat16)
-    return FeatureDataset(features, targets, mapped)
+    return features.view(torch.bfloat16) if meta["dtype"] == "bfloat16" else features
+
+
+def _start_store(tmp: Path, store: Path, shape: tuple[int, ...], stored: Any, log: Any) -> np.ndarray | None:
+    """The file ``tmp`` that the features of ``store`` are written to, memory-mapped, its disk space reserved; None
+    when it does not fit or cannot be written (``log`` gets a one-line note, and the features stay in memory)."""
+    folder = tmp.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(store)
+        need, free = int(np.prod(shape)) * np.dtype(stored).itemsize, shutil.disk_usage(folder).free
+        if need > 0.9 * free:
+            log(f"features stay in memory: they need {readable_size(need)}, {folder} has {readable_size(free)} free")
+            return None
+        # reserved up front: another process cannot take the space while the features are written (a write into
+        # a mapping with no disk space behind it would end this process with SIGBUS)
+        return create_mapped(tmp, stored, shape)
+    except OSError as err:  # no space after all, a file-size limit or a quota
+        log(f"features stay in memory: cannot write {folder} ({write_failure(err)})")
+        return None
+
+
+def _kept_in_memory(array: np.ndarray, meta: dict[str, Any], targets: torch.Tensor, folder: Path,
+                    err: BaseException, log: Any) -> FeatureDataset:
+    """The features written to ``array`` when their entry cannot be completed, copied into memory, with a note."""
+    log(f"features stay in memory: cannot write {folder} ({write_failure(err)})")
+    return FeatureDataset(_tensor(np.array(array), meta), targets)
 
 
 @torch.no_grad()
@@ -130,7 +160,8 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
         engine: ONNX Runtime running the same frozen part (see :mod:`cxrkit.train.onnx_cache`); PyTorch computes
             any batch it returns None for.
         about: what ``cxr cache`` shows of a stored entry (backbone, split), kept in its ``.json``.
-        log: gets a one-line note when the disk has no room for ``store`` (the features then stay in memory).
+        log: gets a one-line note when ``store`` cannot be written: no room on the disk, or a write that fails
+            (the features then stay in memory).
     """
     from cxrkit.runs import atomic_write_json
     from cxrkit.train.prefix import boundary_input
@@ -162,15 +193,9 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
                 raise RuntimeError(f"{boundary} does not take a single tensor; it cannot be cached")
             out = out.to(keep).cpu().contiguous()
             if tmp is not None and array is None:
-                tmp.parent.mkdir(parents=True, exist_ok=True)
-                remove_leftovers(store)
-                need, free = n * out[0].numel() * np.dtype(_STORED[keep]).itemsize, shutil.disk_usage(tmp.parent).free
-                if need > 0.9 * free:  # a memory-mapped write to a full disk would end the process (SIGBUS)
-                    log(f"features stay in memory: they need {need / 2**20:.0f} MiB, {tmp.parent} has "
-                        f"{free / 2**20:.0f} MiB free")
+                array = _start_store(tmp, store, (n, *out.shape[1:]), _STORED[keep], log)
+                if array is None:
                     tmp = None
-                else:
-                    array = np.memmap(tmp, dtype=_STORED[keep], mode="w+", shape=(n, *out.shape[1:]))
             if tmp is not None:
                 bits = out.view(torch.int16) if keep == torch.bfloat16 else out
                 array[row : row + len(out)] = bits.numpy().view(_STORED[keep])
@@ -185,13 +210,20 @@ def extract_features(net: torch.nn.Module, loader: DataLoader, runtime: Runtime,
             return FeatureDataset(torch.cat(chunks), all_targets)
         if array is None:
             raise RuntimeError("no images to cache features of")
-        array.flush()
-        shape = array.shape
+        meta = {"shape": list(array.shape), "stored": np.dtype(_STORED[keep]).str,
+                "dtype": str(keep).removeprefix("torch."), "boundary": boundary, "images": n, **(about or {})}
+        try:
+            array.flush()
+            os.replace(tmp, store)
+        except OSError as err:
+            return _kept_in_memory(array, meta, all_targets, store.parent, err, log)
+        try:
+            atomic_write_json(store.with_suffix(".json"), meta)  # written last: its presence marks a complete cache
+        except CxrError as err:
+            with contextlib.suppress(OSError):  # never read without its .json: it would only take space
+                store.unlink(missing_ok=True)
+            return _kept_in_memory(array, meta, all_targets, store.parent, err, log)
         del array
-        os.replace(tmp, store)
-        meta = {"shape": list(shape), "stored": np.dtype(_STORED[keep]).str, "dtype": str(keep).removeprefix("torch."),
-                "boundary": boundary, "images": n, **(about or {})}
-        atomic_write_json(store.with_suffix(".json"), meta)  # written last: its presence marks a complete cache
         return _open(store, meta, all_targets)
     finally:
         if tmp is not None:

@@ -25,6 +25,7 @@ from rich.markup import escape
 from torch.nn.parallel import DistributedDataParallel
 
 from cxrkit import pipeline
+from cxrkit.cache import readable_size
 from cxrkit.config import Recipe, StageConfig
 from cxrkit.errors import CxrError
 from cxrkit.models.freeze import apply_trainable, set_train_mode
@@ -348,7 +349,7 @@ class Trainer:
         images = f"{len(train)} training" + (f" and {len(val)} validation" if val is not None else "")
         where = f", memory-mapped from {store.parent}" if train.mapped else ""
         how = "reused " if all(reused) else "" if not any(reused) else "partly reused "
-        self.log(f"{how}cached {what} ({shape}, {size / 2**20:.0f} MiB{where}) of {images} "
+        self.log(f"{how}cached {what} ({shape}, {readable_size(size)}{where}) of {images} "
                  f"images; {'the head trains on them' if boundary is None else 'each epoch runs from there'}")
         return train, val
 
