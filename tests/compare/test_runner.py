@@ -164,13 +164,15 @@ def test_unevaluated_cell_is_evaluated_without_training(compared, monkeypatch):
 
 def test_an_evaluation_stopped_part_way_is_done_again(compared, monkeypatch):
     """A comparison stopped while a cell's evaluation writes its figures: the folder must not pass for a finished
-    evaluation (old figures beside new metrics), and the next run evaluates the cell again without training."""
+    evaluation (old figures beside new metrics), its files stay as they were, and the next run evaluates the cell
+    again without training."""
     import cxrkit.eval.plots
     from cxrkit.compare import cell_status
 
     cell = compared["root"] / "cells" / "head-only-s1"
     evaluated = cell / "eval" / "compare-test"
     (evaluated / "metrics.json").unlink()  # so that the run evaluates this cell again
+    before = {path.name: path.read_bytes() for path in evaluated.iterdir()}
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -179,7 +181,7 @@ def test_an_evaluation_stopped_part_way_is_done_again(compared, monkeypatch):
         mp.setattr(cxrkit.eval.plots, "write_eval_figures", stopped)
         with pytest.raises(KeyboardInterrupt):
             run_comparison(compared["spec"], compared["out"], only=["head-only-s1"])
-    assert not (evaluated / "metrics.json").exists() and not list(evaluated.glob("*.png"))
+    assert {path.name: path.read_bytes() for path in evaluated.iterdir()} == before  # no metrics.json, nothing new
     plan = plan_comparison(compared["spec"], compared["out"])
     cells = {c.id: c for c in plan.cells}
     assert cell_status(plan, cells["head-only-s1"]) == "trained"
