@@ -1,10 +1,12 @@
 """`cxr cache`: the entries runs leave in the cache folder, their last use, and clearing them safely."""
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from cxrkit.cache import parse_age, parse_size, scan, select
+from cxrkit.cli.cache import _size
 from cxrkit.cli.main import app
 from cxrkit.data.decoded import decoded_images
 from cxrkit.data.folder import load_folder
@@ -119,6 +122,31 @@ def test_leftovers_of_interrupted_writes_go_and_a_live_write_is_never_touched(ca
     assert result.exit_code == 0, result.output
     assert [e.key for e in scan(root)] == ["abcd"]
     assert f"kept decoded/abcd: being written (process {os.getpid()})" in result.stdout
+
+
+def test_clear_on_a_read_only_cache_reports_only_what_it_removed(cache, monkeypatch):
+    """It printed "removed 2 entries" above "could not remove 4 file(s)", and 2 were still there."""
+    root, _ = cache
+    unlink = Path.unlink
+
+    def read_only_features(path, missing_ok=False):
+        if root / "features" in path.parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only_features)
+    entries = {e.kind: e for e in scan(root)}
+    result = _cli("clear")
+    assert isinstance(result.exception, CxrError), result.output
+    features = entries["features"]
+    assert result.stdout.startswith(f"removed 1 entry, {_size(entries['decoded'].size)}; 1 left, "
+                                    f"{_size(features.size)}"), result.stdout
+    assert str(result.exception).startswith(f"could not remove {len(features.files)} file(s): {root / 'features'}")
+    assert str(result.exception).endswith(": Read-only file system")
+    assert [e.kind for e in scan(root)] == ["features"]
+    again = _cli("clear")  # nothing can go
+    assert again.stdout.startswith(f"removed 0 entries, 0 B; 1 left, {_size(features.size)}"), again.stdout
+    assert isinstance(again.exception, CxrError)
 
 
 def test_rebuilding_an_entry_removes_what_a_killed_build_of_it_left(cache):

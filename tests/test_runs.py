@@ -1,3 +1,4 @@
+import errno
 import fractions
 import io
 import os
@@ -17,6 +18,7 @@ from cxrkit.runs import (
     csv_text,
     replaced_files,
     safe_name,
+    scratch_folder,
     staged,
     unique_safe_names,
 )
@@ -316,6 +318,32 @@ def test_resuming_removes_the_temporary_files_of_killed_writes_and_not_those_of_
     assert run.remove_leftovers() == 6
     assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)
     assert run.remove_leftovers() == 0
+
+
+def test_the_scratch_folder_of_a_killed_export_is_a_leftover_and_a_live_one_is_not(tmp_path):
+    """An export killed half-way leaves its folder of intermediate files (as large as the model) beside the file."""
+    run = Run.create(tmp_path, "r")
+    dead = run.path / "export" / f".best.onnx.{_dead_pid()}.k2j3_x.tmp"
+    live = run.path / "export" / f".best.int8.onnx.{os.getpid()}.a8b.tmp"
+    mine = run.path / "export" / "my.tmp"  # a user's folder, not hidden: never touched
+    for folder in (dead, live, mine):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"x")
+    assert run.remove_leftovers() == 1
+    assert not dead.exists() and (live / "model.onnx").is_file() and (mine / "model.onnx").is_file()
+
+
+def test_a_scratch_folder_is_beside_its_file_and_goes_after_an_error_or_ctrl_c(tmp_path):
+    target = tmp_path / "out" / "best.onnx"
+    for failure in (KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises((KeyboardInterrupt, CxrError)) as raised:
+            with scratch_folder(target) as folder:
+                assert folder.parent == target.parent
+                assert folder.name.startswith(f".best.onnx.{os.getpid()}.") and folder.name.endswith(".tmp")
+                (folder / "model.onnx").write_bytes(b"x")
+                raise failure
+        assert list(target.parent.iterdir()) == []
+    assert str(raised.value) == f"{target}: cannot write (No space left on device)"
 
 
 def test_an_atomic_writes_temporary_file_names_its_process(tmp_path):

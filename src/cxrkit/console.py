@@ -15,12 +15,12 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def quiet_logger(name: str | None = None) -> Iterator[None]:
-    """Hold back a library's log lines below ERROR on the logger ``name`` (None: the root logger) while the block
-    runs; errors still show, and the level is put back afterwards."""
+def quiet_logger(name: str | None = None, below: int = logging.ERROR) -> Iterator[None]:
+    """Hold back a library's log lines below ``below`` (by default ERROR: errors still show) on the logger ``name``
+    (None: the root logger) while the block runs; the level is put back afterwards."""
     logger = logging.getLogger(name)
     level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
+    logger.setLevel(max(level, below))
     try:
         yield
     finally:

@@ -29,6 +29,20 @@ def first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError (a full disk, a read-only one) behind ``err``: ``err`` itself or one it was raised from or while
+    handling, as when a library wraps the failed write of its output in an error of its own; None when there is
+    none."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def printable(text: str) -> str:
     """``text`` as one line of UTF-8: the bytes of a file name that is not UTF-8 (which Python keeps as lone
     surrogates) spelt ``\\xff``, and control characters (a carriage return in a file name) spelt ``\\r``, ``\\x1b``.

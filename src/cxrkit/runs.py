@@ -240,6 +240,27 @@ def staged(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def scratch_folder(path: str | Path) -> Iterator[Path]:
+    """A hidden folder beside ``path`` for the intermediate files of making it, named like :func:`atomic_write`'s
+    temporary files (``.<name>.<pid>.<random>.tmp``) so that :meth:`Run.remove_leftovers` removes one that a killed
+    writer left. The intermediates take room on ``path``'s disk, not the system's temporary folder, so a full disk
+    is the one the user chose. Removed with what it holds when the block ends, by an error or Ctrl-C too; an
+    OSError inside the block (the disk filled up) becomes ``<path>: cannot write (<reason>)``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
+    except OSError as err:
+        raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err
+    try:
+        yield folder
+    except OSError as err:
+        raise CxrError(f"{path}: cannot write ({err.strerror or first_line(err)})") from err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half of one."""
     atomic_write(path, lambda fh: fh.write(data))
@@ -324,8 +345,9 @@ class Run:
     def remove_leftovers(self) -> int:
         """Remove the hidden temporary files that writes killed half-way left in the run, its checkpoints, exports
         and evaluations (``.X.<pid>.*.tmp`` of :func:`atomic_write`, ``.X.<pid>.partial.*`` of :func:`staged`,
-        ``.X.<pid>.link``) when the process that wrote them has ended: the real files were never touched, but a
-        killed checkpoint write leaves one as large as a checkpoint. Another command writing into the run (an
+        ``.X.<pid>.link``), and the folders of intermediate files (``.X.<pid>.<random>.tmp`` of
+        :func:`scratch_folder`), when the process that wrote them has ended: the real files were never touched, but
+        a killed checkpoint write leaves one as large as a checkpoint. Another command writing into the run (an
         evaluation, an export) keeps its files. Returns how many were removed."""
         pattern = re.compile(r"^\..+?(?:\.(\d+))?(?:\.[^.]+\.tmp|\.link|\.partial(?:\.[^.]+)?)$")
         removed = 0
@@ -333,8 +355,13 @@ class Run:
         for folder in (self.path, self.path / "checkpoints", self.path / "export", *evaluations):
             for entry in folder.iterdir() if folder.is_dir() else []:
                 match = pattern.match(entry.name)
-                if match and entry.is_file() and not (match.group(1) and process_alive(int(match.group(1)))):
+                if not match or (match.group(1) and process_alive(int(match.group(1)))):
+                    continue
+                if entry.is_file():
                     entry.unlink(missing_ok=True)
+                    removed += 1
+                elif entry.is_dir() and match.group(1) and entry.name.endswith(".tmp"):  # a scratch_folder's
+                    shutil.rmtree(entry, ignore_errors=True)
                     removed += 1
         return removed
 

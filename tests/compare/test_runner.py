@@ -286,3 +286,61 @@ def test_the_printed_table_keeps_its_numbers_in_80_columns(compared):
             assert f"{float(row['test_auc']):.4f}" in line, (width, line)
     assert "more column(s) in" in printed[80] and "test acc" in printed[300] and "more column(s)" not in printed[300]
     assert "trainable / total" not in printed[80] and "trainable / total" in " ".join(printed[300].split())
+
+
+@pytest.fixture
+def one_cell(data, tmp_path):
+    """A planned comparison's first cell, whose training and evaluation (train_cell) each test fakes."""
+    import io
+
+    from rich.console import Console
+
+    plan = plan_comparison(write_spec(tmp_path / "specs", data), tmp_path / "out")
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    return plan, plan.cells[0], console
+
+
+def test_a_cell_redone_after_a_failure_keeps_no_stale_traceback(one_cell, monkeypatch):
+    from cxrkit.compare import runner
+
+    plan, cell, console = one_cell
+    error = plan.cell_dir(cell) / "error.txt"
+
+    def crashes(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "train_cell", crashes)
+    assert runner.run_cell(plan, cell, console) == "failed"
+    assert "RuntimeError: boom" in error.read_text()
+    monkeypatch.setattr(runner, "train_cell", lambda *args: None)
+    assert runner.run_cell(plan, cell, console) == "done"
+    assert not error.exists() and runner.read_cell_info(plan.cell_dir(cell))["error"] is None
+
+
+def test_a_traceback_that_cannot_be_written_does_not_replace_the_cell_s_error(one_cell, monkeypatch):
+    """On a disk full to the byte, writing error.txt raised and the comparison stopped with an error about it."""
+    import errno
+    import io
+    import os
+
+    from cxrkit.compare import runner
+
+    plan, cell, console = one_cell
+    real_open = io.open
+
+    def full_for_error_txt(file, *args, **kwargs):  # Path.write_text and the atomic write's os.fdopen both open here
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+        if "error.txt" in os.path.basename(name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, *args, **kwargs)
+
+    def crashes(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "train_cell", crashes)
+    monkeypatch.setattr(io, "open", full_for_error_txt)
+    assert runner.run_cell(plan, cell, console) == "failed"
+    assert runner.read_cell_info(plan.cell_dir(cell))["error"] == "RuntimeError: boom"
+    printed = " ".join(console.file.getvalue().split())
+    assert f"note: the traceback was not saved: {plan.cell_dir(cell) / 'error.txt'}: cannot write (No space" in printed
+    assert sorted(p.name for p in plan.cell_dir(cell).iterdir()) == ["cell.json"]  # no temporary file left

@@ -82,9 +82,14 @@ def clear(
             _print_entries(console, chosen, "would remove")
         console.print(f"would remove {_entries(chosen)}", highlight=False)
         return
-    problems = [line for entry in chosen for line in remove(entry)]
+    problems: list[str] = []
+    removed = []  # only the entries whose every file went: a read-only cache keeps them all
+    for entry in chosen:
+        failed = remove(entry)
+        problems += failed
+        removed += [] if failed else [entry]
     left = scan(root)
-    console.print(f"removed {_entries(chosen)}; {len(left)} left, {readable_size(sum(e.size for e in left))}",
+    console.print(f"removed {_entries(removed)}; {len(left)} left, {readable_size(sum(e.size for e in left))}",
                   highlight=False)
     for entry in busy:
         console.print(f"kept {entry.kind}/{entry.key}: {entry.status}", highlight=False)

@@ -23,7 +23,7 @@ from cxrkit.compare.spec import Cell, ComparisonSpec, expand_cells, load_compari
 from cxrkit.config import expand_path, load_recipe
 from cxrkit.console import notes_console
 from cxrkit.errors import CxrError, first_line, user_message
-from cxrkit.runs import Run, atomic_write_json, raise_if_interrupted
+from cxrkit.runs import Run, atomic_write_json, atomic_write_text, raise_if_interrupted
 
 # recipe keys that do not change what a cell means: a cell run with other values is still the same cell
 _EXECUTION_KEYS = ("name", "description", "out", "runtime.workers", "runtime.threads", "runtime.device",
@@ -188,6 +188,7 @@ def run_cell(plan: Plan, cell: Cell, console: Console) -> str:
         return status
     plan.cell_dir(cell).mkdir(parents=True, exist_ok=True)
     _write_cell_info(plan, cell, status="running", error=None)
+    (plan.cell_dir(cell) / "error.txt").unlink(missing_ok=True)  # an earlier failure's, which this try replaces
     try:
         train_cell(plan, cell, status, console)
     except Exception as err:  # noqa: BLE001 - recorded in cell.json and the leaderboard, traceback in error.txt
@@ -195,12 +196,21 @@ def run_cell(plan: Plan, cell: Cell, console: Console) -> str:
             raise
         message = user_message(err) if isinstance(err, CxrError) else f"{type(err).__name__}: {first_line(err)}"
         if not isinstance(err, CxrError):
-            (plan.cell_dir(cell) / "error.txt").write_text(traceback.format_exc())
+            _write_traceback(plan.cell_dir(cell) / "error.txt", console)
         _write_cell_info(plan, cell, status="failed", error=message)
         console.print(f"[red]{escape(cell.id)}: failed[/]: {escape(message)}")
         return "failed"
     _write_cell_info(plan, cell, status="done", error=None)
     return "done"
+
+
+def _write_traceback(path: Path, console: Console) -> None:
+    """Write the traceback being handled to ``path``; a failed write (a full disk) is a note, so that the cell's
+    own error is the one recorded and the comparison goes on."""
+    try:
+        atomic_write_text(path, traceback.format_exc())
+    except CxrError as err:
+        console.print(f"note: the traceback was not saved: {escape(str(err))}", highlight=False)
 
 
 def select_cells(cells: list[Cell], only: list[str] | None) -> list[Cell]:

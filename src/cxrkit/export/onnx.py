@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from cxrkit.console import muted
-from cxrkit.errors import CxrError, first_line
+from cxrkit.errors import CxrError, first_line, os_error
 from cxrkit.export import fp32_copy
-from cxrkit.runs import atomic_write_bytes
+from cxrkit.runs import atomic_write_bytes, scratch_folder
 
 INPUT = "image"
 OUTPUT = "logits"
@@ -42,29 +42,34 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = export_graph(fp32_copy(model), size, OUTPUT, path)
+    proto = export_graph(fp32_copy(model), size, OUTPUT, path, beside=path)
     set_metadata(proto, metadata)
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
 
 
-def export_graph(module: nn.Module, size: int, output: str, name: str | Path) -> Any:
+def export_graph(module: nn.Module, size: int, output: str, name: str | Path, beside: Path | None = None) -> Any:
     """``module`` (already fp32 and in eval mode) as an ONNX ``ModelProto`` with input ``image`` (dynamic batch)
-    and one output named ``output``; ``name`` is what an error message names."""
+    and one output named ``output``; ``name`` is what an error message names. The exporter's file is written in a
+    :func:`~cxrkit.runs.scratch_folder` beside the file ``beside`` (so on its disk), else in the system's temporary
+    folder; a failed write there (a full disk) is ``<name>: cannot write (<reason>)``."""
     import onnx
 
     example = torch.zeros(2, 3, size, size)
-    with tempfile.TemporaryDirectory(prefix="cxrkit-export-") as tmp:
+    folder = scratch_folder(beside) if beside is not None else tempfile.TemporaryDirectory(prefix="cxrkit-export-")
+    with folder as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
             with muted("stdout"), torch.no_grad():  # the exporter's progress lines must not reach a piped result
                 torch.onnx.export(module, (example,), str(raw), input_names=[INPUT], output_names=[output],
                                   dynamo=True, dynamic_shapes=({0: torch.export.Dim.DYNAMIC},),
                                   external_data=False, verbose=False)
+            return _name_batch_dimension(onnx.load(str(raw)))
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
+            if (cause := os_error(err)) is not None:  # the exporter wraps a failed write of its file in its own error
+                raise CxrError(f"{name}: cannot write ({cause.strerror or first_line(cause)})") from err
             raise CxrError(f"{name}: the model cannot be exported to ONNX: {first_line(err)}") from err
-        return _name_batch_dimension(onnx.load(str(raw)))
 
 
 def _name_batch_dimension(proto: Any) -> Any:

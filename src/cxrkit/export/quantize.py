@@ -26,6 +26,9 @@ where it is faster; it is not everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import multiprocessing.util
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from cxrkit.console import quiet_logger
-from cxrkit.errors import CxrError, first_line
+from cxrkit.errors import CxrError, first_line, os_error
 from cxrkit.export.onnx import INPUT, set_metadata
-from cxrkit.runs import atomic_write_bytes
+from cxrkit.runs import atomic_write_bytes, scratch_folder
 
 CALIBRATION_IMAGES = 256
 """Default number of training images whose activations set the int8 ranges."""
@@ -177,6 +180,24 @@ def _shared_concat_ranges(graph: Any, ranges: Any) -> dict[str, list[dict[str, n
     return overrides
 
 
+@contextlib.contextmanager
+def _temporary_files_in(folder: Path) -> Iterator[None]:
+    """Make ``folder`` the temporary folder of :mod:`tempfile` while the block runs: ONNX Runtime's quantizer writes
+    its intermediate models there and takes no folder of its own. The setting is the process's, so it is put back
+    as soon as the block ends. The DataLoader workers that read the calibration images start inside the block and
+    pass batches through sockets in :mod:`multiprocessing`'s own temporary folder, which is made first, in the
+    system's: a socket's path in ``folder`` can be over the 107 characters a socket's path may have, and the
+    workers then wait for ever."""
+    with contextlib.suppress(OSError):  # made once per process, and inherited by forked workers
+        multiprocessing.util.get_temp_dir()
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def _first_convs(graph: Any, own: list[str], count: int, path: Path) -> list[str]:
     """The Conv nodes of ``graph`` that stay fp32 when the first ``count`` of the model's own convolutions (``own``,
     in graph order, before BatchNormalizations became convolutions) do: those and every rewritten BatchNormalization
@@ -234,12 +255,15 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
     if fp32_convs < 0:
         raise CxrError(f"{path}: the number of convolutions kept in fp32 cannot be negative ({fp32_convs})")
     reader = _Batches(batches, count)
-    # the quantizer notes on the root logger, for instance, each node it leaves in fp32
-    with tempfile.TemporaryDirectory(prefix="cxrkit-int8-") as tmp, quiet_logger():
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+    # the quantizer notes on the root logger, for instance, each node it leaves in fp32; its intermediate files (and
+    # ONNX Runtime's own, in the temporary folder) go beside the new file, on its disk
+    with scratch_folder(path) as tmp, _temporary_files_in(tmp), quiet_logger():
+        prepared, quantized = tmp / "prepared.onnx", tmp / "int8.onnx"
         try:
-            # shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            # shape inference and graph cleanup first, as ONNX Runtime's quantization guide asks; a failed graph
+            # cleanup is logged with its traceback and skipped, and what made it fail (a full disk) fails the next step
+            with quiet_logger("onnxruntime.quantization.shape_inference", below=logging.CRITICAL + 1):
+                quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             graph_proto = onnx.load(str(prepared))
             own = [node.name for node in graph_proto.graph.node if node.op_type == "Conv"]
             if _batchnorm_as_convs(graph_proto.graph):
@@ -259,6 +283,8 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
         except CxrError:
             raise
         except Exception as err:  # noqa: BLE001 - the quantizer raises many types; all mean "cannot quantize"
+            if (cause := os_error(err)) is not None:  # a failed write of an intermediate file (a full disk)
+                raise CxrError(f"{path}: cannot write ({cause.strerror or first_line(cause)})") from err
             raise CxrError(f"{path}: ONNX Runtime cannot quantize this model to int8: "
                            f"{first_line(err)}") from err
         proto = onnx.load(str(quantized))
