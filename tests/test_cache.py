@@ -14,8 +14,7 @@ from synth import kermany_folder
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from cxrkit.cache import parse_age, parse_size, scan, select
-from cxrkit.cli.cache import _size
+from cxrkit.cache import parse_age, parse_size, readable_size, scan, select
 from cxrkit.cli.main import app
 from cxrkit.data.decoded import decoded_images
 from cxrkit.data.folder import load_folder
@@ -139,13 +138,13 @@ def test_clear_on_a_read_only_cache_reports_only_what_it_removed(cache, monkeypa
     result = _cli("clear")
     assert isinstance(result.exception, CxrError), result.output
     features = entries["features"]
-    assert result.stdout.startswith(f"removed 1 entry, {_size(entries['decoded'].size)}; 1 left, "
-                                    f"{_size(features.size)}"), result.stdout
+    assert result.stdout.startswith(f"removed 1 entry, {readable_size(entries['decoded'].size)}; 1 left, "
+                                    f"{readable_size(features.size)}"), result.stdout
     assert str(result.exception).startswith(f"could not remove {len(features.files)} file(s): {root / 'features'}")
     assert str(result.exception).endswith(": Read-only file system")
     assert [e.kind for e in scan(root)] == ["features"]
     again = _cli("clear")  # nothing can go
-    assert again.stdout.startswith(f"removed 0 entries, 0 B; 1 left, {_size(features.size)}"), again.stdout
+    assert again.stdout.startswith(f"removed 0 entries, 0 B; 1 left, {readable_size(features.size)}"), again.stdout
     assert isinstance(again.exception, CxrError)
 
 

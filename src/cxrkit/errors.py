@@ -36,8 +36,10 @@ def os_error(err: BaseException) -> OSError | None:
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
+        if isinstance(current, KeyboardInterrupt):  # a Ctrl-C is never taken for a failed write
+            return None
+        if isinstance(current, OSError) and (current.errno is not None or current is err):
+            return current  # a wrapped one without an errno is another library's error, not the system's
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None

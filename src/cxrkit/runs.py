@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cxrkit.errors import CxrError, first_line, printable
+from cxrkit.errors import CxrError, first_line, os_error, printable
 
 
 def _umask() -> int:
@@ -106,24 +106,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         if isinstance(err, FileNotFoundError) and path.parent.is_dir():
             raise CxrError(f"{path}: cannot write (its temporary file {Path(tmp).name} was removed while it was "
                            "written, by another process)") from err
-        os_error = _os_error_in(err)
-        if os_error is not None:  # e.g. the disk filled up
-            raise CxrError(f"{path}: cannot write ({os_error.strerror or first_line(os_error)})") from err
+        cause = os_error(err)  # torch.save's zip writer raises a RuntimeError over the OSError of a full disk
+        if cause is not None:  # e.g. the disk filled up
+            raise CxrError(f"{path}: cannot write ({cause.strerror or first_line(cause)})") from err
         raise
-
-
-def _os_error_in(err: BaseException) -> OSError | None:
-    """``err`` if it is an OSError, else the OSError it was raised while handling, if any: torch.save's zip writer
-    turns a full disk into a RuntimeError ("unexpected pos") raised over the OSError it met first."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OSError):
-            return err
-        if isinstance(err, KeyboardInterrupt):
-            return None
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _why_not_a_folder(folder: Path) -> str | None:
