@@ -257,6 +257,21 @@ def test_failing_cell_is_reported_and_the_others_run(data, tmp_path):
     assert "no_such_layer" in (tmp_path / "out" / "failing" / "leaderboard.html").read_text()
 
 
+def test_cells_that_fail_before_their_run_is_made_are_failed_not_new(data, tmp_path):
+    """A missing data root fails each cell before its recipe.yaml is written: the leaderboard called them new and
+    the command ended with 0. Once the data is there, running the comparison again trains them."""
+    later = tmp_path / "later"
+    spec = write_spec(tmp_path / "specs", later, name="later")
+    result = CliRunner().invoke(_app(), [str(spec), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    rows = list(csv.DictReader(open(result.stdout.strip().splitlines()[-1])))
+    assert rows and all(r["status"] == "failed" and f"data root {later} does not exist" in r["error"] for r in rows)
+    later.symlink_to(data)
+    again = CliRunner().invoke(_app(), [str(spec), "--out", str(tmp_path / "out")])
+    assert again.exit_code == 0, again.output
+    assert all(r["status"] == "done" for r in csv.DictReader(open(again.stdout.strip().splitlines()[-1])))
+
+
 def test_confidence_intervals_and_formats():
     scores = evaluation_scores({"accuracy": 0.9, "f1_macro": 0.8, "auc": 0.95, "n": 40,
                                 "ci95": {"accuracy": [0.85, 0.94], "auc": None, "method": {}}}, "test")

@@ -63,11 +63,11 @@ def cell_status(plan: Plan, cell: Cell) -> str:
     from cxrkit.train.api import run_is_complete
 
     run = Run(plan.cell_dir(cell))
-    if not run.file("recipe.yaml").is_file():
-        return "new"
+    info = read_cell_info(run.path)
+    if not run.file("recipe.yaml").is_file():  # never started, or failed before its run was made (a missing data root)
+        return "failed" if info.get("status") == "failed" else "new"
     if recipe_changes(plan, cell):
         return "recipe changed" if run.has_checkpoint("last") else "new"  # never trained: cleared when run
-    info = read_cell_info(run.path)
     if info.get("status") == "failed":
         return "failed"
     evaluated = run.path / "eval" / plan.eval_name
