@@ -346,6 +346,23 @@ def test_a_scratch_folder_is_beside_its_file_and_goes_after_an_error_or_ctrl_c(t
     assert str(raised.value) == f"{target}: cannot write (No space left on device)"
 
 
+def test_making_a_scratch_folder_removes_those_killed_writers_left_beside_it(tmp_path):
+    """A killed int8 export leaves ``..best.int8.onnx.<pid>.partial.onnx.<pid>.<random>.tmp`` (a scratch folder
+    beside the staged file); the next export into that folder removes it, not only ``train --resume``."""
+    target = tmp_path / "export" / "best.int8.onnx"
+    dead_pid = _dead_pid()
+    dead = target.parent / f"..best.int8.onnx.{dead_pid}.partial.onnx.{dead_pid}.q1w_2e.tmp"
+    live = target.parent / f".best.onnx.{os.getpid()}.a8b.tmp"
+    mine = target.parent / "notes.tmp"
+    for folder in (dead, live, mine):
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"x" * 1000)
+    with scratch_folder(target) as folder:
+        assert not dead.exists() and folder.is_dir()
+        assert (live / "model.onnx").is_file() and (mine / "model.onnx").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([live.name, mine.name])
+
+
 def test_an_atomic_writes_temporary_file_names_its_process(tmp_path):
     seen = []
     atomic_write(tmp_path / "a.json", lambda fh: seen.extend(p.name for p in tmp_path.iterdir()))

@@ -230,12 +230,14 @@ def staged(path: str | Path) -> Iterator[Path]:
 def scratch_folder(path: str | Path) -> Iterator[Path]:
     """A hidden folder beside ``path`` for the intermediate files of making it, named like :func:`atomic_write`'s
     temporary files (``.<name>.<pid>.<random>.tmp``) so that :meth:`Run.remove_leftovers` removes one that a killed
-    writer left. The intermediates take room on ``path``'s disk, not the system's temporary folder, so a full disk
-    is the one the user chose. Removed with what it holds when the block ends, by an error or Ctrl-C too; an
-    OSError inside the block (the disk filled up) becomes ``<path>: cannot write (<reason>)``."""
+    writer left; making one removes those that killed writers left beside ``path`` too. The intermediates take room
+    on ``path``'s disk, not the system's temporary folder, so a full disk is the one the user chose. Removed with
+    what it holds when the block ends, by an error or Ctrl-C too; an OSError inside the block (the disk filled up)
+    becomes ``<path>: cannot write (<reason>)``."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writes(path, r"\..+\.(\d+)\.[^.]+\.tmp")  # what killed writers left here: a large int8 scratch
         folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
     except OSError as err:
         raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err
