@@ -21,7 +21,8 @@ ratio (lowest to highest round). FLOPs per image are counted by ``torch.utils.fl
 is 2 FLOPs). The peak is ``cores x clock x FLOPs per cycle per core``: the clock is the base clock of
 /sys/devices/system/cpu/cpu0/cpufreq/base_frequency where the kernel states it, else ``cpu MHz`` of /proc/cpuinfo (no
 boost), and FLOPs per cycle assume two FMA pipes: fp32 = 2 pipes x 2 (FMA) x 8 lanes (256-bit
-AVX2; AMD's AVX-512 also runs on 256-bit pipes) or x 16 lanes (Intel AVX-512); bf16 with AVX512-BF16 or AMX doubles
+AVX2, and AVX-512 on AMD's Zen 4, CPU family 25, which splits it over 256-bit pipes) or x 16 lanes (AVX-512 on
+Intel and on AMD's Zen 5, family 26, whose pipes are 512 bits wide); bf16 with AVX512-BF16 or AMX doubles
 the fp32 figure (VDPBF16PS does two multiply-adds per fp32 lane); AMX tiles multiply faster still, so on a CPU
 with AMX the bf16 share can pass 100% (the printed peak says so). Each round also times a 2048-square fp32 matrix
 product (``torch.mm`` and numpy); its median rate is what fp32 reached on this machine in practice during the
@@ -59,14 +60,16 @@ def cpu_peak_gflops(cores: int) -> tuple[dict[str, float], str]:
         (float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 0.0)
     clock = "base clock" if base.is_file() else "cpu MHz of /proc/cpuinfo"
     vendor = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
-    lanes = 16 if "avx512f" in flags and vendor == "GenuineIntel" else 8 if "avx2" in flags else 4
+    family = next((int(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu family")), 0)
+    wide = vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family >= 26)  # 512-bit pipes: Intel, Zen 5
+    lanes = 16 if "avx512f" in flags and wide else 8 if "avx2" in flags else 4
     fp32_per_cycle = 2 * 2 * lanes
     peaks = {"fp32": cores * mhz / 1000 * fp32_per_cycle}
     bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
     if bf16:
         peaks["bf16"] = 2 * peaks["fp32"]
     how = (f"{cores} cores x {mhz:.0f} MHz ({clock}) x {fp32_per_cycle} fp32 FLOPs/cycle (2 FMA pipes x {lanes} "
-           "lanes)" + (", bf16 x2" if bf16 else ", no bf16 instructions")
+           f"lanes, {vendor or 'unknown vendor'} family {family})" + (", bf16 x2" if bf16 else ", no bf16 instructions")
            + ("; AMX tiles multiply faster than this bf16 figure, so its % of peak can pass 100" if "amx_bf16" in flags
               else ""))
     return peaks, how
