@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -249,6 +250,13 @@ def write_failure(err: BaseException) -> str:
     return str(err)
 
 
+def short_of_space(folder: Path, need: int) -> str | None:
+    """``"2.1 GiB, FOLDER has 1.3 GiB free"`` when ``need`` bytes would take more than 90% of the free space of
+    ``folder`` (a cache must not fill the disk), for a note that says what needs them; None when they fit."""
+    free = shutil.disk_usage(folder).free
+    return f"{readable_size(need)}, {folder} has {readable_size(free)} free" if need > 0.9 * free else None
+
+
 def readable_size(n: int) -> str:
     """``n`` bytes as a short text: ``"1.2 GiB"``, ``"340.0 KiB"``, ``"812 B"``."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -266,4 +274,5 @@ def touch(path: Path) -> None:
 
 
 __all__ = ["KINDS", "Entry", "create_mapped", "default_weights_dir", "parse_age", "parse_size", "readable_size",
-           "remove", "remove_leftovers", "scan", "select", "touch", "unwritable", "weights_files", "write_failure"]
+           "remove", "remove_leftovers", "scan", "select", "short_of_space", "touch", "unwritable", "weights_files",
+           "write_failure"]

@@ -154,6 +154,16 @@ def test_a_cache_that_cannot_be_written_is_turned_off_with_a_note(folder, tmp_pa
     assert all(torch.equal(fast(cached.read(i)), plain(ds.read(i))) for i in range(len(ds)))
 
 
+def test_a_cache_that_would_nearly_fill_the_disk_is_not_built(folder, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": 10_000})())
+    cached, notes = _build(load_folder(folder), SQUASH, tmp_path / "cache")
+    decoded = tmp_path / "cache" / "decoded"
+    assert cached is None and notes == [f"decoded-image cache off: it needs 12.0 KiB, {decoded} has 9.8 KiB free"]
+    assert not list(decoded.iterdir())
+
+
 def test_an_error_that_is_not_a_failed_write_is_not_turned_into_a_note(folder, tmp_path):
     ds = load_folder(folder)
 

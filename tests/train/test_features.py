@@ -7,6 +7,7 @@ import torch
 from failedwrites import FAILED_WRITES, can_allocate, fail_writes
 from torch.utils.data import DataLoader
 
+from cxrkit import cache
 from cxrkit.train import features
 from cxrkit.train.features import extract_features
 from cxrkit.train.runtime import setup_runtime
@@ -67,7 +68,7 @@ def test_features_stay_in_memory_when_the_disk_has_no_room(tmp_path, monkeypatch
     runtime = setup_runtime("cpu", "fp32", channels_last=False, workers=0)
     loader = DataLoader(Images(), batch_size=4)
     plain = extract_features(NET, loader, runtime, boundary="2")
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     notes = []
     kept = extract_features(NET, loader, runtime, boundary="2", store=tmp_path / "f.bin", log=notes.append)
     assert torch.equal(kept.features, plain.features) and not kept.mapped

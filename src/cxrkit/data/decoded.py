@@ -18,13 +18,20 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrkit.cache import create_mapped, readable_size, remove_leftovers, touch, unwritable, write_failure
+from cxrkit.cache import (
+    create_mapped,
+    readable_size,
+    remove_leftovers,
+    short_of_space,
+    touch,
+    unwritable,
+    write_failure,
+)
 from cxrkit.data.base import Item, LabelledImages
 from cxrkit.data.transforms import Preprocessing
 from cxrkit.errors import CxrError, user_message
@@ -156,9 +163,8 @@ def _build(ds: LabelledImages, pre: Preprocessing, path: Path, workers: int, pro
         log(f"decoded-image cache off: {folder} is not writable ({why})")
         return None
     shape = (len(ds), pre.size, pre.size)
-    need, free = int(np.prod(shape)), shutil.disk_usage(folder).free
-    if need > free * 0.9:
-        log(f"decoded-image cache off: it needs {readable_size(need)}, {folder} has {readable_size(free)} free")
+    if (short := short_of_space(folder, int(np.prod(shape)))) is not None:
+        log(f"decoded-image cache off: it needs {short}")
         return None
     remove_leftovers(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

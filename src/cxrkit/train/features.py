@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cxrkit.cache import create_mapped, readable_size, remove_leftovers, touch, write_failure
+from cxrkit.cache import create_mapped, remove_leftovers, short_of_space, touch, write_failure
 from cxrkit.errors import CxrError
 from cxrkit.train.onnx_cache import OnnxFrozen
 from cxrkit.train.runtime import Runtime
@@ -124,9 +123,8 @@ def _start_store(tmp: Path, store: Path, shape: tuple[int, ...], stored: Any, lo
     try:
         folder.mkdir(parents=True, exist_ok=True)
         remove_leftovers(store)
-        need, free = int(np.prod(shape)) * np.dtype(stored).itemsize, shutil.disk_usage(folder).free
-        if need > 0.9 * free:
-            log(f"features stay in memory: they need {readable_size(need)}, {folder} has {readable_size(free)} free")
+        if (short := short_of_space(folder, int(np.prod(shape)) * np.dtype(stored).itemsize)) is not None:
+            log(f"features stay in memory: they need {short}")
             return None
         # reserved up front: another process cannot take the space while the features are written (a write into
         # a mapping with no disk space behind it would end this process with SIGBUS)
