@@ -156,6 +156,23 @@ def test_faithfulness_is_repeatable_and_leaves_the_global_generator_alone(tiny):
     assert [f.to_dict() for f in first] == [f.to_dict() for f in again]
 
 
+def test_an_images_check_does_not_depend_on_the_images_explained_with_it(tiny):
+    """The check of one image gave another verdict alone than beside another image, with another --batch-size,
+    or in a resumed run: its random regions came from one generator seeded per batch."""
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    maps = np.random.default_rng(1).random((3, 64, 64)).astype(np.float32)
+    together = faithfulness(tiny, x, maps, [0, 1, 1], "multiclass", grid=(2, 2), seed=3)
+    alone = [faithfulness(tiny, x[i : i + 1], maps[i : i + 1], [c], "multiclass", grid=(2, 2), seed=3)[0]
+             for i, c in ((2, 1), (0, 0), (1, 1))]
+    reordered = faithfulness(tiny, x[[2, 0, 1]], maps[[2, 0, 1]], [1, 0, 1], "multiclass", grid=(2, 2), seed=3)
+    for mine, others in ((together[2], (alone[0], reordered[0])), (together[0], (alone[1], reordered[1]))):
+        for other in others:
+            assert other.drop_random == pytest.approx(mine.drop_random, abs=1e-6)
+            assert other.drop_heatmap == pytest.approx(mine.drop_heatmap, abs=1e-6)
+    assert faithfulness(tiny, x[:1], maps[:1], [0], "multiclass", grid=(2, 2), seed=4)[0].drop_random != \
+        together[0].drop_random  # the seed still matters
+
+
 @pytest.mark.parametrize(("width", "height"), [(300, 200), (180, 260)])
 def test_input_box_matches_the_crop_the_transform_takes(width, height):
     pre = Preprocessing(size=64, mean=(0, 0, 0), std=(1, 1, 1), resize="crop", crop_pct=0.875)

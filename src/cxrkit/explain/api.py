@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cxrkit.errors import CxrError
-from cxrkit.explain.faithfulness import VERDICTS
+from cxrkit.explain.faithfulness import SEEDING, VERDICTS
 from cxrkit.explain.gradcam import Explainer, choose_targets, method_info
 from cxrkit.explain.plots import Explained, plot_overlay
 from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name, unique_safe_names
@@ -135,7 +135,7 @@ def explain_batch(explainer: Explainer, predictor: Predictor, images: Sequence[A
         if options.check:
             checks = [f.to_dict() for f in faithfulness(
                 predictor.model, xs, maps, [c for _, c in chunk], predictor.task, predictor.temperature,
-                options.percent, options.n_random, explainer.grid_shape or (7, 7), options.seed + start)]
+                options.percent, options.n_random, explainer.grid_shape or (7, 7), options.seed)]
         for (i, c), heat, check in zip(chunk, maps, checks):
             results[i].append(MapResult(c, heat, float(probs[i, c]), check))
     return probs, results
@@ -166,7 +166,7 @@ def settings_of(predictor: Predictor, options: ExplainOptions) -> dict[str, Any]
             "layer": options.layer, "targets": list(options.targets), "check": options.check,
             "percent": options.percent, "n_random": options.n_random, "seed": options.seed,
             "opacity": options.opacity, "temperature": predictor.temperature, "threshold": predictor.threshold,
-            "verdicts": VERDICTS}
+            "verdicts": VERDICTS, "check_seeding": SEEDING}
 
 
 def _record(out_dir: Path, name: str) -> dict[str, Any] | None:

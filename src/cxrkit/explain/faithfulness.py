@@ -10,6 +10,7 @@ perfectly). A heatmap that explains the prediction makes the probability drop mo
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ from cxrkit.explain.gradcam import ProbabilityTarget
 MARGIN = 0.01  # probability differences below this are treated as no change
 VERDICTS = "heatmap drop and its excess over random, each at least MARGIN"
 """The rule of :attr:`Faithfulness.verdict`, kept with explained images so that a change of rule redoes them."""
+SEEDING = "per image and class, from its values"
+"""How the check's random regions are seeded (:func:`faithfulness`), kept with explained images likewise: they were
+seeded per batch before 2026-12-02."""
 
 
 @dataclass(frozen=True)
@@ -99,23 +103,31 @@ def faithfulness(model: nn.Module, images: torch.Tensor, heatmaps: np.ndarray, c
 
     if not 0 < percent < 100:
         raise ValueError(f"percent must be in (0, 100), got {percent}")
-    rng = np.random.default_rng(seed)
-    targets = [ProbabilityTarget(int(c), task, temperature) for c in classes]
     # ROADMostRelevantFirst keeps the pixels under the given percentile of the map and imputes the rest
     metric = ROADMostRelevantFirst(percentile=100 - percent)
     size = tuple(images.shape[-2:])
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)  # the imputer's noise, inside fork_rng so the caller's generator is untouched
-        before = np.asarray([t(o).cpu().numpy() for t, o in zip(targets, model(images))], dtype=np.float64)
-        after_heat = metric(images, _ranked(heatmaps, rng), targets, model, return_diff=False)
-        after_random = [
-            metric(images, _ranked(random_maps(len(images), grid, size, rng), rng), targets, model,
-                   return_diff=False)
-            for _ in range(n_random)
-        ]
-    drop_heat = before - np.asarray(after_heat, dtype=np.float64)
-    drop_random = before - np.mean(np.asarray(after_random, dtype=np.float64), axis=0)
-    return [Faithfulness(float(h), float(r), percent) for h, r in zip(drop_heat, drop_random)]
+    results = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's generator is left untouched
+        for i, c in enumerate(classes):  # one image at a time, with its own seed: its result is the same in any batch
+            image, target = images[i : i + 1], [ProbabilityTarget(int(c), task, temperature)]
+            own = _image_seed(seed, image, int(c))
+            rng = np.random.default_rng(own)
+            torch.manual_seed(own)  # the imputer's noise
+            before = float(target[0](model(image)[0]).cpu())
+            after_heat = metric(image, _ranked(heatmaps[i : i + 1], rng), target, model, return_diff=False)
+            after_random = [metric(image, _ranked(random_maps(1, grid, size, rng), rng), target, model,
+                                   return_diff=False) for _ in range(n_random)]
+            results.append(Faithfulness(before - float(np.asarray(after_heat, dtype=np.float64)[0]),
+                                        before - float(np.mean(np.asarray(after_random, dtype=np.float64))),
+                                        percent))
+    return results
 
 
-__all__ = ["Faithfulness", "faithfulness", "random_maps"]
+def _image_seed(seed: int, image: torch.Tensor, target: int) -> int:
+    """The check's seed for one image and class: from ``seed`` and the image's values, so that an image gets the
+    same random regions whatever else is explained with it, in whatever order, and in a resumed run."""
+    digest = hashlib.sha256(f"{seed}:{target}:".encode() + image.detach().float().cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:7], "little")
+
+
+__all__ = ["SEEDING", "VERDICTS", "Faithfulness", "faithfulness", "random_maps"]
