@@ -232,3 +232,38 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(run, data, tmp
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err == f"error: {tmp_path / 'file' / 'x'}: Not a directory"
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_stopped_run_keeps_its_summary_and_the_next_removes_a_killed_runs_temporary_files(run, data, tmp_path,
+                                                                                           monkeypatch):
+    """explain.csv was written only at the end, so after Ctrl-C it left out the images already explained; and the
+    temporary files of a run killed while writing stayed in the folder after later runs."""
+    import os
+    import subprocess
+    import sys
+
+    from cxrkit.explain import api
+    from cxrkit.explain.api import explain_files
+    from cxrkit.serve.predictor import Predictor
+
+    images = sorted((data / "train" / "NORMAL").iterdir())[:3]
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    leftover, live = out / f".a.json.{dead}.x1y2.tmp", out / f".b.json.{os.getpid()}.z3.tmp"
+    leftover.write_text("{")
+    live.write_text("{")
+    written, real = [], api.atomic_write_json
+
+    def stop_after_two(path, obj):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real(path, obj)
+        written.append(path)
+
+    monkeypatch.setattr(api, "atomic_write_json", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        explain_files(Predictor(run), [str(p) for p in images], out, api.ExplainOptions(batch_size=1))
+    assert not leftover.exists() and live.exists()
+    assert sorted(r["source"] for r in _rows(out / "explain.csv")) == sorted(str(p) for p in images[:2])

@@ -11,6 +11,7 @@ files go; another file with the same name gets a name of its own (``<name>-2``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,7 +26,15 @@ from cxrkit.errors import CxrError
 from cxrkit.explain.faithfulness import SEEDING, VERDICTS
 from cxrkit.explain.gradcam import Explainer, choose_targets, method_info
 from cxrkit.explain.plots import Explained, plot_overlay
-from cxrkit.runs import atomic_write, atomic_write_json, atomic_write_text, csv_text, safe_name, unique_safe_names
+from cxrkit.runs import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    csv_text,
+    remove_dead_writes,
+    safe_name,
+    unique_safe_names,
+)
 from cxrkit.serve.predictor import Predictor
 
 SUMMARY_COLUMNS = ["source", "target", "probability", "predicted", "drop_heatmap", "drop_random", "score",
@@ -258,13 +267,28 @@ def explain_files(predictor: Predictor, paths: str | os.PathLike | Sequence[str 
 
     Unreadable files are listed in the result and the others still explained. ``progress`` is a rich Progress.
     """
-    from cxrkit.data.transforms import input_box
-
     paths = [os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     options = options or ExplainOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary = out_dir / "explain.csv"
+    remove_dead_writes(summary, r"\..+\.(\d+)\.[^.]+\.tmp")  # the temporary files that a killed run left
     result = FilesResult()
+    try:
+        _explain_into(predictor, paths, out_dir, options, overwrite, progress, result)
+    except BaseException:  # Ctrl-C, a full disk: the summary still lists the images explained so far
+        with contextlib.suppress(Exception):
+            atomic_write_text(summary, csv_text(folder_rows(out_dir), SUMMARY_COLUMNS))
+        raise
+    atomic_write_text(summary, csv_text(folder_rows(out_dir), SUMMARY_COLUMNS))
+    return result
+
+
+def _explain_into(predictor: Predictor, paths: list[str], out_dir: Path, options: ExplainOptions, overwrite: bool,
+                  progress: Any, result: FilesResult) -> None:
+    """Explain ``paths`` into ``out_dir`` (each image's maps, figures and ``.json``), adding to ``result``."""
+    from cxrkit.data.transforms import input_box
+
     bar = progress.add_task("explain", total=len(paths), rate="") if progress is not None else None
     names = _names(paths, out_dir)
     settings = settings_of(predictor, options)
@@ -288,8 +312,6 @@ def explain_files(predictor: Predictor, paths: str | os.PathLike | Sequence[str 
                 progress.update(bar, completed=processed + result.skipped + len(result.failed))
     if bar is not None:
         progress.update(bar, completed=len(paths))
-    atomic_write_text(out_dir / "explain.csv", csv_text(folder_rows(out_dir), SUMMARY_COLUMNS))
-    return result
 
 
 def _write_map(out_dir: Path, name: str, path: str, image: Any, box: tuple[float, float, float, float],
