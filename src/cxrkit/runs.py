@@ -160,6 +160,11 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+TEMPORARY = r"\..+\.(\d+)\.[^.]+\.tmp"
+"""The names of the temporary files of :func:`atomic_write` and folders of :func:`scratch_folder`
+(``.<name>.<pid>.<random>.tmp``) as a pattern for :func:`remove_dead_writes`: group 1 is the writer's process id."""
+
+
 def remove_dead_writes(path: Path, pattern: str) -> None:
     """Remove the temporary files (or folders) that killed writes of ``path`` left beside it: those whose name
     matches ``pattern`` (a regular expression whose group 1 is the writing process's id) of a process that is gone."""
@@ -237,7 +242,7 @@ def scratch_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_writes(path, r"\..+\.(\d+)\.[^.]+\.tmp")  # what killed writers left here: a large int8 scratch
+        remove_dead_writes(path, TEMPORARY)  # what killed writers left here: a large int8 scratch
         folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
     except OSError as err:
         raise CxrError(f"{path}: cannot write here ({_why_not_a_folder(path.parent) or err.strerror})") from err

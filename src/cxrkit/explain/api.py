@@ -27,6 +27,7 @@ from cxrkit.explain.faithfulness import SEEDING, VERDICTS
 from cxrkit.explain.gradcam import Explainer, choose_targets, method_info
 from cxrkit.explain.plots import Explained, plot_overlay
 from cxrkit.runs import (
+    TEMPORARY,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
@@ -272,7 +273,7 @@ def explain_files(predictor: Predictor, paths: str | os.PathLike | Sequence[str 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = out_dir / "explain.csv"
-    remove_dead_writes(summary, r"\..+\.(\d+)\.[^.]+\.tmp")  # the temporary files that a killed run left
+    remove_dead_writes(summary, TEMPORARY)  # the temporary files that a killed run left
     result = FilesResult()
     try:
         _explain_into(predictor, paths, out_dir, options, overwrite, progress, result)
