@@ -45,6 +45,11 @@ def os_error(err: BaseException) -> OSError | None:
     return None
 
 
+def cannot_write(path: object, cause: OSError) -> CxrError:
+    """The one-line error for a failed write of ``path``: ``<path>: cannot write (<the system's reason>)``."""
+    return CxrError(f"{path}: cannot write ({cause.strerror or first_line(cause)})")
+
+
 def printable(text: str) -> str:
     """``text`` as one line of UTF-8: the bytes of a file name that is not UTF-8 (which Python keeps as lone
     surrogates) spelt ``\\xff``, and control characters (a carriage return in a file name) spelt ``\\r``, ``\\x1b``.

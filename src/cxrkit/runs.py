@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cxrkit.errors import CxrError, first_line, os_error, printable
+from cxrkit.errors import CxrError, cannot_write, first_line, os_error, printable
 
 
 def _umask() -> int:
@@ -108,7 +108,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
                            "written, by another process)") from err
         cause = os_error(err)  # torch.save's zip writer raises a RuntimeError over the OSError of a full disk
         if cause is not None:  # e.g. the disk filled up
-            raise CxrError(f"{path}: cannot write ({cause.strerror or first_line(cause)})") from err
+            raise cannot_write(path, cause) from err
         raise
 
 
@@ -249,7 +249,7 @@ def scratch_folder(path: str | Path) -> Iterator[Path]:
     try:
         yield folder
     except OSError as err:
-        raise CxrError(f"{path}: cannot write ({err.strerror or first_line(err)})") from err
+        raise cannot_write(path, err) from err
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

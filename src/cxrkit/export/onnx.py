@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cxrkit.console import muted
-from cxrkit.errors import CxrError, first_line, os_error
+from cxrkit.errors import CxrError, cannot_write, first_line, os_error
 from cxrkit.export import fp32_copy
 from cxrkit.runs import atomic_write_bytes, scratch_folder
 
@@ -68,7 +68,7 @@ def export_graph(module: nn.Module, size: int, output: str, name: str | Path, be
             return _name_batch_dimension(onnx.load(str(raw)))
         except Exception as err:  # noqa: BLE001 - the exporter raises many types; all mean "cannot export"
             if (cause := os_error(err)) is not None:  # the exporter wraps a failed write of its file in its own error
-                raise CxrError(f"{name}: cannot write ({cause.strerror or first_line(cause)})") from err
+                raise cannot_write(name, cause) from err
             raise CxrError(f"{name}: the model cannot be exported to ONNX: {first_line(err)}") from err
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cxrkit.console import quiet_logger
-from cxrkit.errors import CxrError, first_line, os_error
+from cxrkit.errors import CxrError, cannot_write, first_line, os_error
 from cxrkit.export.onnx import INPUT, set_metadata
 from cxrkit.runs import atomic_write_bytes, scratch_folder
 
@@ -284,7 +284,7 @@ def quantize_int8(source: str | Path, path: str | Path, batches: Iterable[np.nda
             raise
         except Exception as err:  # noqa: BLE001 - the quantizer raises many types; all mean "cannot quantize"
             if (cause := os_error(err)) is not None:  # a failed write of an intermediate file (a full disk)
-                raise CxrError(f"{path}: cannot write ({cause.strerror or first_line(cause)})") from err
+                raise cannot_write(path, cause) from err
             raise CxrError(f"{path}: ONNX Runtime cannot quantize this model to int8: "
                            f"{first_line(err)}") from err
         proto = onnx.load(str(quantized))
