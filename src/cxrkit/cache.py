@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cxrkit.errors import CxrError
+from cxrkit.errors import CxrError, os_error
 from cxrkit.runs import folder_unwritable, process_alive, remove_dead_writes
 
 KINDS = ("decoded", "features")
@@ -244,10 +244,8 @@ def _reserve(fd: int, nbytes: int) -> bool:
 def write_failure(err: BaseException) -> str:
     """Why writing a cache entry failed, for a note: the system's reason for an OSError, or that of the OSError
     behind the CxrError of an atomic write (:func:`~cxrkit.runs.atomic_write`), else that error's message."""
-    cause = err.__cause__ if isinstance(err, CxrError) and isinstance(err.__cause__, OSError) else err
-    if isinstance(cause, OSError):
-        return cause.strerror or str(cause)
-    return str(err)
+    cause = os_error(err)
+    return (cause.strerror or str(cause)) if cause is not None else str(err)
 
 
 def short_of_space(folder: Path, need: int) -> str | None:
